@@ -1,0 +1,17 @@
+"""deit-distill: DeiT-style knowledge distillation.
+
+The Python API the CLI is built on::
+
+    import distill
+    cfg = distill.load_recipe("cifar10_deit_tiny", ["train.epochs=10"])
+    distill.train(cfg)                       # distil (fine-tunes the teacher first if the recipe asks)
+    distill.train_teacher(cfg)               # only the teacher stage
+    distill.evaluate_run("runs/cifar10_deit_tiny")
+"""
+from distill.config import Config, ConfigError, load_recipe, list_recipes
+from distill.losses import DistillationLoss
+from distill.train import train, train_teacher
+from distill.evaluate import evaluate, evaluate_run
+
+__all__ = ["Config", "ConfigError", "load_recipe", "list_recipes", "DistillationLoss", "train",
+           "train_teacher", "evaluate", "evaluate_run"]

@@ -1,0 +1,121 @@
+"""``distill``: a thin command line over the Python API (``distill.train``, ``distill.evaluate_run``, ...).
+
+    distill quickstart                                  # offline demo, ~5 min on 2 CPU cores
+    distill train cifar10_deit_tiny optim.lr=1e-3       # a built-in recipe + dotted overrides
+    distill train my_recipe.yaml --resume               # continue the run from its last checkpoint
+    distill train-teacher cifar10_deit_tiny             # fine-tune the teacher on the dataset first
+    distill eval runs/cifar10_deit_tiny --json out.json
+    distill students | teachers | recipes
+
+Bad input (unknown key, wrong type, missing column, wrong class count, unsafe checkpoint) ends with a
+one-line ``error: ...`` and exit status 2; nothing on disk is overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distill.config import ConfigError, describe, list_recipes, load_recipe
+
+EPILOG_KEYS = "config keys (override as section.key=value):\n" + "\n".join(
+    f"  {key:<28} {default:<26} {doc}" for key, default, doc in describe()
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distill", description="DeiT-style knowledge distillation.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    for name, help_text in (("train", "distil a student from a recipe"),
+                            ("train-teacher", "fine-tune the recipe's teacher on its dataset")):
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG_KEYS,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("recipe", help="a built-in recipe name (see `distill recipes`) or a YAML file")
+        p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-3 train.epochs=10")
+        p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="continue from the last checkpoint of this run (or of the run/checkpoint at PATH)")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = sub.add_parser("eval", help="top-1/top-5 of every head, the teacher and their agreement",
+                       description="Evaluate a run folder or an exported student.")
+    p.add_argument("path", help="runs/<name> or an export folder (model.safetensors + config.json)")
+    p.add_argument("--data", help="dataset source (default: the one the run trained on)")
+    p.add_argument("--split", help="split to evaluate (default: validation, val or test)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--teacher-checkpoint", help="teacher weights, if not the run's")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is present")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+
+    p = sub.add_parser("quickstart", help="offline demo: teacher, student without teacher, distilled student",
+                       description="Fine-tune a CNN teacher on scikit-learn's handwritten digits, then train the "
+                                   "student without a teacher and with hard distillation; print a table.")
+    p.add_argument("--output-dir", default="runs", help="where the three runs go (default: runs)")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to the quickstart recipe")
+
+    sub.add_parser("students", help="list registered students")
+    sub.add_parser("teachers", help="list registered teachers")
+    sub.add_parser("recipes", help="list built-in recipes")
+
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors: one line, non-zero exit, nothing overwritten
+        if not _is_user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(e: Exception) -> bool:
+    from distill.data import DataError
+    from distill.train import NonFiniteLossError, RunExistsError
+    from distill.weights import WeightsError
+
+    return isinstance(e, (ConfigError, DataError, WeightsError, NonFiniteLossError, RunExistsError,
+                          FileNotFoundError, KeyError, ValueError))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import distill
+
+    if args.command in ("train", "train-teacher"):
+        cfg = load_recipe(args.recipe, args.overrides)
+        if args.print_config:
+            from distill.config import dump
+            print(dump(cfg), end="")
+            return 0
+        run = distill.train if args.command == "train" else distill.train_teacher
+        metrics = run(cfg, resume=args.resume)
+        print(json.dumps(metrics))
+    elif args.command == "eval":
+        from distill.evaluate import format_table
+        metrics = distill.evaluate_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size,
+                                       teacher_checkpoint=args.teacher_checkpoint, num_workers=args.num_workers,
+                                       cpu=args.cpu)
+        print(format_table({args.path: metrics}))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(metrics, f, indent=2)
+    elif args.command == "quickstart":
+        from distill.quickstart import run_quickstart
+        run_quickstart(output_dir=args.output_dir, overrides=args.overrides)
+    elif args.command == "students":
+        import students
+        print("\n".join(students.list_students()))
+    elif args.command == "teachers":
+        import teachers
+        print("\n".join(teachers.list_teachers()))
+    elif args.command == "recipes":
+        for name, path in list_recipes().items():
+            print(f"{name:<34} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The config schema: typed dataclasses whose docstrings and field comments are the documentation.
+
+A recipe is a short YAML file that overrides these defaults, section by section::
+
+    base: cifar10_deit_tiny        # optional: start from another recipe
+    data: {source: uoft-cs/cifar10, img_size: 32}
+    optim: {lr: 1.0e-3}
+
+Command-line overrides use dotted keys on top (``optim.lr=1e-3``). Unknown keys and values of the
+wrong type are errors that name the closest valid key. Defaults are DeiT's ImageNet recipe
+(Touvron et al. 2021, Table 9 and the official main.py) unless a comment says otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema; the message names the closest valid key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented."""
+
+    source: str = "uoft-cs/cifar10"
+    """Hub id, local dataset folder, image folder, parquet file, or a built-in (`digits`)."""
+    image_column: str | None = None
+    """Image column; None detects `image`/`img`/the only Image feature."""
+    label_column: str | None = None
+    """Label column; None detects `label`/`labels`/`fine_label`/the only ClassLabel."""
+    train_split: str = "train"
+    val_split: str | None = None
+    """None: `validation`, else `val`, else `test`, else carve `val_fraction` of train."""
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    """Seed for carving a validation split and for the fixed subsets below."""
+    train_subset: int | None = None
+    """Train on a fixed, seeded random subset of this many images (benchmarks)."""
+    val_subset: int | None = None
+    img_size: int = 224
+    transform: Literal["deit", "small"] = "deit"
+    """`deit`: RandomResizedCrop + RandAugment + erasing (DeiT Table 9); `small`: crop-with-padding for 32x32 data."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment spec (DeiT Table 9: RandAugment m9, mstd 0.5); null disables."""
+    reprob: float = 0.25
+    """Random erasing probability (DeiT Table 9)."""
+    hflip: float = 0.5
+    """Horizontal flip probability; 0 for data where mirroring changes the class (digits, text)."""
+    crop_padding: int = 4
+    """`small` transform: pixels of padding for the random crop (4 is the CIFAR standard)."""
+    mixup: float = 0.8
+    """Mixup alpha (DeiT Table 9); 0 disables."""
+    cutmix: float = 1.0
+    """CutMix alpha (DeiT Table 9); 0 disables."""
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    repeated_aug: bool = False
+    """DeiT's repeated augmentation (Hoffer et al. 2020): each image 3 times per epoch, sharded."""
+    num_repeats: int = 3
+    num_workers: int = 2
+
+
+@dataclass
+class StudentConfig:
+    """The vision-transformer student (see `distill students`)."""
+
+    name: str = "deit_tiny"
+    patch_size: int | None = None
+    """None keeps the architecture's default."""
+    drop_path: float = 0.1
+    """Stochastic depth rate (DeiT Table 9: 0.1)."""
+    checkpoint: str | None = None
+    """Initial weights (safetensors or torch state dict), e.g. timm DeiT weights."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra builder arguments, e.g. {depth: 6}."""
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher (see `distill teachers`); name null trains without one."""
+
+    name: str | None = "regnety_160"
+    """DeiT's teacher is RegNetY-16GF (Touvron et al. 2021, Sec. 5.2)."""
+    checkpoint: str | None = None
+    """Teacher weights fine-tuned on this dataset (safetensors or torch state dict)."""
+    pretrained: bool = False
+    """timm's pretrained ImageNet weights (needs network; only right for 1000-class ImageNet)."""
+    img_size: int | None = None
+    """Teacher input resolution; None feeds the student's resolution."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherTrainConfig:
+    """Fine-tuning (or training) the teacher on the dataset: `distill train-teacher`.
+
+    With `epochs` > 0 and no `teacher.checkpoint`, `distill train` runs this stage first.
+    """
+
+    epochs: int = 0
+    opt: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: int = 1
+    batch_size: int = 128
+    smoothing: float = 0.1
+    mixup: bool = False
+    """Use the data section's mixup/cutmix for the teacher too."""
+
+
+@dataclass
+class DistillConfig:
+    """How the teacher's outputs enter the loss (DeiT Sec. 5.2)."""
+
+    kind: Literal["none", "soft", "hard"] = "hard"
+    alpha: float = 0.5
+    """Total = (1 - alpha) * CE(cls, y) + alpha * distill(dist, teacher)."""
+    tau: float = 1.0
+    """Soft distillation temperature (DeiT uses 1.0 with the hard kind; 3.0 in its soft ablation)."""
+    soft_norm: Literal["deit", "batchmean"] = "deit"
+    """KL normalisation: `deit` divides by numel (official code), `batchmean` by batch (timm)."""
+    hard_smoothing: float = 0.0
+    """Label smoothing on the teacher's hard label (DeiT: off)."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule (DeiT Table 9)."""
+
+    opt: Literal["adamw", "sgd"] = "adamw"
+    lr: float | None = None
+    """None: base_lr * global_batch / 512 (DeiT's linear scaling rule)."""
+    base_lr: float = 5e-4
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    smoothing: float = 0.1
+    """Label smoothing on the ground-truth labels."""
+    clip_grad: float | None = None
+    sched: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    """The run itself."""
+
+    epochs: int = 300
+    batch_size: int = 128
+    """Per process; global batch = batch_size * processes * grad_accum_steps."""
+    grad_accum_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cpu: bool = False
+    """Force the CPU even when a GPU is present."""
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None
+    """Run folder name under output_dir; None uses the recipe name."""
+    save_every: int = 1
+    """Save the full training state every N epochs (and at the end)."""
+    eval_every: int = 1
+    ema: bool = False
+    ema_decay: float = 0.99996
+    """DeiT's model EMA decay."""
+    max_steps_per_epoch: int | None = None
+    """Cap optimisation steps per epoch (a fixed compute budget for benchmarks)."""
+    stop_after: int | None = None
+    """Stop (resumably) after this many epochs of this invocation, e.g. for preemptible jobs."""
+    log_every: int = 10
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    """A whole recipe."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "run"
+    """Recipe name (the file's stem unless set)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes on disk
+
+def recipe_dirs() -> list[Path]:
+    """The top-level recipes/ of a source checkout, then <prefix>/share/deit-distill/recipes (wheels)."""
+    return [Path(__file__).resolve().parents[1] / "recipes", Path(sys.prefix) / "share" / "deit-distill" / "recipes"]
+
+
+def list_recipes() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        for p in sorted(d.glob("*.yaml")) if d.is_dir() else []:
+            found.setdefault(p.stem, p)
+    return found
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist")
+        return path
+    recipes = list_recipes()
+    if str(name_or_path) not in recipes:
+        close = difflib.get_close_matches(str(name_or_path), list(recipes), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown recipe {str(name_or_path)!r}{hint} (`distill recipes` lists them)")
+    return recipes[str(name_or_path)]
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Defaults <- base recipe(s) <- this recipe <- ``key=value`` overrides."""
+    path = find_recipe(name_or_path)
+    raw = _read_yaml(path)
+    cfg = Config(name=path.stem)
+    _apply_recipe(cfg, raw, source=str(path), seen={path.resolve()})
+    for item in overrides or []:
+        apply_override(cfg, item)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections (data:, student:, ...), not {type(raw).__name__}")
+    return raw
+
+
+def _apply_recipe(cfg: Config, raw: dict, source: str, seen: set[Path]) -> None:
+    raw = dict(raw)
+    base = raw.pop("base", None)
+    if base is not None:
+        base_path = find_recipe(base)
+        if base_path.resolve() in seen:
+            raise ConfigError(f"{source}: recipe base chain loops back to {base_path}")
+        _apply_recipe(cfg, _read_yaml(base_path), str(base_path), seen | {base_path.resolve()})
+    update(cfg, raw, source=source)
+
+
+def update(cfg: Any, values: dict, source: str = "config", prefix: str = "") -> None:
+    """Set ``values`` (nested dicts) on the dataclass ``cfg``, checking every key and type."""
+    hints = typing.get_type_hints(type(cfg))
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key {dotted!r}{_closest(dotted, cfg, prefix)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted!r} is a section; give a mapping of its keys")
+            update(current, value, source, prefix=f"{dotted}.")
+        else:
+            setattr(cfg, key, _coerce(value, hints[key], dotted, source))
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """``section.key=value`` with a YAML value (``1e-3`` is read as a number where a number is due)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-3)")
+    key, text = item.split("=", 1)
+    value = yaml.safe_load(text) if text.strip() else None
+    nested: Any = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    update(cfg, nested, source="command line")
+
+
+def _closest(dotted: str, cfg: Any, prefix: str) -> str:
+    keys = all_keys(Config())
+    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
+    if not close:  # e.g. a key typed in the wrong section: match on the last part alone
+        last = dotted.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] in difflib.get_close_matches(last, [k.rsplit(".", 1)[-1] for k in keys], n=1)]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    def fail() -> ConfigError:
+        return ConfigError(f"{source}: {key!r} must be {_type_name(tp)}, got {value!r}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                pass
+        raise fail()
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: {key!r} must be one of {list(args)}, got {value!r}{hint}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise fail()
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        return dict(value)
+    raise fail()
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    if tp is type(None):
+        return "null"
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain dict (tuples as lists) for writing the resolved config."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(values: dict) -> Config:
+    cfg = Config()
+    update(cfg, values, source="saved config")
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) rows for `--help`: the field docstrings are read from the source."""
+    import ast
+    import inspect
+
+    rows = []
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(inst, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(type(value), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", repr(value), docs.get(f.name, "")))
+    return rows

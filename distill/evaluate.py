@@ -1,0 +1,139 @@
+"""Accuracy of every head: class, distillation and joint (DeiT Table 5), the teacher, and their agreement.
+
+``evaluate`` runs over a prepared loader (Accelerate shards it; ``gather_for_metrics`` drops the
+padding of the last batch), so the numbers are exact on any number of processes.
+"""
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+HEADS = ("cls", "dist", "joint")
+
+
+def model_heads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(cls_logits, dist_logits) for a student, None for a plain classifier (e.g. a teacher network)."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel keeps the student in .module
+    return inner.forward_heads(x) if hasattr(inner, "forward_heads") else None
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    accelerator: Accelerator,
+    teacher: nn.Module | None = None,
+    teacher_cache: list | None = None,
+) -> dict[str, float]:
+    """Top-1/top-5 of each head in percent, teacher top-1/top-5 and student-teacher top-1 agreement.
+
+    ``teacher_cache`` (a list, filled on the first call) keeps the teacher's top-5 per batch: the
+    teacher is frozen and eval transforms are deterministic, so later epochs need not rerun it.
+    """
+    was_training = model.training
+    model.eval()
+    correct: dict[str, torch.Tensor] = {}
+    total = 0
+    for i, (x, y) in enumerate(loader):
+        with accelerator.autocast():
+            heads = model_heads(model, x)
+            if heads is None:
+                logits = {"": model(x).float()}
+            else:
+                cls_logits, dist_logits = (h.float() for h in heads)
+                logits = {"cls": cls_logits, "dist": dist_logits, "joint": (cls_logits + dist_logits) / 2}
+            k = min(5, next(iter(logits.values())).shape[1])
+            preds = {name: out.topk(k, dim=1).indices for name, out in logits.items()}
+            if teacher is not None:
+                if teacher_cache is not None and i < len(teacher_cache):
+                    preds["teacher"] = teacher_cache[i].to(x.device)
+                else:
+                    preds["teacher"] = teacher(x).float().topk(k, dim=1).indices
+                    if teacher_cache is not None:
+                        teacher_cache.append(preds["teacher"].cpu())
+        preds, y = accelerator.gather_for_metrics((preds, y))
+        total += y.shape[0]
+        for name, p in preds.items():
+            hit = p == y[:, None]
+            prefix = f"{name}_" if name else ""
+            correct[f"{prefix}top1"] = correct.get(f"{prefix}top1", 0) + hit[:, 0].sum()
+            correct[f"{prefix}top5"] = correct.get(f"{prefix}top5", 0) + hit.any(dim=1).sum()
+        if teacher is not None:
+            student_top1 = preds["joint"][:, 0] if "joint" in preds else preds[""][:, 0]
+            agree = (student_top1 == preds["teacher"][:, 0]).sum()
+            correct["agreement_top1"] = correct.get("agreement_top1", 0) + agree
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("the evaluation split is empty; check data.val_split")
+    return {name: round(100.0 * float(c) / total, 2) for name, c in correct.items()}
+
+
+def format_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:
+    """A fixed-width text table: one row per model/run, one column per metric."""
+    columns = columns or sorted({c for r in rows.values() for c in r})
+    width = max([len(n) for n in rows] + [5])
+    lines = [f"{'':<{width}}  " + "  ".join(f"{c:>14}" for c in columns)]
+    for name, metrics in rows.items():
+        cells = [f"{metrics[c]:>14.2f}" if isinstance(metrics.get(c), (int, float)) else f"{'-':>14}" for c in columns]
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def evaluate_run(path: str, data: str | None = None, split: str | None = None, batch_size: int = 256,
+                 teacher_checkpoint: str | None = None, num_workers: int = 2, cpu: bool = False) -> dict[str, float]:
+    """``distill eval``: accuracy of an exported student (or a run folder) on a dataset split.
+
+    ``path`` is a run folder (``runs/<name>``, its ``config.yaml`` names the data and the teacher) or
+    an export folder (``model.safetensors`` + ``config.json``). The teacher, when the run had one,
+    is evaluated too, together with the student-teacher agreement.
+    """
+    import copy
+    import json
+    from pathlib import Path
+
+    import students
+    from distill.config import ConfigError, from_dict
+    from distill.data import ImageClassificationDataset, build_transform
+    from distill.train import build_teacher, load_data
+    import yaml
+
+    path = Path(path)
+    run_cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text())) if (path / "config.yaml").is_file() else None
+    export = path / "export" if (path / "export").is_dir() else path
+    if not (export / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is neither a run folder nor an exported student (no config.json); "
+                                "pass runs/<name> or runs/<name>/export")
+    info = json.loads((export / "config.json").read_text())
+    cfg = copy.deepcopy(run_cfg) if run_cfg is not None else None
+    if cfg is None:
+        from distill.config import Config
+        cfg = Config()
+        cfg.teacher.name = None
+        cfg.data.img_size, cfg.data.mean, cfg.data.std = info["img_size"], tuple(info["mean"]), tuple(info["std"])
+        cfg.data.source = info.get("data_source", cfg.data.source)
+    if data is not None:
+        cfg.data.source = data
+    if split is not None:
+        cfg.data.val_split = split
+    splits = load_data(cfg.data)
+    if "class_names" in info and len(info["class_names"]) != splits.num_classes:
+        raise ConfigError(f"the student predicts {len(info['class_names'])} classes but {cfg.data.source} has "
+                          f"{splits.num_classes}; evaluate on the dataset it was trained on")
+    model = students.load_student(export)
+    teacher = None
+    if teacher_checkpoint is not None:
+        cfg.teacher.checkpoint = teacher_checkpoint
+    if cfg.teacher.name is not None and info.get("distill") != "none" and (cfg.teacher.checkpoint or cfg.teacher.pretrained):
+        teacher = build_teacher(cfg, splits.num_classes)
+    transform = build_transform(cfg.data.img_size, False, style=cfg.data.transform, mean=cfg.data.mean, std=cfg.data.std)
+    dataset = ImageClassificationDataset(splits.val, transform, image_column=splits.image_column,
+                                         label_column=splits.label_column, source=str(cfg.data.source),
+                                         split=cfg.data.val_split or "val")
+    from torch.utils.data import DataLoader
+    accelerator = Accelerator(cpu=cpu)
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    model = accelerator.prepare(model)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    return evaluate(model, loader, accelerator, teacher)

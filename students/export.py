@@ -1,0 +1,57 @@
+"""Export a trained student as ``model.safetensors`` + ``config.json`` and load it back in one call.
+
+    model = students.load_student("runs/cifar10_deit_tiny/export")
+    model.eval(); joint_logits = model(images)
+
+``config.json`` holds the builder arguments (``name``, ``num_classes``, ``img_size``, ...) that
+``create_student`` recorded, plus anything the caller adds (class names, mean/std).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from students.registry import create_student
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def save_student(model: nn.Module, directory: str | Path, **extra) -> Path:
+    """Write ``model`` (built by ``create_student``) to ``directory``; ``extra`` goes into the JSON."""
+    args = getattr(model, "student_args", None)
+    if args is None:
+        raise ValueError("save_student needs a model built by students.create_student (it has no student_args)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    config = {"student": args, "eval_head": getattr(model, "eval_head", "joint"), **extra}
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=list) + "\n")
+    return directory
+
+
+def load_student(directory: str | Path, map_location: str = "cpu") -> nn.Module:
+    """Rebuild an exported student and load its weights (strict: every tensor must match)."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not an exported student: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+            "(written by `distill train` into <run>/export)"
+        )
+    config = json.loads(cfg_path.read_text())
+    args = dict(config["student"])
+    model = create_student(args.pop("name"), **args)
+    missing, unexpected = model.load_state_dict(load_file(str(w_path), device=map_location), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{w_path} does not match the student in {cfg_path}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; re-export it with the same distill version"
+        )
+    model.eval_head = config.get("eval_head", "joint")
+    model.export_config = config
+    return model

@@ -1,0 +1,50 @@
+"""Student registry: ``@register_student`` + ``create_student``, in the style of timm's ``@register_model``.
+
+A registered builder is a function ``builder(num_classes, img_size, **kwargs) -> DistilledStudent``.
+The registry is an explicit dict; nothing is imported from a string.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from torch import nn
+
+_STUDENTS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_student(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its function name (``deit_tiny``, ``cait_xxs24``, ...)."""
+    name = fn.__name__
+    if name in _STUDENTS:
+        raise ValueError(f"student {name!r} is registered twice")
+    _STUDENTS[name] = fn
+    return fn
+
+
+def list_students() -> list[str]:
+    """Names of all registered students, sorted."""
+    return sorted(_STUDENTS)
+
+
+def _unknown(name: str) -> KeyError:
+    close = difflib.get_close_matches(name, list(_STUDENTS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return KeyError(f"unknown student {name!r}{hint} (see `distill students` for the list)")
+
+
+def create_student(name: str, num_classes: int = 1000, img_size: int | None = None, **overrides) -> nn.Module:
+    """Build a registered student.
+
+    ``img_size`` (and e.g. ``patch_size``, ``drop_path_rate``) are passed to the builder; ``None``
+    keeps the architecture's native resolution. Every student follows the interface of
+    :class:`students.base.DistilledStudent`.
+    """
+    if name not in _STUDENTS:
+        raise _unknown(name)
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    model = _STUDENTS[name](num_classes=num_classes, **overrides)
+    # Remember how the model was built so an exported student can be rebuilt in one call.
+    model.student_args = {"name": name, "num_classes": num_classes, **overrides}
+    return model

@@ -1,0 +1,20 @@
+"""Frozen CNN teachers for DeiT distillation: a registry of timm networks plus custom builders."""
+from teachers.registry import (
+    TeacherMeta,
+    build_teacher_network,
+    create_teacher,
+    list_teachers,
+    load_teacher_checkpoint,
+    register_teacher,
+)
+from teachers.teacher import Teacher
+
+__all__ = [
+    "Teacher",
+    "TeacherMeta",
+    "build_teacher_network",
+    "create_teacher",
+    "list_teachers",
+    "load_teacher_checkpoint",
+    "register_teacher",
+]

@@ -1,0 +1,243 @@
+"""Teacher registry: ``@register_teacher`` + ``build_teacher_network`` + ``create_teacher``.
+
+A registered builder is ``builder(num_classes: int, pretrained: bool, **kwargs) -> nn.Module`` and
+returns a plain trainable classifier. ``build_teacher_network`` gives that network (``distill
+train-teacher`` fine-tunes it); ``create_teacher`` loads weights into it and freezes it as a
+:class:`teachers.teacher.Teacher`. The registry is an explicit dict; nothing is imported from a string.
+
+Note: ``distill/__init__.py`` imports ``teachers``, so ``distill.weights`` is imported inside the
+function that needs it; a module-level import would make ``import teachers`` (first) circular.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from teachers.teacher import Teacher
+
+TRAIN_TEACHER_HINT = "fine-tune the teacher on this dataset first: `distill train-teacher <recipe>`"
+
+
+@dataclass(frozen=True)
+class TeacherMeta:
+    """How a teacher expects its input: normalisation and (C, H, W) size."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    builder: Callable[..., nn.Module]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    input_size: tuple[int, int, int] | None
+
+
+_TEACHERS: dict[str, _Entry] = {}
+
+
+def _floats(values: Sequence[float] | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
+
+
+def _size(size: Sequence[int] | int | None) -> tuple[int, int, int] | None:
+    """(C, H, W) from a (C, H, W) triple, an (H, W) pair (3 channels) or a side length."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (3, size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) == 2:
+        return (3, *size)
+    if len(size) != 3:
+        raise ValueError(f"input_size must be (C, H, W), (H, W) or an int, got {size}")
+    return size
+
+
+def register_teacher(name: str, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     input_size: Sequence[int] | None = None) -> Callable:
+    """Decorator registering ``builder(num_classes, pretrained, **kwargs) -> nn.Module`` as ``name``.
+
+    ``mean``/``std``/``input_size`` describe the input the network was (or will be) trained on;
+    left out, they come from the model's timm ``pretrained_cfg`` or ImageNet defaults.
+    """
+
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _TEACHERS:
+            raise ValueError(f"teacher {name!r} is registered twice; pick another name")
+        _TEACHERS[name] = _Entry(builder, _floats(mean), _floats(std), _size(input_size))
+        return builder
+
+    return decorator
+
+
+def list_teachers() -> list[str]:
+    """Names of all registered teachers, sorted."""
+    return sorted(_TEACHERS)
+
+
+# --- built-in teachers -------------------------------------------------------------------------
+
+# DeiT's teacher is RegNetY-16GF (`regnety_160`, Touvron et al. 2021 Sec. 5.2, Table 2); the
+# smaller RegNetYs and the ResNets serve cheaper experiments.
+_TIMM_TEACHERS = (
+    "resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152",
+    "regnety_002", "regnety_004", "regnety_006", "regnety_008", "regnety_016", "regnety_032",
+    "regnety_040", "regnety_064", "regnety_080", "regnety_120", "regnety_160", "regnety_320",
+)
+
+
+def _timm_builder(arch: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs)
+
+    build.__name__ = arch
+    build.__doc__ = f"timm ``{arch}``; extra kwargs (drop_rate, drop_path_rate, ...) go to timm.create_model."
+    return build
+
+
+for _arch in _TIMM_TEACHERS:
+    register_teacher(_arch)(_timm_builder(_arch))
+
+
+def _cifar_resnet(arch: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
+    """timm ResNet with the CIFAR stem: one 3x3 stride-1 conv, no max-pool (He et al. 2016, Sec. 4.2).
+
+    The ImageNet stem (7x7 stride-2 conv + max-pool) shrinks a 32x32 image to 8x8 before the first
+    block; this stem keeps 32x32, so the last stage still sees a 4x4 map. ``pretrained=True`` loads
+    the ImageNet weights of every layer but the replaced stem conv (which stays random).
+    """
+    model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    stem_width = model.conv1.out_channels
+    model.conv1 = nn.Conv2d(model.conv1.in_channels, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    # Keep timm's own config truthful for tools that read it (e.g. timm.data.resolve_data_config).
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "pool_size": (4, 4)}
+    return model
+
+
+# CIFAR teachers declare timm's ImageNet mean/std: fine-tuning them with these statistics puts the
+# teacher on the same normalisation as a DeiT student, so Teacher's input conversion is a no-op.
+@register_teacher("resnet18_cifar", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, input_size=(3, 32, 32))
+def resnet18_cifar(num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:
+    return _cifar_resnet("resnet18", num_classes, pretrained, **kwargs)
+
+
+@register_teacher("resnet34_cifar", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, input_size=(3, 32, 32))
+def resnet34_cifar(num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:
+    return _cifar_resnet("resnet34", num_classes, pretrained, **kwargs)
+
+
+@register_teacher("resnet50_cifar", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, input_size=(3, 32, 32))
+def resnet50_cifar(num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:
+    return _cifar_resnet("resnet50", num_classes, pretrained, **kwargs)
+
+
+# --- building ----------------------------------------------------------------------------------
+
+def build_teacher_network(name: str, num_classes: int, pretrained: bool = False, *,
+                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                          input_size: Sequence[int] | None = None, **kwargs) -> tuple[nn.Module, TeacherMeta]:
+    """The raw, trainable network of teacher ``name`` and its :class:`TeacherMeta`.
+
+    ``pretrained=True`` downloads timm's weights (ImageNet-1k; with another ``num_classes`` timm
+    keeps the backbone and gives a fresh classifier, which is what fine-tuning wants).
+    ``mean``/``std``/``input_size`` given here win over the registered and the timm values.
+    """
+    if name not in _TEACHERS:
+        raise _unknown(name)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    entry = _TEACHERS[name]
+    try:
+        model = entry.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as e:  # what failed downloads raise (HF Hub / urllib errors are OSErrors)
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not get the pretrained weights of teacher {name!r} ({type(e).__name__}: {e}); "
+            "this needs the network; offline, pass a local file with checkpoint=... instead"
+        ) from e
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    meta = TeacherMeta(
+        mean=_floats(mean) or entry.mean or _floats(cfg.get("mean")) or tuple(IMAGENET_DEFAULT_MEAN),
+        std=_floats(std) or entry.std or _floats(cfg.get("std")) or tuple(IMAGENET_DEFAULT_STD),
+        input_size=_size(input_size) or entry.input_size or _size(cfg.get("input_size")) or (3, 224, 224),
+    )
+    return model, meta
+
+
+def create_teacher(name: str, num_classes: int = 1000, checkpoint: str | Path | None = None,
+                   pretrained: bool = False, *, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None, input_size: Sequence[int] | None = None,
+                   **kwargs) -> Teacher:
+    """A frozen :class:`Teacher` for ``name`` predicting ``num_classes`` classes.
+
+    Weights come from ``checkpoint`` (a local safetensors / torch file, loaded safely) or, with
+    ``pretrained=True``, from timm (network needed). With neither, the teacher is random, which
+    only makes sense in tests.
+    """
+    if checkpoint is not None and pretrained:
+        raise ValueError("pass either checkpoint=... or pretrained=True, not both")
+    model, meta = build_teacher_network(name, num_classes, pretrained, mean=mean, std=std,
+                                        input_size=input_size, **kwargs)
+    if pretrained:
+        # timm silently swaps in a random classifier when num_classes differs from the weights';
+        # a frozen teacher with a random head would teach noise.
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        trained = cfg.get("num_classes")
+        if trained is not None and trained != num_classes:
+            raise ValueError(f"pretrained {name!r} predicts {trained} classes but {num_classes} were requested; "
+                             f"{TRAIN_TEACHER_HINT}")
+    if checkpoint is not None:
+        load_teacher_checkpoint(model, checkpoint, num_classes)
+    return Teacher(model, num_classes=num_classes, mean=meta.mean, std=meta.std,
+                   input_size=meta.input_size, name=name)
+
+
+def load_teacher_checkpoint(model: nn.Module, checkpoint: str | Path, num_classes: int) -> None:
+    """Load ``checkpoint`` into ``model`` strictly, with one-line errors that say what to do."""
+    from distill.weights import load_state_dict_file  # lazy: see the module docstring
+
+    state = load_state_dict_file(checkpoint)
+    own = model.state_dict()
+    head = _classifier_weight_key(model)
+    if head is not None and head in state and state[head].ndim >= 1 and state[head].shape[0] != num_classes:
+        raise ValueError(f"teacher checkpoint {checkpoint} has a {state[head].shape[0]}-class classifier "
+                         f"but {num_classes} classes were requested; {TRAIN_TEACHER_HINT}")
+    for key in own:
+        if key not in state:
+            raise ValueError(f"teacher checkpoint {checkpoint} lacks {key!r} (first missing key); "
+                             "was it saved from a different architecture?")
+        if state[key].shape != own[key].shape:
+            raise ValueError(f"teacher checkpoint {checkpoint}: {key!r} has shape {tuple(state[key].shape)}, "
+                             f"the model expects {tuple(own[key].shape)}; was it saved from a different architecture?")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise ValueError(f"teacher checkpoint {checkpoint} has unexpected key {extra[0]!r} "
+                         f"({len(extra)} in all); was it saved from a different architecture?")
+    model.load_state_dict(state, strict=True)
+
+
+def _classifier_weight_key(model: nn.Module) -> str | None:
+    """State-dict key of the classifier weight: timm's ``pretrained_cfg['classifier']``, else the last Linear."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier")
+    if isinstance(classifier, str) and f"{classifier}.weight" in model.state_dict():
+        return f"{classifier}.weight"
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return f"{linears[-1]}.weight" if linears else None
+
+
+def _unknown(name: str) -> KeyError:
+    close = difflib.get_close_matches(name, list(_TEACHERS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return KeyError(f"unknown teacher {name!r}{hint} (known: {', '.join(list_teachers())})")

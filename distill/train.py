@@ -75,12 +75,12 @@ def train(cfg: Config, resume: str | Path | bool | None = None) -> dict:
     data = load_data(cfg.data)
     teacher = None
     if cfg.distill.kind != "none":
-        if cfg.teacher.checkpoint is None and cfg.teacher_train.epochs > 0 and not cfg.teacher.pretrained:
+        if cfg.teacher.checkpoint is None and cfg.teacher_train.epochs > 0:
             teacher_dir = run_dir_of(cfg, "-teacher")
             if not (teacher_dir / "export" / TEACHER_WEIGHTS).is_file():
                 train_teacher(cfg, resume=bool(ckpt.find_checkpoint(teacher_dir)), data=data)
-            cfg = copy.deepcopy(cfg)
-            cfg.teacher.checkpoint = str(teacher_dir / "export" / TEACHER_WEIGHTS)
+            cfg = copy.deepcopy(cfg)  # from here on the fine-tuned weights are the teacher
+            cfg.teacher.checkpoint, cfg.teacher.pretrained = str(teacher_dir / "export" / TEACHER_WEIGHTS), False
         teacher = build_teacher(cfg, data.num_classes)
     student = students.create_student(
         cfg.student.name, num_classes=data.num_classes, img_size=cfg.data.img_size,

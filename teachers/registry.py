@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import timm
+from timm.models.resnet import BasicBlock, ResNet
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
@@ -139,6 +140,36 @@ def resnet34_cifar(num_classes: int, pretrained: bool = False, **kwargs) -> nn.M
 @register_teacher("resnet50_cifar", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, input_size=(3, 32, 32))
 def resnet50_cifar(num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:
     return _cifar_resnet("resnet50", num_classes, pretrained, **kwargs)
+
+
+def _cifar_resnet_6n2(depth: int, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
+    """He et al. 2016's CIFAR ResNet-(6n+2) (Sec. 4.2): three stages of n basic blocks at 16/32/64
+    channels on 32/16/8 maps, built with timm's ResNet. Small and fast: ResNet-20 has 0.27M
+    parameters and ~41 MFLOPs at 32x32 (8.75% error on CIFAR-10, their Table 6), a teacher that
+    fits a CPU budget. No pretrained weights exist.
+    """
+    if pretrained:
+        raise ValueError(f"resnet{depth}_cifar has no pretrained weights; train it with `distill train-teacher`")
+    n = (depth - 2) // 6
+    # stem_type="deep" with stem_width 8 makes timm size the stem output (and layer1's input) 16 wide;
+    # the deep stem itself is then replaced: the CIFAR stem is one 3x3 stride-1 conv, no max-pool.
+    model = ResNet(BasicBlock, layers=(n, n, n), channels=(16, 32, 64), stem_type="deep", stem_width=8,
+                   num_classes=num_classes, **kwargs)
+    model.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    model.layer4 = nn.Identity()  # timm's forward calls a fourth stage; this network has three
+    model.pretrained_cfg = {"input_size": (3, 32, 32), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+    return model
+
+
+@register_teacher("resnet20_cifar", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, input_size=(3, 32, 32))
+def resnet20_cifar(num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:
+    return _cifar_resnet_6n2(20, num_classes, pretrained, **kwargs)
+
+
+@register_teacher("resnet56_cifar", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, input_size=(3, 32, 32))
+def resnet56_cifar(num_classes: int, pretrained: bool = False, **kwargs) -> nn.Module:
+    return _cifar_resnet_6n2(56, num_classes, pretrained, **kwargs)
 
 
 # --- building ----------------------------------------------------------------------------------

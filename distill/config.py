@@ -53,6 +53,8 @@ class DataConfig:
     img_size: int = 224
     transform: Literal["deit", "small"] = "deit"
     """`deit`: RandomResizedCrop + RandAugment + erasing (DeiT Table 9); `small`: crop-with-padding for 32x32 data."""
+    crop_pct: float = 0.875
+    """`deit` eval transform: resize to img_size / crop_pct, then center-crop (DeiT: 0.875; CaiT: 1.0)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
@@ -294,11 +296,14 @@ def apply_override(cfg: Config, item: str) -> None:
 
 
 def _closest(dotted: str, cfg: Any, prefix: str) -> str:
-    keys = all_keys(Config())
-    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
-    if not close:  # e.g. a key typed in the wrong section: match on the last part alone
-        last = dotted.rsplit(".", 1)[-1]
-        close = [k for k in keys if k.rsplit(".", 1)[-1] in difflib.get_close_matches(last, [k.rsplit(".", 1)[-1] for k in keys], n=1)]
+    """A sibling key first (a typo), else any key of the schema (a key put in the wrong section)."""
+    last = dotted.rsplit(".", 1)[-1]
+    close = [f"{prefix}{m}" for m in difflib.get_close_matches(last, [f.name for f in dataclasses.fields(cfg)], n=1, cutoff=0.6)]
+    if not close:
+        keys = all_keys(Config())
+        by_last = {k.rsplit(".", 1)[-1]: k for k in keys}
+        close = [by_last[m] for m in difflib.get_close_matches(last, list(by_last), n=1)]
+        close = close or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 

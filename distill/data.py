@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image as PILImage
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import auto_augment as _auto_augment
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode, str_to_pil_interp
@@ -57,6 +58,24 @@ TABLE_EXTENSIONS = {".parquet", ".arrow", ".csv", ".json", ".jsonl"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 Source = Union[str, os.PathLike, datasets.Dataset, datasets.DatasetDict]
+
+
+def _posterize_keeping_zero_bits(img: PILImage.Image, bits_to_keep: int, **kwargs) -> PILImage.Image:
+    """timm's posterize, accepting ``bits_to_keep == 0`` again.
+
+    DeiT's ``rand-m9-mstd0.5-inc1`` samples magnitudes up to 10, where timm's increasing posterize
+    keeps 0 bits; Pillow >= 12 rejects 0 ("bits must be between ... 1 and 8") and a training run
+    would crash at a random step. Keeping 0 most significant bits makes every pixel 0, which is
+    what older Pillow returned, so the augmentation stays exactly as DeiT trained with it.
+    """
+    if bits_to_keep <= 0:
+        return PILImage.new(img.mode, img.size)
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+_timm_posterize = _auto_augment.NAME_TO_OP["PosterizeIncreasing"]
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    _auto_augment.NAME_TO_OP[_name] = _posterize_keeping_zero_bits
 
 
 class DataError(ValueError):

@@ -95,7 +95,7 @@ def evaluate_run(path: str, data: str | None = None, split: str | None = None, b
     import students
     from distill.config import ConfigError, from_dict
     from distill.data import ImageClassificationDataset, build_transform
-    from distill.train import build_teacher, load_data
+    from distill.train import build_teacher, load_data, new_accelerator
     import yaml
 
     path = Path(path)
@@ -126,12 +126,13 @@ def evaluate_run(path: str, data: str | None = None, split: str | None = None, b
         cfg.teacher.checkpoint = teacher_checkpoint
     if cfg.teacher.name is not None and info.get("distill") != "none" and (cfg.teacher.checkpoint or cfg.teacher.pretrained):
         teacher = build_teacher(cfg, splits.num_classes)
-    transform = build_transform(cfg.data.img_size, False, style=cfg.data.transform, mean=cfg.data.mean, std=cfg.data.std)
+    transform = build_transform(cfg.data.img_size, False, style=cfg.data.transform, mean=cfg.data.mean,
+                                std=cfg.data.std, crop_pct=cfg.data.crop_pct)
     dataset = ImageClassificationDataset(splits.val, transform, image_column=splits.image_column,
                                          label_column=splits.label_column, source=str(cfg.data.source),
                                          split=cfg.data.val_split or "val")
     from torch.utils.data import DataLoader
-    accelerator = Accelerator(cpu=cpu)
+    accelerator = new_accelerator(cpu=cpu)
     loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
     model = accelerator.prepare(model)
     if teacher is not None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -82,6 +84,7 @@ def train(cfg: Config, resume: str | Path | bool | None = None) -> dict:
             cfg = copy.deepcopy(cfg)  # from here on the fine-tuned weights are the teacher
             cfg.teacher.checkpoint, cfg.teacher.pretrained = str(teacher_dir / "export" / TEACHER_WEIGHTS), False
         teacher = build_teacher(cfg, data.num_classes)
+    set_seed(cfg.train.seed)  # the student's initial weights depend on the seed alone
     student = students.create_student(
         cfg.student.name, num_classes=data.num_classes, img_size=cfg.data.img_size,
         drop_path_rate=cfg.student.drop_path,
@@ -111,6 +114,7 @@ def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=Non
     if tt.epochs <= 0:
         raise ConfigError("train-teacher needs teacher_train.epochs > 0")
     data = data or load_data(cfg.data)
+    set_seed(cfg.train.seed)
     network, meta = teachers.build_teacher_network(cfg.teacher.name, num_classes=data.num_classes,
                                                    pretrained=cfg.teacher.pretrained, **cfg.teacher.kwargs)
     # The teacher stage is the same loop with the teacher's own optimiser settings and no distillation.
@@ -155,8 +159,11 @@ def fit(cfg: Config, model: nn.Module, teacher: nn.Module | None, loss_fn: Disti
         run_dir: Path, resume: str | Path | bool | None = None, export_as_teacher: bool = False) -> dict:
     """Train ``model`` for ``cfg.train.epochs``; evaluate, log and checkpoint every epoch; export at the end."""
     tc, oc, dc = cfg.train, cfg.optim, cfg.data
-    accelerator = Accelerator(
-        cpu=tc.cpu, mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
+    # Several processes on a machine without GPUs (torchrun / accelerate launch) train on the CPU
+    # with the gloo backend; Accelerate only sets that up when asked for the CPU.
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = new_accelerator(
+        cpu=tc.cpu or multi_process_cpu, mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
         log_with="tensorboard" if tc.tensorboard else None, project_dir=str(run_dir),
     )
     resume_from = _resume_checkpoint(run_dir, resume)
@@ -170,7 +177,7 @@ def fit(cfg: Config, model: nn.Module, teacher: nn.Module | None, loss_fn: Disti
         data.train, build_transform(dc.img_size, True, auto_augment=dc.auto_augment, reprob=dc.reprob,
                                     hflip=dc.hflip, crop_padding=dc.crop_padding, **style),
         split="train", **columns)
-    val_set = ImageClassificationDataset(data.val, build_transform(dc.img_size, False, **style), split="val", **columns)
+    val_set = ImageClassificationDataset(data.val, build_transform(dc.img_size, False, crop_pct=dc.crop_pct, **style), split="val", **columns)
     if dc.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
         sampler = RepeatAugSampler(train_set, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
@@ -292,8 +299,23 @@ def fit(cfg: Config, model: nn.Module, teacher: nn.Module | None, loss_fn: Disti
     if accelerator.is_main_process and (not metrics or metrics["epoch"] == tc.epochs):
         _export(cfg, accelerator.unwrap_model(model), ema, data, run_dir, export_as_teacher)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # Not accelerator.end_training(): it also destroys the process group, which the next stage of a
+    # chained run (teacher -> student) still needs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return metrics
+
+
+def new_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator with its own precision/accumulation settings.
+
+    Accelerate keeps one process-wide state and refuses a second Accelerator with other settings;
+    the Python API runs several stages in one process (teacher, then students; the quickstart; a
+    notebook), so each starts from a clean state. The process group, if any, is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(**kwargs)
 
 
 def _resume_checkpoint(run_dir: Path, resume) -> Path | None:

@@ -5,8 +5,9 @@ from students.base import DistilledStudent, count_params
 # Importing the model files registers their builders (an explicit list, no import-by-string).
 from students import deit, vit, cait, cmt, dhvt  # noqa: F401,E402
 from students.export import load_student, save_student  # noqa: E402
+from students.pretrained import load_pretrained  # noqa: E402
 
 __all__ = [
     "create_student", "list_students", "register_student", "DistilledStudent", "count_params",
-    "load_student", "save_student",
+    "load_student", "save_student", "load_pretrained",
 ]

@@ -1,0 +1,65 @@
+"""Shared fixtures: offline Hugging Face settings, a tiny image-folder dataset and a tiny recipe."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# No test may reach the Hub: the machines that run them have no network.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10 = Path(os.environ.get("DISTILL_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
+
+
+def _write_image_folder(root: Path, per_class: dict[str, int], size: int = 16, seed: int = 0) -> None:
+    """Four classes a small model can tell apart: a bright quadrant at a class-specific place, plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for c in range(4):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                r, q = divmod(c, 2)
+                img[r * size // 2:(r + 1) * size // 2, q * size // 2:(q + 1) * size // 2] += 150
+                Image.fromarray(img).save(d / f"{i}.png")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """An image folder with train/ (4 x 12 images) and val/ (4 x 4 images) of 16x16 PNGs."""
+    root = tmp_path_factory.mktemp("tiny_images")
+    _write_image_folder(root, {"train": 12, "val": 4})
+    return root
+
+
+def tiny_config(dataset: Path, output_dir: Path) -> dict:
+    """A recipe small enough to train in seconds that still exercises every moving part
+    (RandAugment, erasing, mixup/cutmix, drop path, a teacher, hard distillation)."""
+    return {
+        "data": {"source": str(dataset), "img_size": 16, "transform": "small", "crop_padding": 2,
+                 "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0,
+                 "num_workers": 0},
+        "student": {"name": "deit_tiny", "patch_size": 4, "drop_path": 0.1,
+                    "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}},
+        "teacher": {"name": "resnet20_cifar"},
+        "teacher_train": {"epochs": 1, "batch_size": 16, "opt": "sgd", "lr": 0.05},
+        "distill": {"kind": "hard", "alpha": 0.5},
+        "optim": {"lr": 1.0e-3, "warmup_epochs": 1},
+        "train": {"epochs": 2, "batch_size": 8, "progress": False, "output_dir": str(output_dir)},
+    }
+
+
+@pytest.fixture
+def tiny_recipe(tiny_dataset, tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_dataset, tmp_path / "runs")))
+    return path

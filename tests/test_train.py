@@ -1,0 +1,211 @@
+"""The training loop end to end on a tiny image folder: CLI, teacher frozen, exact resume, errors."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import distill
+import students
+import teachers
+from distill.cli import main as cli
+from distill.config import Config, update
+from distill.train import NonFiniteLossError, RunExistsError, build_teacher, fit, load_data, train, train_teacher
+
+from conftest import REPO, tiny_config
+
+
+def make_config(dataset: Path, out: Path, **sections) -> Config:
+    raw = tiny_config(dataset, out)
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    cfg = Config(name="tiny")
+    update(cfg, raw)
+    return cfg
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tiny_dataset, tmp_path_factory) -> Path:
+    """A teacher fine-tuned on the tiny dataset by `train_teacher` (one epoch)."""
+    out = tmp_path_factory.mktemp("teacher_runs")
+    cfg = make_config(tiny_dataset, out)
+    metrics = train_teacher(cfg)
+    assert set(metrics) >= {"top1", "top5", "train_loss"}
+    export = out / "tiny-teacher" / "export"
+    meta = json.loads((export / "teacher.json").read_text())
+    assert meta["name"] == "resnet20_cifar" and meta["num_classes"] == 4
+    assert meta["teacher_input"]["input_size"] == [3, 16, 16]
+    return export / "model.safetensors"
+
+
+def test_cli_train_end_to_end(tiny_recipe, tmp_path, capsys):
+    """`distill train` fine-tunes the teacher first, distils, evaluates every head, exports."""
+    assert cli(["train", str(tiny_recipe)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert (tmp_path / "runs" / "tiny-teacher" / "export" / "model.safetensors").is_file()
+    history = read_metrics(run)
+    assert [h["epoch"] for h in history] == [1, 2]
+    for key in ("cls_top1", "cls_top5", "dist_top1", "dist_top5", "joint_top1", "joint_top5",
+                "teacher_top1", "teacher_top5", "agreement_top1", "train_loss", "train_base", "train_distill", "lr"):
+        assert key in history[-1], key
+    assert all(0 <= history[-1][k] <= 100 for k in ("cls_top1", "joint_top1", "teacher_top1", "agreement_top1"))
+    # The resolved config is written into the run folder and says which teacher weights were used.
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["teacher"]["checkpoint"].endswith("tiny-teacher/export/model.safetensors")
+    assert resolved["distill"]["kind"] == "hard" and resolved["train"]["epochs"] == 2
+    # The exported student loads in one call and predicts the joint head in eval mode.
+    model = students.load_student(run / "export")
+    model.eval()
+    x = torch.randn(3, 3, 16, 16)
+    cls_logits, dist_logits = model.forward_heads(x)
+    torch.testing.assert_close(model(x), (cls_logits + dist_logits) / 2)
+    assert model.export_config["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
+
+    # `distill eval` on the run folder: every head, the teacher, agreement; a table and JSON.
+    out_json = tmp_path / "eval.json"
+    capsys.readouterr()
+    assert cli(["eval", str(run), "--json", str(out_json), "--num-workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    evaluated = json.loads(out_json.read_text())
+    assert "joint_top1" in printed and "agreement_top1" in printed
+    for key in ("cls_top1", "dist_top1", "joint_top1", "teacher_top1", "agreement_top1"):
+        assert evaluated[key] == history[-1][key], key  # same weights, same val split, same numbers
+
+
+def test_teacher_weights_and_bn_stats_unchanged_by_training(tiny_dataset, tmp_path, teacher_ckpt):
+    cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)})
+    data = load_data(cfg.data)
+    teacher = build_teacher(cfg, data.num_classes)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    student = students.create_student("deit_tiny", num_classes=4, img_size=16, patch_size=4,
+                                      embed_dim=32, depth=1, num_heads=2)
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    fit(cfg, student, teacher, distill.DistillationLoss("hard"), data, tmp_path / "run")
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the teacher changed during training"
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert any(not torch.equal(student_before[k], v) for k, v in student.state_dict().items())
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_dataset, tmp_path, teacher_ckpt):
+    """Stop after epoch 1, resume, and end with exactly the weights of an uninterrupted run (CPU)."""
+    common = dict(teacher={"checkpoint": str(teacher_ckpt)})
+    full = make_config(tiny_dataset, tmp_path, train={"run_name": "full"}, **common)
+    train(full)
+    part = make_config(tiny_dataset, tmp_path, train={"run_name": "part", "stop_after": 1}, **common)
+    train(part)
+    assert [h["epoch"] for h in read_metrics(tmp_path / "part")] == [1]
+    assert not (tmp_path / "part" / "export").exists()  # not finished: nothing exported yet
+    part.train.stop_after = None
+    train(part, resume=True)
+    a = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "export" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    full_hist, part_hist = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert full_hist[-1]["train_loss"] == part_hist[-1]["train_loss"]
+    assert full_hist[-1]["step"] == part_hist[-1]["step"]
+
+
+def test_existing_run_is_never_overwritten(tiny_dataset, tmp_path, teacher_ckpt):
+    cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)}, train={"epochs": 1})
+    train(cfg)
+    saved = (tmp_path / "tiny" / "checkpoints" / "last" / "trainer_state.json").read_text()
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(cfg)
+    assert (tmp_path / "tiny" / "checkpoints" / "last" / "trainer_state.json").read_text() == saved
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_dataset, tmp_path, teacher_ckpt):
+    cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)},
+                      optim={"lr": 1.0e+30, "warmup_epochs": 0}, train={"epochs": 3})
+    with pytest.raises(NonFiniteLossError, match="lower optim.lr"):
+        train(cfg)
+    ckpt = tmp_path / "tiny" / "checkpoints"
+    # Whatever was saved before the failure is complete; nothing half-written is left behind.
+    assert not (ckpt / "last.tmp").exists()
+    assert not (tmp_path / "tiny" / "export").exists()
+
+
+def test_training_without_teacher_predicts_with_the_class_head(tiny_dataset, tmp_path):
+    cfg = make_config(tiny_dataset, tmp_path, distill={"kind": "none"}, teacher={"name": None},
+                      train={"epochs": 1})
+    metrics = train(cfg)
+    assert "teacher_top1" not in metrics and metrics["train_distill"] == 0.0
+    model = students.load_student(tmp_path / "tiny" / "export")
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model(x), model.forward_heads(x)[0])
+
+
+def test_soft_distillation_bf16_accumulation_and_ema(tiny_dataset, tmp_path, teacher_ckpt):
+    cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)},
+                      distill={"kind": "soft", "tau": 3.0, "alpha": 0.1, "soft_norm": "batchmean"},
+                      train={"epochs": 1, "mixed_precision": "bf16", "grad_accum_steps": 2, "ema": True,
+                             "ema_decay": 0.9})
+    metrics = train(cfg)
+    # 48 images / batch 8 = 6 batches per epoch, 2 per optimiser step.
+    assert metrics["step"] == 3
+    assert metrics["train_distill"] > 0 and "ema_joint_top1" in metrics
+    assert (tmp_path / "tiny" / "export_ema" / "model.safetensors").is_file()
+
+
+def test_repeated_augmentation_and_step_cap(tiny_dataset, tmp_path, teacher_ckpt):
+    cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)},
+                      data={"repeated_aug": True}, train={"epochs": 1, "max_steps_per_epoch": 2})
+    assert train(cfg)["step"] == 2
+
+
+def test_teacher_class_count_mismatch_is_a_one_line_error(tiny_recipe, tmp_path, capsys):
+    wrong = teachers.build_teacher_network("resnet20_cifar", num_classes=7)[0]
+    from safetensors.torch import save_file
+    save_file(wrong.state_dict(), str(tmp_path / "wrong.safetensors"))
+    code = cli(["train", str(tiny_recipe), f"teacher.checkpoint={tmp_path / 'wrong.safetensors'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err
+    assert "7" in err and "4" in err and "train-teacher" in err
+
+
+def test_missing_label_column_is_a_one_line_error(tiny_recipe, capsys):
+    assert cli(["train", str(tiny_recipe), "data.label_column=target"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "target" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_two_process_run_with_gloo(tiny_recipe, tmp_path):
+    """Two processes on the CPU (gloo): sharded data, gathered metrics, one writer.
+
+    `accelerate launch --cpu` starts a single process unless MPI is installed, so the launcher is
+    asked for its torchrun path (`--multi_gpu`), which on a machine without GPUs trains on the CPU.
+    """
+    import os
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "distill", "train", str(tiny_recipe), "train.epochs=1", "teacher_train.epochs=1"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    history = read_metrics(run)
+    assert len(history) == 1  # only the main process writes
+    # Each of the 2 ranks sees half of the 48 training images: 24 / batch 8 = 3 steps per epoch.
+    assert history[0]["step"] == 3
+    assert (run / "export" / "model.safetensors").is_file()
+    # Metrics are gathered over both ranks: 16 validation images, so accuracies are multiples of 6.25%.
+    assert all((history[0][k] / 6.25).is_integer() for k in ("cls_top1", "joint_top1", "teacher_top1"))

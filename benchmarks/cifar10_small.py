@@ -37,6 +37,7 @@ COMMON = [
     "data.train_subset=10000", "data.split_seed=0", "data.num_workers=1",
     "teacher.name=resnet20_cifar", "teacher.pretrained=false",   # He et al. 2016 CIFAR ResNet-20
     "teacher_train.lr=0.1", "teacher_train.weight_decay=1e-4",  # He et al. 2016, Sec. 4.2
+    "teacher_train.light_augment=true",                           # crop + flip, as He et al.
     "train.batch_size=128", "optim.lr=1e-3", "optim.warmup_epochs=1",
     "train.progress=false",
 ]

@@ -124,6 +124,9 @@ class TeacherTrainConfig:
     smoothing: float = 0.1
     mixup: bool = False
     """Use the data section's mixup/cutmix for the teacher too."""
+    light_augment: bool = False
+    """Train the teacher with crop + flip only (no RandAugment, no erasing): the usual CNN recipe on
+    small datasets (He et al. 2016, Sec. 4.2); the student keeps the full DeiT augmentation."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ from distill import checkpoint as ckpt
 from distill.builtin_data import BUILTIN_DATASETS
 from distill.config import Config, ConfigError, DataConfig, DistillConfig, OptimConfig, dump
 from distill.data import ImageClassificationDataset, build_mixup, build_transform, load_image_dataset
-from distill.evaluate import evaluate, model_heads
+from distill.evaluate import evaluate
 from distill.losses import DistillationLoss
 
 TEACHER_WEIGHTS = "model.safetensors"
@@ -129,6 +129,8 @@ def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=Non
     stage.data.mean, stage.data.std = tuple(meta.mean), tuple(meta.std)
     if not tt.mixup:
         stage.data.mixup = stage.data.cutmix = 0.0
+    if tt.light_augment:
+        stage.data.auto_augment, stage.data.reprob = None, 0.0
     loss_fn = DistillationLoss("none", label_smoothing=tt.smoothing)
     return fit(stage, network, None, loss_fn, data, run_dir_of(cfg, "-teacher"), resume=resume, export_as_teacher=True)
 

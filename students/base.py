@@ -16,6 +16,7 @@ and shares one head, so distillation then acts on the class token ("usual distil
 from __future__ import annotations
 
 import torch
+from timm.layers import trunc_normal_
 from torch import nn
 
 
@@ -55,9 +56,20 @@ class DistilledStudent(nn.Module):
         if self.has_dist_token:
             self.head_dist = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         for m in (self.head, getattr(self, "head_dist", None)):
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+            if m is not None:
+                init_vit_weights(m)
+
+
+def init_vit_weights(m: nn.Module) -> None:
+    """DeiT/timm initialisation of one module: truncated-normal (std 0.02) Linear weights, zero
+    biases, LayerNorm weight 1 and bias 0. Other modules (convolutions) keep PyTorch's default."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def count_params(model: nn.Module, exclude_dist: bool = False) -> int:

@@ -30,7 +30,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, to_2t
 from torch import nn
 
 from distill import weights  # module import only: `from distill import X` would be circular
-from students.base import DistilledStudent
+from students.base import DistilledStudent, init_vit_weights
 from students.registry import register_student
 
 # LayerNorm eps of the official code and timm.
@@ -240,17 +240,7 @@ class CaiT(DistilledStudent):
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.dist_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_vit_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

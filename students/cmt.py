@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from students.base import DistilledStudent
+from students.base import DistilledStudent, init_vit_weights
 from students.registry import register_student
 
 # The classifier's projection width (Sec. 3.1, Fig. 2c: "FC 1280").
@@ -328,11 +328,8 @@ class CMT(DistilledStudent):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
+        init_vit_weights(m)
+        if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -26,7 +26,7 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 
 from distill import weights as _weights  # module import only: `distill/__init__` imports `students`
-from students.base import DistilledStudent
+from students.base import DistilledStudent, init_vit_weights
 from students.registry import register_student
 
 __all__ = [
@@ -119,11 +119,7 @@ class VisionTransformerDistilled(DistilledStudent):
         if self.has_dist_token:
             trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                init_linear_(m)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_vit_weights(m)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -148,13 +144,6 @@ class VisionTransformerDistilled(DistilledStudent):
         if self.has_dist_token:
             return x[:, 0], x[:, 1]
         return x[:, 0], x[:, 0]
-
-
-def init_linear_(m: nn.Linear) -> None:
-    """The DeiT/timm Linear init: truncated normal std 0.02, zero bias."""
-    trunc_normal_(m.weight, std=0.02)
-    if m.bias is not None:
-        nn.init.zeros_(m.bias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,7 +336,7 @@ def load_pretrained(
     for name in {k.rsplit(".", 1)[0] for k in report["reset"]}:
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
-            init_linear_(module)
+            init_vit_weights(module)
     report["loaded"] = len(state)
     return report
 

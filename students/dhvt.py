@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from students.base import DistilledStudent
+from students.base import DistilledStudent, init_vit_weights
 from students.registry import register_student
 
 # Class token + distillation token, in that order, in front of the patch tokens.
@@ -287,18 +287,7 @@ class DHVT(DistilledStudent):
 
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.dist_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # ViT/DeiT init for linear layers; convs keep PyTorch's default, as the authors' code does.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_vit_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

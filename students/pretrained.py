@@ -22,10 +22,14 @@ def load_pretrained(model: nn.Module, source: dict[str, torch.Tensor] | str | Pa
     from distill import weights  # module import only: `distill` imports `students` at package level
 
     state = weights.unwrap_state_dict(source) if isinstance(source, dict) else weights.load_state_dict_file(source)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{source if not isinstance(source, dict) else 'the state dict'} does not fit {type(model).__name__}: "
-            f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; use a checkpoint of the same student"
-        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        where = source if not isinstance(source, dict) else "the state dict"
+        first = (wrong or [f"missing {k}" for k in missing] or [f"unexpected {k}" for k in unexpected])[0]
+        raise ValueError(f"{where} does not fit {type(model).__name__} ({first}; {len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(wrong)} of another shape); use a checkpoint of the same student")
+    model.load_state_dict(state)
     return {"loaded": sorted(state)}

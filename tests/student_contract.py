@@ -62,3 +62,17 @@ def check_hard_distillation_steps(model: nn.Module, img_size: int, num_classes: 
     with torch.no_grad():
         after = loss_fn().item()
     assert after < before, f"loss did not go down: {before:.4f} -> {after:.4f}"
+
+
+def check_native_eval(model: nn.Module, img_size: int, num_classes: int = 1000) -> None:
+    """One eval forward at the native resolution: finite joint logits, the mean of two distinct heads."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, img_size, img_size)
+    model.eval()
+    with torch.no_grad():
+        joint = model(x)
+        cls_logits, dist_logits = model.forward_heads(x)
+    assert joint.shape == (1, num_classes) and torch.isfinite(joint).all()
+    torch.testing.assert_close(joint, (cls_logits + dist_logits) / 2)
+    # The two heads read different features (or projections), so they disagree.
+    assert not torch.allclose(cls_logits, dist_logits)

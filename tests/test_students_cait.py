@@ -9,7 +9,7 @@ from timm.models.cait import Cait as TimmCait
 
 from students import count_params, create_student
 from students.cait import CaiT, TalkingHeadAttention, layerscale_init, load_pretrained
-from tests.student_contract import check_backward, check_hard_distillation_steps, check_interface
+from student_contract import check_backward, check_hard_distillation_steps, check_interface
 
 # A small configuration for the fast checks: 32x32 images, patch 4 (8x8 grid), 2 SA layers.
 SMALL = dict(img_size=32, patch_size=4, depth=2)

@@ -14,7 +14,7 @@ from torch import nn
 
 from students import count_params, create_student, list_students
 from students.dhvt import DAFF, HIMHSA, SOPE
-from tests.student_contract import check_backward, check_hard_distillation_steps, check_interface
+from student_contract import check_backward, check_hard_distillation_steps, check_interface, check_native_eval
 
 VARIANTS = [
     "dhvt_tiny_cifar_p4", "dhvt_tiny_cifar_p2", "dhvt_small_cifar_p4", "dhvt_small_cifar_p2", "dhvt_tiny", "dhvt_small",
@@ -72,16 +72,7 @@ def test_contract_patch2_variant():
 
 
 def test_dhvt_tiny_eval_forward_224():
-    torch.manual_seed(0)
-    model = create_student("dhvt_tiny").eval()
-    x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        joint = model(x)
-        cls_logits, dist_logits = model.forward_heads(x)
-    assert joint.shape == (1, 1000) and torch.isfinite(joint).all()
-    torch.testing.assert_close(joint, (cls_logits + dist_logits) / 2)
-    # The two tokens are different tokens, so the two heads disagree.
-    assert not torch.allclose(cls_logits, dist_logits)
+    check_native_eval(create_student("dhvt_tiny"), img_size=224)
 
 
 def test_no_absolute_position_embedding_so_any_multiple_of_patch_works():

@@ -9,7 +9,7 @@ from timm.layers import resample_abs_pos_embed
 
 from students import count_params, create_student, list_students
 from students.vit import load_pretrained
-from tests.student_contract import check_backward, check_hard_distillation_steps, check_interface
+from student_contract import check_backward, check_hard_distillation_steps, check_interface
 
 
 def small(**overrides):

@@ -1,7 +1,6 @@
 """The training loop end to end on a tiny image folder: CLI, teacher frozen, exact resume, errors."""
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys

@@ -1,0 +1,53 @@
+"""The command line: listings, --help from the schema, and one-line errors with exit status 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from distill.cli import main as cli
+
+
+def test_listings(capsys):
+    assert cli(["students"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"deit_tiny", "vit_tiny", "cait_xxs24", "cmt_ti", "dhvt_tiny_cifar_p4"} <= set(listed)
+    assert cli(["teachers"]) == 0
+    assert {"regnety_160", "resnet50", "resnet18_cifar"} <= set(capsys.readouterr().out.split())
+    assert cli(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10_deit_tiny" in out and "quickstart" in out
+
+
+def test_train_help_is_the_schema(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "distill.soft_norm" in out and "numel" in out  # key, and its docstring
+    assert "optim.lr" in out and "--resume" in out
+
+
+def test_print_config_resolves_recipe_and_overrides(capsys):
+    assert cli(["train", "cifar10_deit_tiny", "optim.lr=1e-3", "distill.kind=soft", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.001" in out and "kind: soft" in out and "source: uoft-cs/cifar10" in out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "cifar10_deit_tiny", "optim.lrr=1e-3"], "did you mean 'optim.lr'"),
+    (["train", "cifar10_deit_tiny", "train.epochs=many"], "'train.epochs' must be an integer"),
+    (["train", "cifar10_deit_tny"], "did you mean 'cifar10_deit_tiny'"),
+    (["train", "cifar10_deit_tiny", "student.name=deit_tinny", "data.source=/nonexistent/data"], "/nonexistent/data"),
+    (["eval", "/nonexistent/run"], "neither a run folder nor an exported student"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expected, capsys):
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and "\n" not in err
+
+
+def test_console_script_and_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "distill", "train", "nope_recipe"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: unknown recipe 'nope_recipe'")

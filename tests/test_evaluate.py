@@ -1,0 +1,65 @@
+"""Accuracy of every head, the teacher, and agreement, against numbers computed by hand."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from distill.evaluate import evaluate, format_table
+from distill.train import new_accelerator
+
+
+class FixedHeads(nn.Module):
+    """A 'student' whose two heads return stored logits for sample i (x holds the index)."""
+
+    def __init__(self, cls_logits, dist_logits):
+        super().__init__()
+        self.cls_logits, self.dist_logits = cls_logits, dist_logits
+
+    def forward_heads(self, x):
+        i = x[:, 0].long()
+        return self.cls_logits[i], self.dist_logits[i]
+
+    def forward(self, x):
+        c, d = self.forward_heads(x)
+        return (c + d) / 2
+
+
+def test_every_head_teacher_and_agreement_match_hand_computation():
+    torch.manual_seed(0)
+    n, c = 37, 6  # 37 is not a multiple of the batch size: the last batch is partial
+    y = torch.randint(0, c, (n,))
+    cls_logits, dist_logits, teacher_logits = torch.randn(n, c), torch.randn(n, c), torch.randn(n, c)
+    loader = DataLoader(TensorDataset(torch.arange(n).float()[:, None], y), batch_size=8)
+    teacher = lambda x: teacher_logits[x[:, 0].long()]  # noqa: E731
+    accelerator = new_accelerator(cpu=True)
+    cache: list = []
+    got = evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, teacher, cache)
+
+    def top(logits, k):
+        return round(100.0 * (logits.topk(k, 1).indices == y[:, None]).any(1).float().mean().item(), 2)
+
+    joint = (cls_logits + dist_logits) / 2
+    expected = {"cls_top1": top(cls_logits, 1), "cls_top5": top(cls_logits, 5), "dist_top1": top(dist_logits, 1),
+                "dist_top5": top(dist_logits, 5), "joint_top1": top(joint, 1), "joint_top5": top(joint, 5),
+                "teacher_top1": top(teacher_logits, 1), "teacher_top5": top(teacher_logits, 5),
+                "agreement_top1": round(100.0 * (joint.argmax(1) == teacher_logits.argmax(1)).float().mean().item(), 2)}
+    assert got == expected
+    # The teacher's predictions are cached per batch and reused: a second pass gives the same numbers.
+    assert len(cache) == 5
+    assert evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, lambda x: 1 / 0, cache) == expected
+
+
+def test_plain_classifier_reports_top1_top5():
+    y = torch.tensor([0, 1, 2, 3])
+    logits = torch.eye(4)[[0, 1, 3, 2]] * 5
+    model = nn.Sequential()  # identity on the input
+    loader = DataLoader(TensorDataset(logits, y), batch_size=2)
+    got = evaluate(model, loader, new_accelerator(cpu=True))
+    assert got == {"top1": 50.0, "top5": 100.0}
+
+
+def test_format_table():
+    table = format_table({"a": {"x": 1.0}, "bb": {"y": 2.5}}, ["x", "y"])
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[1].split() == ["a", "1.00", "-"] and lines[2].split() == ["bb", "-", "2.50"]

@@ -1,0 +1,81 @@
+"""The student registry, the eval-head switch, export/load in one call, and initial weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from students import count_params, create_student, list_students, load_pretrained, load_student, save_student
+
+
+def tiny(name="deit_tiny", **kw):
+    return create_student(name, num_classes=5, img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, **kw)
+
+
+def test_registry_lists_every_family_and_suggests_on_typos():
+    names = list_students()
+    for family in ("deit_", "vit_", "cait_", "cmt_", "dhvt_"):
+        assert any(n.startswith(family) for n in names), family
+    with pytest.raises(KeyError, match="did you mean 'deit_small'"):
+        create_student("deit_smal")
+
+
+def test_create_student_records_how_it_was_built():
+    model = tiny()
+    assert model.student_args == {"name": "deit_tiny", "num_classes": 5, "img_size": 32, "patch_size": 4,
+                                  "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def test_eval_head_switch():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    cls_logits, dist_logits = model.forward_heads(x)
+    assert not torch.allclose(cls_logits, dist_logits)
+    torch.testing.assert_close(model(x), (cls_logits + dist_logits) / 2)
+    model.eval_head = "cls"
+    torch.testing.assert_close(model(x), cls_logits)
+    model.eval_head = "dist"
+    torch.testing.assert_close(model(x), dist_logits)
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("deit_tiny", dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)),
+    ("cait_xxs24", dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)),
+    ("cmt_ti", dict()),
+    ("dhvt_tiny_cifar_p4", dict(embed_dim=32, depth=1, num_heads=2)),
+])
+def test_export_round_trip_is_exact(tmp_path, name, kw):
+    torch.manual_seed(0)
+    model = create_student(name, num_classes=5, img_size=32, **kw).eval()
+    model.eval_head = "cls"
+    save_student(model, tmp_path / "export", class_names=list("abcde"))
+    loaded = load_student(tmp_path / "export").eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert loaded.eval_head == "cls"
+    assert torch.equal(model(x), loaded(x))
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["class_names"] == list("abcde")
+    # The generic path of load_pretrained takes our own weights for every family.
+    fresh = create_student(name, num_classes=5, img_size=32, **kw).eval()
+    load_pretrained(fresh, tmp_path / "export" / "model.safetensors")
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_load_student_mismatch_and_missing_files(tmp_path):
+    save_student(tiny(), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    config["student"]["depth"] = 2
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match the student"):
+        load_student(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="is not an exported student"):
+        load_student(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="does not fit CMT"):
+        load_pretrained(create_student("cmt_ti", num_classes=5, img_size=32), tiny().state_dict())
+
+
+def test_count_params_excludes_the_distillation_parts():
+    model = tiny()
+    dist = model.dist_token.numel() + sum(p.numel() for p in model.head_dist.parameters())
+    assert count_params(model, exclude_dist=True) == count_params(model) - dist

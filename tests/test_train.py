@@ -168,6 +168,15 @@ def test_repeated_augmentation_and_step_cap(tiny_dataset, tmp_path, teacher_ckpt
     assert train(cfg)["step"] == 2
 
 
+def test_tensorboard_tracker(tiny_dataset, tmp_path, teacher_ckpt):
+    pytest.importorskip("tensorboard")
+    cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)},
+                      train={"epochs": 1, "tensorboard": True})
+    train(cfg)
+    events = list((tmp_path / "tiny").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
 def test_teacher_class_count_mismatch_is_a_one_line_error(tiny_recipe, tmp_path, capsys):
     wrong = teachers.build_teacher_network("resnet20_cifar", num_classes=7)[0]
     from safetensors.torch import save_file

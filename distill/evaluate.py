@@ -94,7 +94,8 @@ def evaluate_run(path: str, data: str | None = None, split: str | None = None, b
 
     import students
     from distill.config import ConfigError, from_dict
-    from distill.data import ImageClassificationDataset, build_transform
+    from distill.data import ImageClassificationDataset
+    from distill.transforms import build_transform
     from distill.train import build_teacher, load_data, new_accelerator
     import yaml
 

@@ -31,7 +31,8 @@ import teachers
 from distill import checkpoint as ckpt
 from distill.builtin_data import BUILTIN_DATASETS
 from distill.config import Config, ConfigError, DataConfig, DistillConfig, OptimConfig, dump
-from distill.data import ImageClassificationDataset, build_mixup, build_transform, load_image_dataset
+from distill.data import ImageClassificationDataset, load_image_dataset
+from distill.transforms import build_mixup, build_transform
 from distill.evaluate import evaluate
 from distill.losses import DistillationLoss
 

@@ -1,0 +1,165 @@
+"""Augmentation: DeiT's training transforms through timm, a small-image (32x32) variant, Mixup/CutMix.
+
+``build_transform`` gives the DeiT recipe (Touvron et al. 2021, Sec. 6 and Table 9) or the
+CIFAR-style variant; ``build_mixup`` wraps timm's Mixup/CutMix with label smoothing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from PIL import Image as PILImage
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import auto_augment as _auto_augment
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import str_to_interp_mode, str_to_pil_interp
+from torchvision import transforms as T
+
+__all__ = ["build_transform", "build_mixup", "ResizeIfNeeded"]
+
+
+def _posterize_keeping_zero_bits(img: PILImage.Image, bits_to_keep: int, **kwargs) -> PILImage.Image:
+    """timm's posterize, accepting ``bits_to_keep == 0`` again.
+
+    DeiT's ``rand-m9-mstd0.5-inc1`` samples magnitudes up to 10, where timm's increasing posterize
+    keeps 0 bits; Pillow >= 12 rejects 0 ("bits must be between ... 1 and 8") and a training run
+    would crash at a random step. Keeping 0 most significant bits makes every pixel 0, which is
+    what older Pillow returned, so the augmentation stays exactly as DeiT trained with it.
+    """
+    if bits_to_keep <= 0:
+        return PILImage.new(img.mode, img.size)
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+_timm_posterize = _auto_augment.NAME_TO_OP["PosterizeIncreasing"]
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    _auto_augment.NAME_TO_OP[_name] = _posterize_keeping_zero_bits
+
+
+class ResizeIfNeeded:
+    """Resize a PIL image to ``size x size`` unless it already is (32x32 data stays untouched)."""
+
+    def __init__(self, size: int, interpolation: str = "bicubic") -> None:
+        self.size = size
+        self.resize = T.Resize((size, size), interpolation=str_to_interp_mode(interpolation))
+
+    def __call__(self, img: PILImage.Image) -> PILImage.Image:
+        return img if img.size == (self.size, self.size) else self.resize(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+def build_transform(
+    img_size: int,
+    is_training: bool,
+    *,
+    style: str = "deit",
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+    reprob: float = 0.25,
+    interpolation: str = "bicubic",
+    crop_pct: float = 0.875,
+    hflip: float = 0.5,
+    crop_padding: int = 4,
+) -> Callable[[PILImage.Image], torch.Tensor]:
+    """Build the train or eval transform: PIL RGB image -> normalised (3, img_size, img_size) float tensor.
+
+    ``style="deit"`` is DeiT's ImageNet recipe (Table 9 of the paper; main.py's build_transform):
+    RandomResizedCrop + flip + RandAugment ``rand-m9-mstd0.5-inc1`` + random erasing 0.25 in
+    "pixel" mode, bicubic; eval resizes the short side to ``img_size / crop_pct`` and takes a
+    center crop (crop ratio 0.875, i.e. 256 -> 224).
+
+    ``style="small"`` is for 32x32 data: (resize if the image is another size), random crop with
+    ``crop_padding`` (4) pixels of padding, flip (``hflip`` 0 disables it, e.g. for digits), optional RandAugment, normalise, optional random erasing; eval only
+    resizes if needed and normalises. ``auto_augment=None``/``""`` and ``reprob=0`` disable those.
+    """
+    if style not in ("deit", "small"):
+        raise ValueError(f"unknown transform style '{style}'; use 'deit' or 'small'")
+    if not isinstance(img_size, int) or img_size <= 0:
+        raise ValueError(f"img_size={img_size!r} must be a positive int")
+    mean, std = tuple(mean), tuple(std)
+    auto_augment = auto_augment or None
+
+    if style == "deit":
+        if is_training:
+            return create_transform(
+                input_size=img_size,
+                is_training=True,
+                # DeiT passes color_jitter=0.3; timm ignores it when RandAugment is on.
+                color_jitter=0.3,
+                auto_augment=auto_augment,
+                interpolation=interpolation,
+                re_prob=reprob,
+                re_mode="pixel",
+                re_count=1,
+                hflip=hflip,
+                mean=mean,
+                std=std,
+            )
+        return create_transform(
+            input_size=img_size,
+            is_training=False,
+            interpolation=interpolation,
+            crop_pct=crop_pct,
+            mean=mean,
+            std=std,
+        )
+
+    ops: list[Callable] = [ResizeIfNeeded(img_size, interpolation)]
+    if is_training:
+        # Pad-4 random crop + flip: the standard CIFAR augmentation (He et al. 2016, Sec. 4.2).
+        ops.append(T.RandomCrop(img_size, padding=crop_padding) if crop_padding > 0 else T.CenterCrop(img_size))
+        if hflip > 0:
+            ops.append(T.RandomHorizontalFlip(hflip))
+        if auto_augment:
+            if not auto_augment.startswith("rand"):
+                raise ValueError(f"style 'small' supports RandAugment strings like 'rand-m9-mstd0.5-inc1', not '{auto_augment}'")
+            # Same hyper-parameters timm derives for the ImageNet recipe: translate up to 45% of
+            # the image, fill with the dataset mean.
+            hparams = dict(
+                translate_const=int(img_size * 0.45),
+                img_mean=tuple(min(255, round(255 * m)) for m in mean),
+                interpolation=str_to_pil_interp(interpolation),
+            )
+            ops.append(rand_augment_transform(auto_augment, hparams))
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    if is_training and reprob > 0:
+        # Per-sample erasing on CPU tensors (timm's default device is cuda).
+        ops.append(RandomErasing(reprob, mode="pixel", max_count=1, device="cpu"))
+    return T.Compose(ops)
+
+
+def build_mixup(
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.1,
+    *,
+    num_classes: int,
+) -> Optional[Mixup]:
+    """timm ``Mixup`` with DeiT's defaults (mixup 0.8, cutmix 1.0, switch 0.5, smoothing 0.1; Table 9).
+
+    Returns None when both alphas are 0. The result maps ``(images, int labels)`` to
+    ``(mixed images, soft targets)``; timm's Mixup requires an even batch size, so the train
+    DataLoader must use ``drop_last=True``.
+    """
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0")
+    if mixup_alpha == 0 and cutmix_alpha == 0:
+        return None
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} must be a positive int")
+    return Mixup(
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        prob=prob,
+        switch_prob=switch_prob,
+        mode="batch",
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
+    )

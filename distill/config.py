@@ -42,21 +42,27 @@ class DataConfig:
     label_column: str | None = None
     """Label column; None detects `label`/`labels`/`fine_label`/the only ClassLabel."""
     train_split: str = "train"
+    """Split to train on."""
     val_split: str | None = None
     """None: `validation`, else `val`, else `test`, else carve `val_fraction` of train."""
     val_fraction: float = 0.1
+    """Fraction of train held out when the dataset has no validation split."""
     split_seed: int = 0
     """Seed for carving a validation split and for the fixed subsets below."""
     train_subset: int | None = None
     """Train on a fixed, seeded random subset of this many images (benchmarks)."""
     val_subset: int | None = None
+    """Evaluate on a fixed, seeded random subset of this many images."""
     img_size: int = 224
+    """Student input resolution (square)."""
     transform: Literal["deit", "small"] = "deit"
     """`deit`: RandomResizedCrop + RandAugment + erasing (DeiT Table 9); `small`: crop-with-padding for 32x32 data."""
     crop_pct: float = 0.875
     """`deit` eval transform: resize to img_size / crop_pct, then center-crop (DeiT: 0.875; CaiT: 1.0)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Normalisation mean of the student's input (the teacher converts to its own)."""
     std: tuple[float, float, float] = IMAGENET_STD
+    """Normalisation std of the student's input."""
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     """timm RandAugment spec (DeiT Table 9: RandAugment m9, mstd 0.5); null disables."""
     reprob: float = 0.25
@@ -70,11 +76,15 @@ class DataConfig:
     cutmix: float = 1.0
     """CutMix alpha (DeiT Table 9); 0 disables."""
     mixup_prob: float = 1.0
+    """Probability of applying mixup or cutmix to a batch."""
     mixup_switch_prob: float = 0.5
+    """Probability of cutmix instead of mixup when both are on."""
     repeated_aug: bool = False
     """DeiT's repeated augmentation (Hoffer et al. 2020): each image 3 times per epoch, sharded."""
     num_repeats: int = 3
+    """Repeats per image with repeated_aug (DeiT: 3)."""
     num_workers: int = 2
+    """DataLoader worker processes that decode and augment."""
 
 
 @dataclass
@@ -82,6 +92,7 @@ class StudentConfig:
     """The vision-transformer student (see `distill students`)."""
 
     name: str = "deit_tiny"
+    """Registered student (`distill students`)."""
     patch_size: int | None = None
     """None keeps the architecture's default."""
     drop_path: float = 0.1
@@ -105,6 +116,7 @@ class TeacherConfig:
     img_size: int | None = None
     """Teacher input resolution; None feeds the student's resolution."""
     kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra builder arguments, e.g. {pretrained_cfg: deit_in1k} for timm weights."""
 
 
 @dataclass
@@ -115,13 +127,21 @@ class TeacherTrainConfig:
     """
 
     epochs: int = 0
+    """Teacher fine-tuning epochs; 0 skips the stage."""
     opt: Literal["sgd", "adamw"] = "sgd"
+    """Optimiser for the teacher (SGD is the usual CNN choice)."""
     lr: float = 0.05
+    """Peak learning rate (cosine schedule after warm-up)."""
     weight_decay: float = 5e-4
+    """Weight decay for the teacher."""
     momentum: float = 0.9
+    """SGD momentum."""
     warmup_epochs: int = 1
+    """Linear warm-up epochs."""
     batch_size: int = 128
+    """Per-process batch size for the teacher stage."""
     smoothing: float = 0.1
+    """Label smoothing for the teacher."""
     mixup: bool = False
     """Use the data section's mixup/cutmix for the teacher too."""
     light_augment: bool = False
@@ -134,6 +154,7 @@ class DistillConfig:
     """How the teacher's outputs enter the loss (DeiT Sec. 5.2)."""
 
     kind: Literal["none", "soft", "hard"] = "hard"
+    """`none`: labels only; `soft`: KL to the tempered teacher; `hard`: CE to its argmax (DeiT Sec. 5.2)."""
     alpha: float = 0.5
     """Total = (1 - alpha) * CE(cls, y) + alpha * distill(dist, teacher)."""
     tau: float = 1.0
@@ -149,18 +170,27 @@ class OptimConfig:
     """Optimiser and schedule (DeiT Table 9)."""
 
     opt: Literal["adamw", "sgd"] = "adamw"
+    """Optimiser (timm create_optimizer_v2; no weight decay on norms, biases, tokens)."""
     lr: float | None = None
     """None: base_lr * global_batch / 512 (DeiT's linear scaling rule)."""
     base_lr: float = 5e-4
+    """lr per 512 images of global batch when lr is null."""
     weight_decay: float = 0.05
+    """Weight decay (DeiT Table 9: 0.05)."""
     momentum: float = 0.9
+    """SGD momentum (opt: sgd only)."""
     smoothing: float = 0.1
     """Label smoothing on the ground-truth labels."""
     clip_grad: float | None = None
+    """Clip the gradient norm to this value; null disables (DeiT: off)."""
     sched: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up, stepped every update."""
     warmup_epochs: float = 5
+    """Linear warm-up from warmup_lr (DeiT Table 9: 5 epochs)."""
     warmup_lr: float = 1e-6
+    """Learning rate at the start of warm-up."""
     min_lr: float = 1e-5
+    """Floor of the cosine schedule."""
 
 
 @dataclass
@@ -168,20 +198,27 @@ class TrainConfig:
     """The run itself."""
 
     epochs: int = 300
+    """Training epochs (DeiT Table 9: 300)."""
     batch_size: int = 128
     """Per process; global batch = batch_size * processes * grad_accum_steps."""
     grad_accum_steps: int = 1
+    """Batches accumulated per optimiser step (Accelerate)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Accelerate mixed precision; bf16 also works on CPUs."""
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
     seed: int = 0
+    """Seed for weights, data order and augmentation."""
     output_dir: str = "runs"
+    """Folder that holds run folders."""
     run_name: str | None = None
     """Run folder name under output_dir; None uses the recipe name."""
     save_every: int = 1
     """Save the full training state every N epochs (and at the end)."""
     eval_every: int = 1
+    """Evaluate every N epochs (and after the last)."""
     ema: bool = False
+    """Keep a timm model EMA of the student and export it too."""
     ema_decay: float = 0.99996
     """DeiT's model EMA decay."""
     max_steps_per_epoch: int | None = None
@@ -189,8 +226,11 @@ class TrainConfig:
     stop_after: int | None = None
     """Stop (resumably) after this many epochs of this invocation, e.g. for preemptible jobs."""
     log_every: int = 10
+    """Update the progress bar statistics every N batches."""
     progress: bool = True
+    """Show a progress bar (loss, lr, images/s)."""
     tensorboard: bool = False
+    """Log metrics to TensorBoard through Accelerate (pip install tensorboard)."""
 
 
 @dataclass

@@ -109,10 +109,5 @@ def test_imagenet_recipes_follow_the_deit_paper():
 def test_every_key_is_documented():
     rows = describe()
     assert [r[0] for r in rows] == all_keys(Config())
-    undocumented = [key for key, _, doc in rows if not doc and key.split(".")[0] not in ("train", "teacher_train", "optim")]
-    assert len(rows) > 60 and len(undocumented) < len(rows) // 2
-
-
-def test_key_in_the_wrong_section_points_to_the_right_one():
-    with pytest.raises(ConfigError, match=r"unknown key 'train.lr'; did you mean 'optim.lr'"):
-        apply_override(Config(), "train.lr=0.1")
+    assert [key for key, _, doc in rows if not doc] == []
+    assert "numel" in dict((k, d) for k, _, d in rows)["distill.soft_norm"]

@@ -111,3 +111,8 @@ def test_every_key_is_documented():
     assert [r[0] for r in rows] == all_keys(Config())
     assert [key for key, _, doc in rows if not doc] == []
     assert "numel" in dict((k, d) for k, _, d in rows)["distill.soft_norm"]
+
+
+def test_key_in_the_wrong_section_points_to_the_right_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lr'; did you mean 'optim.lr'"):
+        apply_override(Config(), "train.lr=0.1")

@@ -284,7 +284,10 @@ def fit(cfg: Config, model: nn.Module, teacher: nn.Module | None, loss_fn: Disti
         epochs_this_run += 1
         metrics = {"epoch": epoch + 1, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
                    "images_per_s": round(seen / (time.perf_counter() - start), 1)}
-        metrics.update({f"train_{k}": round(v / max(1, n_batches), 5) for k, v in running.items()})
+        # Mean training losses over every process's batches.
+        sums = accelerator.reduce(torch.tensor([*running.values(), n_batches], dtype=torch.float64,
+                                               device=accelerator.device), reduction="sum")
+        metrics.update({f"train_{k}": round(float(v) / max(1.0, float(sums[-1])), 5) for k, v in zip(running, sums)})
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             metrics.update(evaluate(model, val_loader, accelerator, teacher, teacher_cache))
             if ema is not None:

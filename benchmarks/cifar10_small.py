@@ -58,7 +58,7 @@ FAMILIES = {
     "ViT": ("vit_tiny", ["student.patch_size=4", f"student.kwargs={SMALL_VIT}"]),
     "DeiT": ("deit_tiny", ["student.patch_size=4", f"student.kwargs={SMALL_VIT}"]),
     "CaiT": ("cait_xxs24", ["student.patch_size=4", "student.kwargs={embed_dim: 96, depth: 6, num_heads: 4}"]),
-    "CMT": ("cmt_ti", []),
+    "CMT": ("cmt_ti", ["student.patch_size=null"]),   # conv stem + 4 stages: no patch size
     "DHVT": ("dhvt_tiny_cifar_p4", ["student.kwargs={embed_dim: 96, depth: 6, num_heads: 4}"]),
 }
 
@@ -103,14 +103,18 @@ def run(args: argparse.Namespace) -> dict:
         for item in [f"student.name={name}", *overrides, *KINDS[kind], f"teacher.checkpoint={teacher_ckpt}"]:
             apply_override(cfg, item)
         cfg.train.run_name = f"{args.suite}-{family.lower()}-{kind}"
-        t0 = time.perf_counter()
-        m = distill.train(cfg, resume=None)
-        history = [json.loads(line) for line in (run_dir_of(cfg) / "metrics.jsonl").read_text().splitlines()]
+        run = run_dir_of(cfg)
+        if not (run / "export" / "model.safetensors").is_file():  # a finished run is reused, not redone
+            distill.train(cfg, resume=True if (run / "checkpoints").is_dir() else None)
+        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        m = history[-1]
         model = students.create_student(name, num_classes=10, img_size=32, **_student_kwargs(cfg))
         row = {k: m[k] for k in ("cls_top1", "dist_top1", "joint_top1", "agreement_top1") if k in m}
         row.update(params_M=round(students.count_params(model) / 1e6, 2), gflops_32=round(gflops_at_32(model), 3),
                    train_img_s=round(sum(h["images_per_s"] for h in history) / len(history), 1),
-                   minutes=round((time.perf_counter() - t0) / 60, 1))
+                   # from the run's first file (config.yaml) to its export: the run's own wall time
+                   minutes=round(((run / "export" / "model.safetensors").stat().st_mtime
+                                  - (run / "config.yaml").stat().st_mtime) / 60, 1))
         results["rows"][f"{family} {name}, {kind}"] = row
         print(format_table({f"{family}, {kind}": row}), flush=True)
     results["total_minutes"] = round((time.perf_counter() - start) / 60, 1)

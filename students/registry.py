@@ -44,7 +44,13 @@ def create_student(name: str, num_classes: int = 1000, img_size: int | None = No
         raise _unknown(name)
     if img_size is not None:
         overrides["img_size"] = img_size
-    model = _STUDENTS[name](num_classes=num_classes, **overrides)
+    try:
+        model = _STUDENTS[name](num_classes=num_classes, **overrides)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        arg = str(e).split("argument")[-1].strip(" '\"")
+        raise ValueError(f"student {name!r} does not take {arg!r}; remove it from the student config") from None
     # Remember how the model was built so an exported student can be rebuilt in one call.
     model.student_args = {"name": name, "num_classes": num_classes, **overrides}
     return model

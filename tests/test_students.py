@@ -79,3 +79,8 @@ def test_count_params_excludes_the_distillation_parts():
     model = tiny()
     dist = model.dist_token.numel() + sum(p.numel() for p in model.head_dist.parameters())
     assert count_params(model, exclude_dist=True) == count_params(model) - dist
+
+
+def test_unknown_builder_argument_is_a_clear_error():
+    with pytest.raises(ValueError, match="student 'cmt_ti' does not take 'patch_size'"):
+        create_student("cmt_ti", num_classes=10, img_size=32, patch_size=4)

@@ -88,27 +88,25 @@ def evaluate_run(path: str, data: str | None = None, split: str | None = None, b
     an export folder (``model.safetensors`` + ``config.json``). The teacher, when the run had one,
     is evaluated too, together with the student-teacher agreement.
     """
-    import copy
     import json
     from pathlib import Path
 
-    import students
-    from distill.config import ConfigError, from_dict
-    from distill.data import ImageClassificationDataset
-    from distill.transforms import build_transform
-    from distill.train import build_teacher, load_data, new_accelerator
     import yaml
+    from torch.utils.data import DataLoader
+
+    import students
+    from distill.config import Config, ConfigError, from_dict
+    from distill.train import build_teacher, image_dataset, load_data, new_accelerator
 
     path = Path(path)
-    run_cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text())) if (path / "config.yaml").is_file() else None
     export = path / "export" if (path / "export").is_dir() else path
     if not (export / "config.json").is_file():
         raise FileNotFoundError(f"{path} is neither a run folder nor an exported student (no config.json); "
                                 "pass runs/<name> or runs/<name>/export")
     info = json.loads((export / "config.json").read_text())
-    cfg = copy.deepcopy(run_cfg) if run_cfg is not None else None
-    if cfg is None:
-        from distill.config import Config
+    if (path / "config.yaml").is_file():  # a run folder: its resolved config names data and teacher
+        cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    else:  # an export alone: the data settings it was saved with, no teacher
         cfg = Config()
         cfg.teacher.name = None
         cfg.data.img_size, cfg.data.mean, cfg.data.std = info["img_size"], tuple(info["mean"]), tuple(info["std"])
@@ -117,25 +115,18 @@ def evaluate_run(path: str, data: str | None = None, split: str | None = None, b
         cfg.data.source = data
     if split is not None:
         cfg.data.val_split = split
+    if teacher_checkpoint is not None:
+        cfg.teacher.checkpoint = teacher_checkpoint
     splits = load_data(cfg.data)
     if "class_names" in info and len(info["class_names"]) != splits.num_classes:
         raise ConfigError(f"the student predicts {len(info['class_names'])} classes but {cfg.data.source} has "
                           f"{splits.num_classes}; evaluate on the dataset it was trained on")
-    model = students.load_student(export)
     teacher = None
-    if teacher_checkpoint is not None:
-        cfg.teacher.checkpoint = teacher_checkpoint
     if cfg.teacher.name is not None and info.get("distill") != "none" and (cfg.teacher.checkpoint or cfg.teacher.pretrained):
         teacher = build_teacher(cfg, splits.num_classes)
-    transform = build_transform(cfg.data.img_size, False, style=cfg.data.transform, mean=cfg.data.mean,
-                                std=cfg.data.std, crop_pct=cfg.data.crop_pct)
-    dataset = ImageClassificationDataset(splits.val, transform, image_column=splits.image_column,
-                                         label_column=splits.label_column, source=str(cfg.data.source),
-                                         split=cfg.data.val_split or "val")
-    from torch.utils.data import DataLoader
     accelerator = new_accelerator(cpu=cpu)
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
-    model = accelerator.prepare(model)
+    loader = DataLoader(image_dataset(cfg.data, splits, train=False), batch_size=batch_size, num_workers=num_workers)
+    model, loader = accelerator.prepare(students.load_student(export), loader)
     if teacher is not None:
         teacher.to(accelerator.device)
     return evaluate(model, loader, accelerator, teacher)

@@ -174,13 +174,7 @@ def fit(cfg: Config, model: nn.Module, teacher: nn.Module | None, loss_fn: Disti
     set_seed(tc.seed)
 
     # Data: decoding and augmentation happen lazily in the loader's workers.
-    style = dict(style=dc.transform, mean=dc.mean, std=dc.std)
-    columns = dict(image_column=data.image_column, label_column=data.label_column, source=str(data.source))
-    train_set = ImageClassificationDataset(
-        data.train, build_transform(dc.img_size, True, auto_augment=dc.auto_augment, reprob=dc.reprob,
-                                    hflip=dc.hflip, crop_padding=dc.crop_padding, **style),
-        split="train", **columns)
-    val_set = ImageClassificationDataset(data.val, build_transform(dc.img_size, False, crop_pct=dc.crop_pct, **style), split="val", **columns)
+    train_set, val_set = image_dataset(dc, data, train=True), image_dataset(dc, data, train=False)
     if dc.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
         sampler = RepeatAugSampler(train_set, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
@@ -310,6 +304,19 @@ def fit(cfg: Config, model: nn.Module, teacher: nn.Module | None, loss_fn: Disti
     for tracker in accelerator.trackers:
         tracker.finish()
     return metrics
+
+
+def image_dataset(dc: DataConfig, data, train: bool) -> ImageClassificationDataset:
+    """The train split with the training augmentation, or the validation split with the eval transform."""
+    style = dict(style=dc.transform, mean=dc.mean, std=dc.std)
+    if train:
+        transform = build_transform(dc.img_size, True, auto_augment=dc.auto_augment, reprob=dc.reprob,
+                                    hflip=dc.hflip, crop_padding=dc.crop_padding, **style)
+    else:
+        transform = build_transform(dc.img_size, False, crop_pct=dc.crop_pct, **style)
+    return ImageClassificationDataset(data.train if train else data.val, transform, image_column=data.image_column,
+                                      label_column=data.label_column, source=str(data.source),
+                                      split="train" if train else (dc.val_split or "val"))
 
 
 def new_accelerator(**kwargs) -> Accelerator:

@@ -111,6 +111,8 @@ def evaluate_run(path: str, data: str | None = None, split: str | None = None, b
         cfg.teacher.name = None
         cfg.data.img_size, cfg.data.mean, cfg.data.std = info["img_size"], tuple(info["mean"]), tuple(info["std"])
         cfg.data.source = info.get("data_source", cfg.data.source)
+        cfg.data.transform = info.get("transform", cfg.data.transform)
+        cfg.data.crop_pct = info.get("crop_pct", cfg.data.crop_pct)
     if data is not None:
         cfg.data.source = data
     if split is not None:

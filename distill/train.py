@@ -355,7 +355,8 @@ def _progress(accelerator: Accelerator, tc, total: int, desc: str):
 
 def _export(cfg: Config, model: nn.Module, ema, data, run_dir: Path, as_teacher: bool) -> None:
     info = {"class_names": list(data.class_names), "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-            "img_size": cfg.data.img_size, "data_source": str(cfg.data.source)}
+            "img_size": cfg.data.img_size, "transform": cfg.data.transform, "crop_pct": cfg.data.crop_pct,
+            "data_source": str(cfg.data.source)}
     export = run_dir / "export"
     if as_teacher:  # a fine-tuned teacher: a plain state dict + what built it and how it sees images
         from safetensors.torch import save_file

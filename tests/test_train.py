@@ -80,6 +80,13 @@ def test_cli_train_end_to_end(tiny_recipe, tmp_path, capsys):
     assert "joint_top1" in printed and "agreement_top1" in printed
     for key in ("cls_top1", "dist_top1", "joint_top1", "teacher_top1", "agreement_top1"):
         assert evaluated[key] == history[-1][key], key  # same weights, same val split, same numbers
+    # An export folder alone evaluates with the transform it was trained with (here `small`).
+    exported = json.loads((run / "export" / "config.json").read_text())
+    assert (exported["transform"], exported["crop_pct"], exported["img_size"]) == ("small", 0.875, 16)
+    export_only = distill.evaluate_run(str(run / "export"), num_workers=0)
+    assert "teacher_top1" not in export_only
+    for key in ("cls_top1", "dist_top1", "joint_top1"):
+        assert export_only[key] == history[-1][key], key
 
 
 def test_teacher_weights_and_bn_stats_unchanged_by_training(tiny_dataset, tmp_path, teacher_ckpt):

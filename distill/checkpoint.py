@@ -1,52 +1,273 @@
-"""Crash-safe training-state checkpoints on top of ``accelerator.save_state``.
+"""Crash-safe training checkpoints that run no code when read.
 
-A checkpoint is written to ``checkpoints/last.tmp`` first and only then swapped in for
-``checkpoints/last`` (the old one is kept as ``last.old`` until the swap is done), so a crash at any
-moment leaves at least one complete checkpoint: ``last``, or ``last.old`` when the crash hit between
-the two renames. ``trainer_state.json`` is written last inside the new folder; a folder without it
-is incomplete and never resumed from.
+A checkpoint folder holds only tensors and numbers::
+
+    model.safetensors       the (unwrapped) model
+    optimizer.pt            the optimiser state: tensors and numbers, read with weights_only=True
+    ema.safetensors         the model EMA (train.ema)
+    scaler.pt               the fp16 GradScaler state (mixed_precision=fp16)
+    rng_state_<rank>.pt     each process's Python, NumPy, torch (and CUDA) generator states
+    trainer_state.json      written last: epoch, step, processes, the model's builder arguments,
+                            and the size and SHA-256 of every file above
+
+Accelerate's ``save_state`` is not used: its ``load_state`` unpickles registered objects (the EMA)
+with ``weights_only=False``, so a crafted checkpoint would run code.
+
+Saving writes ``checkpoints/last.tmp``, then turns ``last`` into ``previous`` and ``last.tmp`` into
+``last``, so a crash at any moment leaves a complete checkpoint. Loading checks every file against
+the manifest and falls back to ``previous`` when ``last`` is damaged.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import pickle
+import random
 import shutil
+import warnings
 from pathlib import Path
+from typing import Any
 
-from accelerate import Accelerator
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
+FORMAT = 2  # 1 was Accelerate's save_state folder (pickled EMA and RNG states): refused
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def save_training_state(accelerator: Accelerator, run_dir: Path, epoch: int, global_step: int) -> Path:
-    """Save model, optimizer, registered objects (EMA) and every process's RNG states."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or used; the message is one line saying what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_training_state(accelerator, run_dir: Path, *, model: torch.nn.Module, optimizer, ema=None,
+                        epoch: int, global_step: int, model_args: dict | None = None) -> Path:
+    """Write the full training state after ``epoch`` epochs; every process must call this."""
     root = Path(run_dir) / "checkpoints"
-    tmp, last, old = root / "last.tmp", root / "last", root / "last.old"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    tmp, last, previous = root / "last.tmp", root / "last", root / "previous"
+    main = accelerator.is_main_process
+    failure: OSError | None = None
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        failure = e
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"epoch": epoch, "global_step": global_step}) + "\n")
+    if failure is None and tmp.is_dir():
+        try:
+            if main:
+                _save_tensors(accelerator.unwrap_model(model).state_dict(), tmp / "model.safetensors")
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                if ema is not None:
+                    _save_tensors(ema.module.state_dict(), tmp / "ema.safetensors")
+                if accelerator.scaler is not None:
+                    torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            torch.save(_rng_states(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        except OSError as e:
+            failure = e
+    # Every process learns whether any failed, so none waits forever for a save that will not come.
+    flags = accelerator.reduce(torch.tensor([float(failure is not None)], device=accelerator.device), reduction="sum")
+    if float(flags[0]) > 0:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failed_message(failure, root, epoch, last))
+    if main:
+        try:
+            manifest = {f.name: _describe(f) for f in sorted(tmp.iterdir())}
+            state = {"format": FORMAT, "epoch": epoch, "global_step": global_step,
+                     "num_processes": accelerator.num_processes, "model": model_args, "files": manifest}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(_save_failed_message(e, root, epoch, last)) from None
         if last.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            last.rename(old)
+            shutil.rmtree(previous, ignore_errors=True)
+            last.rename(previous)
         tmp.rename(last)
-        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return last
 
 
-def find_checkpoint(path: str | Path) -> Path | None:
-    """The newest complete checkpoint in a run folder (or the checkpoint folder itself)."""
+def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
+def _save_failed_message(error: OSError | None, root: Path, epoch: int, last: Path) -> str:
+    kept = ""
+    if (last / STATE_FILE).is_file():
+        kept = f" the checkpoint of epoch {json.loads((last / STATE_FILE).read_text())['epoch']} is intact;"
+    if error is not None and error.errno in _NO_SPACE:
+        what = f"no space left on the device while saving the checkpoint of epoch {epoch} to {root}"
+        return f"{what};{kept} free some space, then continue with --resume"
+    why = f" ({error.strerror or error})" if error is not None else " (on another process)"
+    return f"could not save the checkpoint of epoch {epoch} to {root}{why};{kept} fix that, then continue with --resume"
+
+
+def _rng_states() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding and loading
+
+
+def candidates(path: str | Path) -> list[Path]:
+    """Checkpoint folders at ``path`` (a checkpoint folder itself, or a run folder), newest first."""
     path = Path(path)
-    candidates = [path] if (path / STATE_FILE).is_file() else [path / "checkpoints" / "last", path / "checkpoints" / "last.old"]
-    return next((c for c in candidates if (c / STATE_FILE).is_file()), None)
+    if (path / STATE_FILE).is_file():
+        return [path]
+    # `last` is newer than `previous` by construction (see save_training_state).
+    return [c for c in (path / "checkpoints" / "last", path / "checkpoints" / "previous") if (c / STATE_FILE).is_file()]
 
 
-def load_training_state(accelerator: Accelerator, checkpoint: Path) -> tuple[int, int]:
-    """Restore everything ``save_training_state`` wrote; returns (epochs done, global step)."""
-    accelerator.load_state(str(checkpoint))
-    state = json.loads((checkpoint / STATE_FILE).read_text())
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The newest checkpoint folder at ``path`` (not yet verified), or None."""
+    found = candidates(path)
+    return found[0] if found else None
+
+
+def _read_state(folder: Path) -> dict:
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not an object")
+        return state
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / STATE_FILE} is damaged ({e}); resume from another checkpoint or start a new run") from None
+
+
+def verify(folder: Path) -> dict:
+    """The checkpoint's state after checking every listed file's size and SHA-256."""
+    state = _read_state(folder)
+    if state.get("format") != FORMAT or "files" not in state:
+        raise CheckpointError(
+            f"{folder} is not a checkpoint of this deit-distill version (it looks like Accelerate's save_state "
+            "format, whose files are read by unpickling, which can run code); it is refused: start a new run "
+            "with train.run_name=<new name>")
+    for name, expected in state["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+        if file.stat().st_size != expected["size"] or _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} is damaged (its size or checksum differs from {STATE_FILE})")
+    return state
+
+
+def select(path: str | Path) -> tuple[Path, dict]:
+    """The newest checkpoint at ``path`` whose files are intact, falling back to the previous one."""
+    found = candidates(path)
+    if not found:
+        raise CheckpointError(f"no complete checkpoint under {path} to resume from; drop --resume to start a new run")
+    errors = []
+    for folder in found:
+        try:
+            state = verify(folder)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            warnings.warn(f"{errors[0]}; resuming from the previous checkpoint {folder} (epoch {state['epoch']})", stacklevel=2)
+        return folder, state
+    raise CheckpointError(errors[0] + "; no intact checkpoint is left to fall back to: start a new run with train.run_name=<new name>")
+
+
+def load_training_state(accelerator, folder: Path, state: dict, *, model: torch.nn.Module, optimizer, ema=None,
+                        model_args: dict | None = None) -> tuple[int, int]:
+    """Restore what ``save_training_state`` wrote into ``folder``; returns (epochs done, global step)."""
+    if state.get("num_processes") != accelerator.num_processes:
+        raise CheckpointError(
+            f"{folder} was written by {state.get('num_processes')} process(es) but this run has "
+            f"{accelerator.num_processes}; resume with the same number of processes (the data order and "
+            "the learning-rate schedule depend on it)")
+    try:
+        _load_model(accelerator.unwrap_model(model), folder / "model.safetensors")
+    except CheckpointError as e:
+        saved = state.get("model")
+        if not (isinstance(saved, dict) and isinstance(model_args, dict)) or saved == model_args:
+            raise
+        diff = next(k for k in sorted(set(saved) | set(model_args)) if saved.get(k) != model_args.get(k))
+        raise CheckpointError(
+            f"{folder} holds another model ({diff}={saved.get(diff)!r} there, {model_args.get(diff)!r} in this "
+            "recipe); resume with the recipe that wrote it, or start a new run with train.run_name=<new name>") from e
+    optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
+    if ema is not None:
+        if not (folder / "ema.safetensors").is_file():
+            raise CheckpointError(f"{folder} has no EMA weights but train.ema is on; resume with train.ema=false")
+        _load_model(ema.module, folder / "ema.safetensors")
+    if accelerator.scaler is not None and (folder / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(_load_torch(folder / "scaler.pt"))
+    rng_file = folder / f"rng_state_{accelerator.process_index}.pt"
+    if not rng_file.is_file():
+        raise CheckpointError(f"{rng_file} is missing; the checkpoint is incomplete")
+    _set_rng_states(_load_torch(rng_file), rng_file)
     return int(state["epoch"]), int(state["global_step"])
+
+
+def _load_model(model: torch.nn.Module, file: Path) -> None:
+    try:
+        tensors = load_file(str(file), device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); the checkpoint is damaged") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    extra = [k for k in tensors if k not in own]
+    shape = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or extra or shape:
+        first = (shape and f"{shape[0]} has shape {tuple(tensors[shape[0]].shape)}, the model {tuple(own[shape[0]].shape)}") \
+            or (missing and f"{missing[0]} is missing") or f"{extra[0]} is unexpected"
+        raise CheckpointError(f"{file} holds another model ({first}); resume with the recipe that wrote it, "
+                              "or start a new run with train.run_name=<new name>")
+    model.load_state_dict(tensors)
+
+
+def _load_torch(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{file} needs arbitrary unpickling, which can run code, so it is refused; "
+                              "start a new run with train.run_name=<new name>") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{file} is not readable ({type(e).__name__}); the checkpoint is damaged") from None
+
+
+def _set_rng_states(states: Any, file: Path) -> None:
+    try:
+        random.setstate(_as_tuple(states["python"]))
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file} does not hold generator states ({type(e).__name__}: {e}); the checkpoint is damaged") from None
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

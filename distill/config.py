@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
@@ -29,6 +29,34 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema; the message names the closest valid key."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number in the schema (``Annotated[int, Range(min=1)]``), checked with its type,
+    so that a value that cannot give a meaningful run (0 epochs, alpha 2) is refused before any work."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+
+    def contains(self, v: float) -> bool:
+        return ((self.min is None or (v > self.min if self.min_open else v >= self.min))
+                and (self.max is None or (v < self.max if self.max_open else v <= self.max)))
+
+    def __str__(self) -> str:
+        low = None if self.min is None else f"{'>' if self.min_open else '>='} {self.min:g}"
+        high = None if self.max is None else f"{'<' if self.max_open else '<='} {self.max:g}"
+        return " and ".join(x for x in (low, high) if x)
+
+
+PositiveInt = Annotated[int, Range(min=1)]
+NonNegativeInt = Annotated[int, Range(min=0)]
+PositiveFloat = Annotated[float, Range(min=0, min_open=True)]
+NonNegativeFloat = Annotated[float, Range(min=0)]
+Probability = Annotated[float, Range(0, 1)]
+Smoothing = Annotated[float, Range(0, 1, max_open=True)]
 
 
 @dataclass
@@ -45,19 +73,19 @@ class DataConfig:
     """Split to train on."""
     val_split: str | None = None
     """None: `validation`, else `val`, else `test`, else carve `val_fraction` of train."""
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, Range(0, 1, min_open=True, max_open=True)] = 0.1
     """Fraction of train held out when the dataset has no validation split."""
-    split_seed: int = 0
+    split_seed: NonNegativeInt = 0
     """Seed for carving a validation split and for the fixed subsets below."""
-    train_subset: int | None = None
+    train_subset: PositiveInt | None = None
     """Train on a fixed, seeded random subset of this many images (benchmarks)."""
-    val_subset: int | None = None
+    val_subset: PositiveInt | None = None
     """Evaluate on a fixed, seeded random subset of this many images."""
-    img_size: int = 224
+    img_size: PositiveInt = 224
     """Student input resolution (square)."""
     transform: Literal["deit", "small"] = "deit"
     """`deit`: RandomResizedCrop + RandAugment + erasing (DeiT Table 9); `small`: crop-with-padding for 32x32 data."""
-    crop_pct: float = 0.875
+    crop_pct: Annotated[float, Range(0, 1, min_open=True)] = 0.875
     """`deit` eval transform: resize to img_size / crop_pct, then center-crop (DeiT: 0.875; CaiT: 1.0)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Normalisation mean of the student's input (the teacher converts to its own)."""
@@ -65,26 +93,32 @@ class DataConfig:
     """Normalisation std of the student's input."""
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     """timm RandAugment spec (DeiT Table 9: RandAugment m9, mstd 0.5); null disables."""
-    reprob: float = 0.25
+    reprob: Probability = 0.25
     """Random erasing probability (DeiT Table 9)."""
-    hflip: float = 0.5
+    hflip: Probability = 0.5
     """Horizontal flip probability; 0 for data where mirroring changes the class (digits, text)."""
-    crop_padding: int = 4
+    crop_padding: NonNegativeInt = 4
     """`small` transform: pixels of padding for the random crop (4 is the CIFAR standard)."""
-    mixup: float = 0.8
+    mixup: NonNegativeFloat = 0.8
     """Mixup alpha (DeiT Table 9); 0 disables."""
-    cutmix: float = 1.0
+    cutmix: NonNegativeFloat = 1.0
     """CutMix alpha (DeiT Table 9); 0 disables."""
-    mixup_prob: float = 1.0
+    mixup_prob: Probability = 1.0
     """Probability of applying mixup or cutmix to a batch."""
-    mixup_switch_prob: float = 0.5
+    mixup_switch_prob: Probability = 0.5
     """Probability of cutmix instead of mixup when both are on."""
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    """timm/DeiT `--mixup-mode`: one lambda per batch, per pair, or per image."""
     repeated_aug: bool = False
     """DeiT's repeated augmentation (Hoffer et al. 2020): each image 3 times per epoch, sharded."""
-    num_repeats: int = 3
+    num_repeats: PositiveInt = 3
     """Repeats per image with repeated_aug (DeiT: 3)."""
-    num_workers: int = 2
-    """DataLoader worker processes that decode and augment."""
+    num_workers: NonNegativeInt = 2
+    """DataLoader worker processes that decode and augment (results do not depend on it)."""
+    in_memory: bool | None = None
+    """Decode every image once into memory (uint8) and augment from there; null: when the split fits in in_memory_max_mb."""
+    in_memory_max_mb: NonNegativeInt = 2048
+    """Largest decoded split (MB) that in_memory=null keeps in memory (CIFAR-10 train: 150 MB)."""
 
 
 @dataclass
@@ -93,9 +127,9 @@ class StudentConfig:
 
     name: str = "deit_tiny"
     """Registered student (`distill students`)."""
-    patch_size: int | None = None
+    patch_size: PositiveInt | None = None
     """None keeps the architecture's default."""
-    drop_path: float = 0.1
+    drop_path: Smoothing = 0.1
     """Stochastic depth rate (DeiT Table 9: 0.1)."""
     checkpoint: str | None = None
     """Initial weights (safetensors or torch state dict), e.g. timm DeiT weights."""
@@ -113,8 +147,12 @@ class TeacherConfig:
     """Teacher weights fine-tuned on this dataset (safetensors or torch state dict)."""
     pretrained: bool = False
     """timm's pretrained ImageNet weights (needs network; only right for 1000-class ImageNet)."""
-    img_size: int | None = None
+    img_size: PositiveInt | None = None
     """Teacher input resolution; None feeds the student's resolution."""
+    cache: str | None = None
+    """Folder of cached teacher outputs (`distill cache-teacher`); training then never runs the teacher."""
+    cache_topk: PositiveInt = 10
+    """`distill cache-teacher`: top-K teacher logits kept per sample (TinyViT, Wu et al. 2022, keeps 10)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra builder arguments, e.g. {pretrained_cfg: deit_in1k} for timm weights."""
 
@@ -126,21 +164,21 @@ class TeacherTrainConfig:
     With `epochs` > 0 and no `teacher.checkpoint`, `distill train` runs this stage first.
     """
 
-    epochs: int = 0
+    epochs: NonNegativeInt = 0
     """Teacher fine-tuning epochs; 0 skips the stage."""
     opt: Literal["sgd", "adamw"] = "sgd"
     """Optimiser for the teacher (SGD is the usual CNN choice)."""
-    lr: float = 0.05
+    lr: PositiveFloat = 0.05
     """Peak learning rate (cosine schedule after warm-up)."""
-    weight_decay: float = 5e-4
+    weight_decay: NonNegativeFloat = 5e-4
     """Weight decay for the teacher."""
-    momentum: float = 0.9
+    momentum: Probability = 0.9
     """SGD momentum."""
-    warmup_epochs: int = 1
+    warmup_epochs: NonNegativeInt = 1
     """Linear warm-up epochs."""
-    batch_size: int = 128
+    batch_size: PositiveInt = 128
     """Per-process batch size for the teacher stage."""
-    smoothing: float = 0.1
+    smoothing: Smoothing = 0.1
     """Label smoothing for the teacher."""
     mixup: bool = False
     """Use the data section's mixup/cutmix for the teacher too."""
@@ -155,13 +193,13 @@ class DistillConfig:
 
     kind: Literal["none", "soft", "hard"] = "hard"
     """`none`: labels only; `soft`: KL to the tempered teacher; `hard`: CE to its argmax (DeiT Sec. 5.2)."""
-    alpha: float = 0.5
+    alpha: Probability = 0.5
     """Total = (1 - alpha) * CE(cls, y) + alpha * distill(dist, teacher)."""
-    tau: float = 1.0
+    tau: PositiveFloat = 1.0
     """Soft distillation temperature (DeiT uses 1.0 with the hard kind; 3.0 in its soft ablation)."""
     soft_norm: Literal["deit", "batchmean"] = "deit"
     """KL normalisation: `deit` divides by numel (official code), `batchmean` by batch (timm)."""
-    hard_smoothing: float = 0.0
+    hard_smoothing: Smoothing = 0.0
     """Label smoothing on the teacher's hard label (DeiT: off)."""
 
 
@@ -171,25 +209,25 @@ class OptimConfig:
 
     opt: Literal["adamw", "sgd"] = "adamw"
     """Optimiser (timm create_optimizer_v2; no weight decay on norms, biases, tokens)."""
-    lr: float | None = None
+    lr: PositiveFloat | None = None
     """None: base_lr * global_batch / 512 (DeiT's linear scaling rule)."""
-    base_lr: float = 5e-4
+    base_lr: PositiveFloat = 5e-4
     """lr per 512 images of global batch when lr is null."""
-    weight_decay: float = 0.05
+    weight_decay: NonNegativeFloat = 0.05
     """Weight decay (DeiT Table 9: 0.05)."""
-    momentum: float = 0.9
+    momentum: Probability = 0.9
     """SGD momentum (opt: sgd only)."""
-    smoothing: float = 0.1
+    smoothing: Smoothing = 0.1
     """Label smoothing on the ground-truth labels."""
-    clip_grad: float | None = None
+    clip_grad: PositiveFloat | None = None
     """Clip the gradient norm to this value; null disables (DeiT: off)."""
     sched: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule after warm-up, stepped every update."""
-    warmup_epochs: float = 5
+    warmup_epochs: NonNegativeFloat = 5
     """Linear warm-up from warmup_lr (DeiT Table 9: 5 epochs)."""
-    warmup_lr: float = 1e-6
+    warmup_lr: NonNegativeFloat = 1e-6
     """Learning rate at the start of warm-up."""
-    min_lr: float = 1e-5
+    min_lr: NonNegativeFloat = 1e-5
     """Floor of the cosine schedule."""
 
 
@@ -197,35 +235,35 @@ class OptimConfig:
 class TrainConfig:
     """The run itself."""
 
-    epochs: int = 300
+    epochs: PositiveInt = 300
     """Training epochs (DeiT Table 9: 300)."""
-    batch_size: int = 128
+    batch_size: PositiveInt = 128
     """Per process; global batch = batch_size * processes * grad_accum_steps."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: PositiveInt = 1
     """Batches accumulated per optimiser step (Accelerate)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Accelerate mixed precision; bf16 also works on CPUs."""
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
-    seed: int = 0
-    """Seed for weights, data order and augmentation."""
+    seed: NonNegativeInt = 0
+    """Seed for weights, data order and augmentation (augmentation is a function of seed, epoch and sample)."""
     output_dir: str = "runs"
     """Folder that holds run folders."""
     run_name: str | None = None
     """Run folder name under output_dir; None uses the recipe name."""
-    save_every: int = 1
+    save_every: PositiveInt = 1
     """Save the full training state every N epochs (and at the end)."""
-    eval_every: int = 1
+    eval_every: PositiveInt = 1
     """Evaluate every N epochs (and after the last)."""
     ema: bool = False
     """Keep a timm model EMA of the student and export it too."""
-    ema_decay: float = 0.99996
+    ema_decay: Probability = 0.99996
     """DeiT's model EMA decay."""
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: PositiveInt | None = None
     """Cap optimisation steps per epoch (a fixed compute budget for benchmarks)."""
-    stop_after: int | None = None
+    stop_after: PositiveInt | None = None
     """Stop (resumably) after this many epochs of this invocation, e.g. for preemptible jobs."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Update the progress bar statistics every N batches."""
     progress: bool = True
     """Show a progress bar (loss, lr, images/s)."""
@@ -286,7 +324,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     _apply_recipe(cfg, raw, source=str(path), seen={path.resolve()})
     for item in overrides or []:
         apply_override(cfg, item)
-    return cfg
+    return validate(cfg)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -303,7 +341,11 @@ def _apply_recipe(cfg: Config, raw: dict, source: str, seen: set[Path]) -> None:
     raw = dict(raw)
     base = raw.pop("base", None)
     if base is not None:
-        base_path = find_recipe(base)
+        if not isinstance(base, str):
+            raise ConfigError(f"{source}: 'base' must be a recipe name or a path, got {base!r}")
+        # A path is relative to the recipe that names it, so a recipe folder works from anywhere.
+        is_path = base.endswith((".yaml", ".yml")) or "/" in base or "\\" in base
+        base_path = find_recipe(Path(source).parent / base if is_path else base)
         if base_path.resolve() in seen:
             raise ConfigError(f"{source}: recipe base chain loops back to {base_path}")
         _apply_recipe(cfg, _read_yaml(base_path), str(base_path), seen | {base_path.resolve()})
@@ -312,7 +354,7 @@ def _apply_recipe(cfg: Config, raw: dict, source: str, seen: set[Path]) -> None:
 
 def update(cfg: Any, values: dict, source: str = "config", prefix: str = "") -> None:
     """Set ``values`` (nested dicts) on the dataclass ``cfg``, checking every key and type."""
-    hints = typing.get_type_hints(type(cfg))
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
@@ -366,6 +408,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return ConfigError(f"{source}: {key!r} must be {_type_name(tp)}, got {value!r}")
 
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        value = _coerce(value, args[0], key, source)
+        for bound in (a for a in tp.__metadata__ if isinstance(a, Range)):
+            if not bound.contains(value):
+                raise ConfigError(f"{source}: {key!r} must be {bound}, got {value!r}")
+        return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -417,6 +465,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
 
 def _type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args)
     if origin is Literal:
@@ -426,6 +476,29 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def validate(cfg: Config) -> Config:
+    """Check a whole config before any work: every value against the schema (also those set from
+    Python rather than through a recipe), then the rules that tie keys together."""
+    def check(obj: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(obj), include_extras=True)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                check(value, f"{prefix}{f.name}.")
+            else:
+                _coerce(value, hints[f.name], f"{prefix}{f.name}", "config")
+
+    check(cfg, "")
+    d, t = cfg.data, cfg.train
+    if (d.mixup > 0 or d.cutmix > 0) and d.mixup_prob > 0 and t.batch_size % 2:
+        raise ConfigError(f"config: train.batch_size={t.batch_size} is odd, but mixup/cutmix pair the images of a batch; "
+                          "use an even train.batch_size or set data.mixup=0 data.cutmix=0")
+    if cfg.distill.kind != "none" and cfg.teacher.name is None and cfg.teacher.cache is None:
+        raise ConfigError(f"config: distill.kind={cfg.distill.kind} needs a teacher; set teacher.name (see `distill teachers`) "
+                          "or distill.kind=none")
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:

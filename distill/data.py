@@ -11,6 +11,7 @@ Two pieces, used in this order by the training script (augmentation is ``distill
 
 from __future__ import annotations
 
+import contextvars
 import glob
 import io
 import os
@@ -18,7 +19,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import datasets
 import numpy as np
@@ -27,11 +28,14 @@ import torch
 from PIL import Image as PILImage
 from torchvision import transforms as T
 
+from distill.replay import seeded
+
 __all__ = [
     "DataError",
     "ImageDatasetSplits",
     "ImageClassificationDataset",
     "load_image_dataset",
+    "load_eval_split",
 ]
 
 # Column names tried, in order, before falling back to "the only column of the right type".
@@ -52,6 +56,27 @@ Source = Union[str, os.PathLike, datasets.Dataset, datasets.DatasetDict]
 
 class DataError(ValueError):
     """Bad or unreadable input data; the message is one line saying what to do."""
+
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker re-raises an error in the main process as ``DataError(text)`` where
+        # text is "Caught DataError in DataLoader worker ..." plus the worker's whole traceback;
+        # keep only the original one-line message, whose line closes that traceback.
+        if "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if "DataError: " in last else last
+        super().__init__(message)
+
+
+# How error hints spell each option. The Python API names its keyword arguments; the CLI swaps in
+# its own spelling (`data.val_split=<split>` for training, `--split <split>` for `distill eval`), so
+# a hint never names an option the user cannot pass.
+PYTHON_OPTIONS = {key: f"{key}=" for key in (
+    "source", "image_column", "label_column", "train_split", "val_split", "val_fraction", "train_subset", "val_subset")}
+_OPTIONS: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("option_names", default=PYTHON_OPTIONS)
+
+
+def _opt(key: str) -> str:
+    return _OPTIONS.get().get(key, PYTHON_OPTIONS[key])
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,6 +122,7 @@ def load_image_dataset(
     seed: int = 0,
     train_subset: Optional[int] = None,
     val_subset: Optional[int] = None,
+    option_names: Optional[Mapping[str, str]] = None,
 ) -> ImageDatasetSplits:
     """Load an image-classification dataset as a train and a validation split.
 
@@ -112,21 +138,32 @@ def load_image_dataset(
         val_fraction: fraction of train held out when there is no validation split.
         seed: seed for the held-out split and the subsets (same seed, same rows).
         train_subset / val_subset: keep a fixed, seeded random subset of this many rows.
+        option_names: how error hints spell these options (default: the keyword arguments above).
 
     Raises:
         DataError: one line naming the source and what to do.
     """
+    token = _OPTIONS.set({**PYTHON_OPTIONS, **(option_names or {})})
+    try:
+        return _load_image_dataset(source, image_column, label_column, train_split, val_split, val_fraction,
+                                   seed, train_subset, val_subset)
+    finally:
+        _OPTIONS.reset(token)
+
+
+def _load_image_dataset(source, image_column, label_column, train_split, val_split, val_fraction, seed,
+                        train_subset, val_subset) -> ImageDatasetSplits:
     name = _describe(source)
     splits = _load_splits(source, name)
 
     # --- pick the splits ---------------------------------------------------------------------
     if train_split not in splits:
-        raise DataError(f"{name}: no split named '{train_split}' (splits: {_names(splits)}); pass train_split=")
+        raise DataError(f"{name}: no split named '{train_split}' (splits: {_names(splits)}); set {_opt('train_split')}")
     if val_split is not None:
         if val_split not in splits:
-            raise DataError(f"{name}: no split named '{val_split}' (splits: {_names(splits)}); pass val_split=")
+            raise DataError(f"{name}: no split named '{val_split}' (splits: {_names(splits)}); set {_opt('val_split')}")
         if val_split == train_split:
-            raise DataError(f"{name}: val_split and train_split are both '{train_split}'; pass a different val_split")
+            raise DataError(f"{name}: val_split and train_split are both '{train_split}'; set a different {_opt('val_split')}")
     else:
         val_split = next((s for s in VAL_SPLIT_NAMES if s in splits and s != train_split), None)
     train = splits[train_split]
@@ -143,21 +180,29 @@ def load_image_dataset(
             if col not in val.column_names:
                 raise DataError(
                     f"{name}: split '{val_split}' has no column '{col}' (columns: {_names(val.column_names)}); "
-                    "pass val_split= a split with the same columns"
+                    f"set {_opt('val_split')} (a split with the same columns)"
                 )
     train = _as_image_column(train, image_column, name, train_split)
     val = _as_image_column(val, image_column, name, val_split) if val is not None else None
     train, val, class_names = _class_labels(train, val, label_column, name, (train_split, val_split))
+    # One class gives a meaningless run (100% accuracy, nothing to distil): stop before any work.
+    present = pc.unique(_label_values(train, label_column)).to_pylist()
+    if len(class_names) < 2 or len(present) < 2:
+        only = class_names[present[0]] if present else class_names[0]
+        raise DataError(
+            f"{name}: split '{train_split}' holds a single class ({only!r} in '{label_column}'); a classifier needs at "
+            f"least 2: check {_opt('label_column')} or the folder layout (one sub-folder per class)"
+        )
 
     # --- validation rows carved out of train when there is no validation split ----------------
     train_desc, val_desc = train_split, val_split
     if val is None:
         if not 0.0 < val_fraction < 1.0:
-            raise DataError(f"{name}: has no validation split and val_fraction={val_fraction}; pass 0 < val_fraction < 1")
+            raise DataError(f"{name}: has no validation split and val_fraction={val_fraction}; set {_opt('val_fraction')} (between 0 and 1)")
         n = len(train)
         n_val = max(1, int(round(n * val_fraction)))
         if n_val >= n:
-            raise DataError(f"{name}: split '{train_split}' has {n} rows, too few to hold out a validation split; add data or pass val_split=")
+            raise DataError(f"{name}: split '{train_split}' has {n} rows, too few to hold out a validation split; add data or set {_opt('val_split')}")
         perm = np.random.default_rng([seed, 0]).permutation(n)
         val = _select(train, perm[:n_val])
         train = _select(train, perm[n_val:])
@@ -178,6 +223,42 @@ def load_image_dataset(
         train_split=train_desc,
         val_split=val_desc,
     )
+
+
+def load_eval_split(
+    source: Source,
+    *,
+    split: Optional[str] = None,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    option_names: Optional[Mapping[str, str]] = None,
+) -> ImageDatasetSplits:
+    """One whole split to evaluate on, as ``ImageDatasetSplits`` whose ``train`` and ``val`` are it.
+
+    ``split``, else the first of ``validation``, ``val``, ``test``, else the only split there is
+    (a folder of test images). Nothing is held out or sub-sampled: every row is evaluated.
+    """
+    token = _OPTIONS.set({**PYTHON_OPTIONS, **(option_names or {})})
+    try:
+        name = _describe(source)
+        splits = _load_splits(source, name)
+        if split is None:
+            split = next((s for s in VAL_SPLIT_NAMES if s in splits), None) or (next(iter(splits)) if len(splits) == 1 else None)
+            if split is None:
+                raise DataError(f"{name}: none of its splits ({_names(splits)}) is validation, val or test; set {_opt('val_split')}")
+        elif split not in splits:
+            raise DataError(f"{name}: no split named '{split}' (splits: {_names(splits)}); set {_opt('val_split')}")
+        ds = splits[split]
+        if len(ds) == 0:
+            raise DataError(f"{name}: split '{split}' is empty; set {_opt('val_split')}")
+        image_column = _pick_image_column(ds, image_column, name, split)
+        label_column = _pick_label_column(ds, label_column, name, split)
+        ds, _, class_names = _class_labels(_as_image_column(ds, image_column, name, split), None, label_column, name, (split, None))
+        return ImageDatasetSplits(train=ds, val=ds, image_column=image_column, label_column=label_column,
+                                  class_names=class_names, num_classes=len(class_names), source=name,
+                                  train_split=split, val_split=split)
+    finally:
+        _OPTIONS.reset(token)
 
 
 def _describe(source: Source) -> str:
@@ -228,7 +309,7 @@ def _load_splits(source: Source, name: str) -> dict[str, datasets.Dataset]:
             raise DataError(f"{name}: no files match this pattern; check the path")
         bad = [f for f in files if not f.endswith(".parquet")]
         if bad:
-            raise DataError(f"{name}: {bad[0]} is not a .parquet file; pass a dataset folder, an image folder or .parquet file(s)")
+            raise DataError(f"{name}: {bad[0]} is not a .parquet file; set {_opt('source')} to a dataset folder, an image folder or .parquet file(s)")
         try:
             loaded = datasets.load_dataset("parquet", data_files=files)
         except Exception as e:
@@ -238,7 +319,7 @@ def _load_splits(source: Source, name: str) -> dict[str, datasets.Dataset]:
             loaded = datasets.load_dataset(text)
         except Exception as e:
             raise DataError(
-                f"'{name}' could not be loaded from the Hugging Face Hub ({_first_line(e)}); pass a local folder or parquet file"
+                f"'{name}' could not be loaded from the Hugging Face Hub ({_first_line(e)}); set {_opt('source')} to a local folder or parquet file"
             ) from e
     else:
         raise DataError(f"{name}: path does not exist; check the path (relative paths start at {os.getcwd()})")
@@ -272,7 +353,7 @@ def _folder_kind(path: Path) -> str:
                 if ext in TABLE_EXTENSIONS and entry.name not in ("metadata.csv", "metadata.jsonl"):
                     return "hub"
         queue.extend(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
-    raise DataError(f"{path}: folder holds no images or data files; pass an image folder, a dataset folder or .parquet file(s)")
+    raise DataError(f"{path}: folder holds no images or data files; set {_opt('source')} to an image folder, a dataset folder or .parquet file(s)")
 
 
 def _is_image_like(feature: Any) -> bool:
@@ -286,7 +367,7 @@ def _pick_image_column(ds: datasets.Dataset, wanted: Optional[str], name: str, s
     columns = ds.column_names
     if wanted is not None:
         if wanted not in columns:
-            raise DataError(f"{name}: split '{split}' has no image column '{wanted}' (columns: {_names(columns)}); pass image_column=")
+            raise DataError(f"{name}: split '{split}' has no image column '{wanted}' (columns: {_names(columns)}); set {_opt('image_column')}")
         return wanted
     for col in IMAGE_COLUMN_NAMES:
         if col in columns:
@@ -295,14 +376,14 @@ def _pick_image_column(ds: datasets.Dataset, wanted: Optional[str], name: str, s
     if len(found) == 1:
         return found[0]
     what = "several image columns" if found else "no image column"
-    raise DataError(f"{name}: split '{split}' has {what} (columns: {_names(columns)}); pass image_column=")
+    raise DataError(f"{name}: split '{split}' has {what} (columns: {_names(columns)}); set {_opt('image_column')}")
 
 
 def _pick_label_column(ds: datasets.Dataset, wanted: Optional[str], name: str, split: str) -> str:
     columns = ds.column_names
     if wanted is not None:
         if wanted not in columns:
-            raise DataError(f"{name}: split '{split}' has no label column '{wanted}' (columns: {_names(columns)}); pass label_column=")
+            raise DataError(f"{name}: split '{split}' has no label column '{wanted}' (columns: {_names(columns)}); set {_opt('label_column')}")
         return wanted
     for col in LABEL_COLUMN_NAMES:
         if col in columns:
@@ -311,7 +392,7 @@ def _pick_label_column(ds: datasets.Dataset, wanted: Optional[str], name: str, s
     if len(found) == 1:
         return found[0]
     what = "several class-label columns" if found else "no label column"
-    raise DataError(f"{name}: split '{split}' has {what} (columns: {_names(columns)}); pass label_column=")
+    raise DataError(f"{name}: split '{split}' has {what} (columns: {_names(columns)}); set {_opt('label_column')}")
 
 
 def _as_image_column(ds: datasets.Dataset, column: str, name: str, split: str) -> datasets.Dataset:
@@ -322,7 +403,7 @@ def _as_image_column(ds: datasets.Dataset, column: str, name: str, split: str) -
     if _is_image_like(feature) or feature in (datasets.Value("binary"), datasets.Value("large_binary"), datasets.Value("string")):
         return ds.cast_column(column, datasets.Image())
     raise DataError(
-        f"{name}: split '{split}' column '{column}' holds {feature}, not images; pass image_column= an image column"
+        f"{name}: split '{split}' column '{column}' holds {feature}, not images; set {_opt('image_column')} (an image column)"
     )
 
 
@@ -358,13 +439,13 @@ def _class_labels(
         class_names = [str(i) for i in range(top + 1)]  # plain ints: classes 0..max
     else:
         kinds = ", ".join(f"'{s}': {f}" for (s, _), f in zip(pairs, features))
-        raise DataError(f"{name}: label column '{column}' is not an integer or class-label column ({kinds}); pass label_column=")
+        raise DataError(f"{name}: label column '{column}' is not an integer or class-label column ({kinds}); set {_opt('label_column')}")
 
     for split, ds in pairs:
         low, high = (v.as_py() for v in pc.min_max(_label_values(ds, column)).values())
         if low is None or low < 0:
             # Hub datasets mark unlabelled test rows with -1; training on them would crash later.
-            raise DataError(f"{name}: split '{split}' has missing or negative labels in '{column}' (unlabelled?); pass val_split= a labelled split")
+            raise DataError(f"{name}: split '{split}' has missing or negative labels in '{column}' (unlabelled?); set {_opt('val_split')} (a labelled split)")
         if high >= len(class_names):
             raise DataError(f"{name}: split '{split}' has label {high} but only {len(class_names)} classes; fix the labels")
     return train, val, class_names
@@ -382,9 +463,9 @@ def _subset(
     if size is None:
         return ds
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
-        raise DataError(f"{name}: {arg}={size!r} is not a positive integer; pass a row count or None")
+        raise DataError(f"{name}: {arg}={size!r} is not a positive integer; set {_opt(arg)} (a row count) or leave it unset")
     if size > len(ds):
-        raise DataError(f"{name}: {arg}={size} but split '{split}' has only {len(ds)} rows; lower {arg} or leave it unset")
+        raise DataError(f"{name}: {arg}={size} but split '{split}' has only {len(ds)} rows; lower {_opt(arg)} or leave it unset")
     return _select(ds, rng.choice(len(ds), size=int(size), replace=False))
 
 
@@ -398,7 +479,13 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 
     Images stay encoded (the image column is cast to ``Image(decode=False)``) and are opened with
     PIL in ``__getitem__``, i.e. inside the DataLoader workers, so the split is never decoded
-    whole into memory and an unreadable image is reported with its row.
+    whole into memory and an unreadable image is reported with its row. ``decode_all()`` instead
+    decodes every image once into uint8 arrays (CIFAR-sized data), after which items are built from
+    memory with the very same PIL transform.
+
+    An item is asked for by ``index`` or by ``(index, seed)``: with a seed the transform runs with
+    the global generators seeded by it (``distill.replay.seeded``), so the same key always gives the
+    same tensor, whichever worker or process builds it.
     """
 
     def __init__(
@@ -413,23 +500,53 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     ) -> None:
         image_column = _pick_image_column(hf_dataset, image_column, source, split)
         label_column = _pick_label_column(hf_dataset, label_column, source, split)
-        ds = hf_dataset.with_format(None).select_columns([image_column, label_column])
-        self.dataset = ds.cast_column(image_column, datasets.Image(decode=False))
+        ds = hf_dataset.with_format(None)
+        # Labels are one small column: read once, so an item reads only its image.
+        self.labels = np.asarray(_label_values(ds, label_column).to_numpy(zero_copy_only=False), dtype=np.int64)
+        self.dataset = ds.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
         # None -> a float tensor in [0, 1], so items are always (tensor, label).
         self.transform = transform if transform is not None else T.ToTensor()
         self.image_column = image_column
         self.label_column = label_column
         self.source = source
         self.split = split
+        self.decoded: Optional[list[np.ndarray] | np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         index = int(index)
-        row = self.dataset[index]
-        image = self._decode(row[self.image_column], index)
-        return self.transform(image), int(row[self.label_column])
+        image = self.image(index)
+        if seed is None:
+            return self.transform(image), int(self.labels[index])
+        with seeded(seed):
+            return self.transform(image), int(self.labels[index])
+
+    def image(self, index: int) -> PILImage.Image:
+        """The RGB image of row ``index``, from memory after ``decode_all()``, else decoded now."""
+        if self.decoded is not None:
+            return PILImage.fromarray(self.decoded[index])
+        return self._decode(self.dataset[index][self.image_column], index)
+
+    def decode_all(self, num_workers: int = 0, max_bytes: Optional[int] = None) -> bool:
+        """Decode every image once into uint8 RGB arrays held in memory; items then skip decoding.
+
+        With ``max_bytes``, first estimate the size from the first image and keep lazy decoding
+        (return False) when the split would not fit. Workers decode in parallel.
+        """
+        if self.decoded is not None:
+            return True
+        if max_bytes is not None and len(self) * np.asarray(self.image(0)).nbytes > max_bytes:
+            return False
+        loader = torch.utils.data.DataLoader(_Decoder(self), batch_size=256, num_workers=num_workers,
+                                             collate_fn=list, generator=torch.Generator())
+        arrays = [a for batch in loader for a in batch]
+        same = all(a.shape == arrays[0].shape for a in arrays)
+        # One contiguous uint8 block when every image has one size (a CIFAR split: 150 MB).
+        self.decoded = np.stack(arrays) if same else arrays
+        return True
 
     def _decode(self, value: Optional[dict], index: int) -> PILImage.Image:
         where = f"{self.source}: split '{self.split}' row {self._source_row(index)}"
@@ -456,9 +573,34 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             return index
 
 
+class _Decoder(torch.utils.data.Dataset):
+    """Row index -> decoded uint8 RGB array, for ``decode_all``'s parallel loader."""
+
+    def __init__(self, dataset: ImageClassificationDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.asarray(self.dataset.image(index))
+
+
+# Modes holding more than 8 bits per channel. PIL's convert("RGB") clips them to 0..255, which
+# turns a 16-bit scan into a few grey levels; they are scaled to 8 bits instead.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
 def _to_rgb(img: PILImage.Image) -> PILImage.Image:
     if img.mode == "RGB":
         return img.copy()  # copy: the caller closes `img`
+    if img.mode in _WIDE_MODES:
+        # 16-bit files (PNG/TIFF) open as I;16 or I; float images (F) are taken as 0..1.
+        # "I" (32-bit) is assumed to hold 16-bit data, what PIL gives for 16-bit PNGs.
+        full = _WIDE_MODES[img.mode]
+        values = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(values * (255.0 / full)), 0, 255).astype(np.uint8)
+        return PILImage.fromarray(grey, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
     return img.convert("RGB")

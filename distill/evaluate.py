@@ -5,6 +5,8 @@ padding of the last batch), so the numbers are exact on any number of processes.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -18,24 +20,33 @@ def model_heads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return inner.forward_heads(x) if hasattr(inner, "forward_heads") else None
 
 
+def new_teacher_store(num_samples: int, num_classes: int) -> torch.Tensor:
+    """An empty per-sample store of the teacher's top-5 validation predictions (-1: not computed)."""
+    return torch.full((num_samples, min(5, num_classes)), -1, dtype=torch.long)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader,
     accelerator: Accelerator,
     teacher: nn.Module | None = None,
-    teacher_cache: list | None = None,
+    teacher_top5: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Top-1/top-5 of each head in percent, teacher top-1/top-5 and student-teacher top-1 agreement.
 
-    ``teacher_cache`` (a list, filled on the first call) keeps the teacher's top-5 per batch: the
-    teacher is frozen and eval transforms are deterministic, so later epochs need not rerun it.
+    ``loader`` yields ``(images, labels)`` or ``(images, labels, sample indices)``. With indices,
+    ``teacher_top5`` (``new_teacher_store``) keeps the teacher's predictions per sample: the teacher
+    is frozen and the eval transform deterministic, so they are computed once and reused every
+    epoch; a teacher cache hands them in already filled, and then no teacher network is needed.
     """
     was_training = model.training
     model.eval()
     correct: dict[str, torch.Tensor] = {}
     total = 0
-    for i, (x, y) in enumerate(loader):
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        idx = batch[2].cpu() if len(batch) > 2 else None
         with accelerator.autocast():
             heads = model_heads(model, x)
             if heads is None:
@@ -45,13 +56,13 @@ def evaluate(
                 logits = {"cls": cls_logits, "dist": dist_logits, "joint": (cls_logits + dist_logits) / 2}
             k = min(5, next(iter(logits.values())).shape[1])
             preds = {name: out.topk(k, dim=1).indices for name, out in logits.items()}
-            if teacher is not None:
-                if teacher_cache is not None and i < len(teacher_cache):
-                    preds["teacher"] = teacher_cache[i].to(x.device)
-                else:
-                    preds["teacher"] = teacher(x).float().topk(k, dim=1).indices
-                    if teacher_cache is not None:
-                        teacher_cache.append(preds["teacher"].cpu())
+            stored = teacher_top5 is not None and idx is not None and bool((teacher_top5[idx] >= 0).all())
+            if stored:
+                preds["teacher"] = teacher_top5[idx].to(x.device)
+            elif teacher is not None:
+                preds["teacher"] = teacher(x).float().topk(k, dim=1).indices
+                if teacher_top5 is not None and idx is not None:
+                    teacher_top5[idx] = preds["teacher"].cpu()
         preds, y = accelerator.gather_for_metrics((preds, y))
         total += y.shape[0]
         for name, p in preds.items():
@@ -59,7 +70,7 @@ def evaluate(
             prefix = f"{name}_" if name else ""
             correct[f"{prefix}top1"] = correct.get(f"{prefix}top1", 0) + hit[:, 0].sum()
             correct[f"{prefix}top5"] = correct.get(f"{prefix}top5", 0) + hit.any(dim=1).sum()
-        if teacher is not None:
+        if "teacher" in preds:
             student_top1 = preds["joint"][:, 0] if "joint" in preds else preds[""][:, 0]
             agree = (student_top1 == preds["teacher"][:, 0]).sum()
             correct["agreement_top1"] = correct.get("agreement_top1", 0) + agree
@@ -80,32 +91,53 @@ def format_table(rows: dict[str, dict[str, float]], columns: list[str] | None = 
     return "\n".join(lines)
 
 
+# How data errors name their options for `distill eval` (see distill.data.load_image_dataset).
+EVAL_OPTIONS = {"source": "--data <dataset>", "val_split": "--split <split>",
+                "image_column": "--data <a dataset with the run's image column>",
+                "label_column": "--data <a dataset with the run's label column>",
+                "train_split": "--data <a dataset laid out like the run's>", "val_fraction": "--split <split>",
+                "train_subset": "--data <dataset>", "val_subset": "--data <dataset>"}
+
+
 def evaluate_run(path: str, data: str | None = None, split: str | None = None, batch_size: int = 256,
                  teacher_checkpoint: str | None = None, num_workers: int = 2, cpu: bool = False) -> dict[str, float]:
     """``distill eval``: accuracy of an exported student (or a run folder) on a dataset split.
 
     ``path`` is a run folder (``runs/<name>``, its ``config.yaml`` names the data and the teacher) or
-    an export folder (``model.safetensors`` + ``config.json``). The teacher, when the run had one,
-    is evaluated too, together with the student-teacher agreement.
+    an export folder (``model.safetensors`` + ``config.json``). Without ``data``, a run folder is
+    evaluated on exactly its own validation split; ``data`` evaluates every row of one split of
+    another dataset (``split``, else validation/val/test, else its only split). The teacher, when
+    the run had one, is evaluated too, together with the student-teacher agreement.
     """
-    import json
     from pathlib import Path
 
     import yaml
-    from torch.utils.data import DataLoader
 
     import students
     from distill.config import Config, ConfigError, from_dict
-    from distill.train import build_teacher, image_dataset, load_data, new_accelerator
+    from distill.data import load_eval_split
+    from distill.pipeline import image_dataset, val_loader
+    from distill.train import build_teacher, load_data, new_accelerator
 
     path = Path(path)
     export = path / "export" if (path / "export").is_dir() else path
     if not (export / "config.json").is_file():
+        if (path / "config.yaml").is_file():  # a run folder whose run has not finished
+            from distill.checkpoint import find_checkpoint
+            found = find_checkpoint(path)
+            done = f"stopped after epoch {json.loads((found / 'trainer_state.json').read_text())['epoch']}" if found else "has no checkpoint"
+            raise FileNotFoundError(f"{path} has no export yet: the run {done}; continue it with "
+                                    f"`distill train <recipe> --resume`, then evaluate it")
         raise FileNotFoundError(f"{path} is neither a run folder nor an exported student (no config.json); "
                                 "pass runs/<name> or runs/<name>/export")
-    info = json.loads((export / "config.json").read_text())
+    model = students.load_student(export)
+    info = model.export_config
     if (path / "config.yaml").is_file():  # a run folder: its resolved config names data and teacher
-        cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        try:
+            cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{path / 'config.yaml'} is damaged ({str(e).splitlines()[0]}); evaluate the export "
+                              f"folder {export} instead") from None
     else:  # an export alone: the data settings it was saved with, no teacher
         cfg = Config()
         cfg.teacher.name = None
@@ -113,22 +145,37 @@ def evaluate_run(path: str, data: str | None = None, split: str | None = None, b
         cfg.data.source = info.get("data_source", cfg.data.source)
         cfg.data.transform = info.get("transform", cfg.data.transform)
         cfg.data.crop_pct = info.get("crop_pct", cfg.data.crop_pct)
-    if data is not None:
-        cfg.data.source = data
-    if split is not None:
-        cfg.data.val_split = split
     if teacher_checkpoint is not None:
         cfg.teacher.checkpoint = teacher_checkpoint
-    splits = load_data(cfg.data)
-    if "class_names" in info and len(info["class_names"]) != splits.num_classes:
-        raise ConfigError(f"the student predicts {len(info['class_names'])} classes but {cfg.data.source} has "
-                          f"{splits.num_classes}; evaluate on the dataset it was trained on")
+    if data is not None:
+        cfg.data.source = data
+        splits = load_eval_split(data, split=split, option_names=EVAL_OPTIONS)
+    else:
+        if split is not None:
+            cfg.data.val_split = split
+        splits = load_data(cfg.data, option_names=EVAL_OPTIONS)
+    _check_classes(info.get("class_names"), splits, cfg.data.source)
     teacher = None
     if cfg.teacher.name is not None and info.get("distill") != "none" and (cfg.teacher.checkpoint or cfg.teacher.pretrained):
         teacher = build_teacher(cfg, splits.num_classes)
     accelerator = new_accelerator(cpu=cpu)
-    loader = DataLoader(image_dataset(cfg.data, splits, train=False), batch_size=batch_size, num_workers=num_workers)
-    model, loader = accelerator.prepare(students.load_student(export), loader)
+    dataset = image_dataset(cfg.data, splits, train=False, num_workers=num_workers)
+    model, loader = accelerator.prepare(model, val_loader(cfg.data, dataset, batch_size, num_workers=num_workers))
     if teacher is not None:
         teacher.to(accelerator.device)
     return evaluate(model, loader, accelerator, teacher)
+
+
+def _check_classes(trained: list[str] | None, splits, source: str) -> None:
+    """The data must label the classes the student predicts: the same names, or plain label ids
+    within its range."""
+    from distill.config import ConfigError
+
+    if trained is None:
+        return
+    ids = [str(i) for i in range(splits.num_classes)]
+    same = splits.class_names == trained or (splits.class_names == ids and splits.num_classes <= len(trained))
+    if not same:
+        raise ConfigError(f"the student predicts {len(trained)} classes ({', '.join(trained[:3])}, ...) but {source} "
+                          f"labels {splits.num_classes} ({', '.join(splits.class_names[:3])}, ...); evaluate on data "
+                          "with the classes it was trained on (--data)")

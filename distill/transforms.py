@@ -141,10 +141,12 @@ def build_mixup(
     label_smoothing: float = 0.1,
     *,
     num_classes: int,
+    mode: str = "batch",
 ) -> Optional[Mixup]:
     """timm ``Mixup`` with DeiT's defaults (mixup 0.8, cutmix 1.0, switch 0.5, smoothing 0.1; Table 9).
 
-    Returns None when both alphas are 0. The result maps ``(images, int labels)`` to
+    ``mode`` is timm's and DeiT's ``--mixup-mode``: one lambda per ``batch`` (DeiT's default), per
+    ``pair`` or per image (``elem``). Returns None when both alphas are 0. The result maps ``(images, int labels)`` to
     ``(mixed images, soft targets)``; timm's Mixup requires an even batch size, so the train
     DataLoader must use ``drop_last=True``.
     """
@@ -159,7 +161,7 @@ def build_mixup(
         cutmix_alpha=cutmix_alpha,
         prob=prob,
         switch_prob=switch_prob,
-        mode="batch",
+        mode=mode,
         label_smoothing=label_smoothing,
         num_classes=num_classes,
     )

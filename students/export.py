@@ -43,10 +43,19 @@ def load_student(directory: str | Path, map_location: str = "cpu") -> nn.Module:
             f"{directory} is not an exported student: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(written by `distill train` into <run>/export)"
         )
-    config = json.loads(cfg_path.read_text())
-    args = dict(config["student"])
-    model = create_student(args.pop("name"), **args)
-    missing, unexpected = model.load_state_dict(load_file(str(w_path), device=map_location), strict=False)
+    rewrite = f"delete {directory} and run `distill train <recipe> --resume` to write it again from the last checkpoint"
+    try:
+        config = json.loads(cfg_path.read_text())
+        args = dict(config["student"])
+        name = args.pop("name")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{cfg_path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); {rewrite}") from None
+    model = create_student(name, **args)
+    try:
+        state = load_file(str(w_path), device=map_location)
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{w_path} is damaged or truncated ({str(e).splitlines()[0]}); {rewrite}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
             f"{w_path} does not match the student in {cfg_path}: missing {sorted(missing)[:5]}, "

@@ -160,9 +160,9 @@ def test_parquet_glob_loads_all_files(tmp_path):
 def test_odd_columns_need_explicit_names_and_errors_list_columns(tmp_path):
     path = tmp_path / "odd.parquet"
     pq.write_table(struct_table(10, image_col="pixels", label_col="target"), path)
-    with pytest.raises(DataError, match=r"no image column \(columns: pixels, target, row_id\); pass image_column="):
+    with pytest.raises(DataError, match=r"no image column \(columns: pixels, target, row_id\); set image_column="):
         load_image_dataset(path)
-    with pytest.raises(DataError, match=r"no label column \(columns: pixels, target, row_id\); pass label_column="):
+    with pytest.raises(DataError, match=r"no label column \(columns: pixels, target, row_id\); set label_column="):
         load_image_dataset(path, image_column="pixels")
     with pytest.raises(DataError, match=r"no label column 'lbl' \(columns: pixels, target, row_id\)"):
         load_image_dataset(path, image_column="pixels", label_column="lbl")
@@ -250,7 +250,7 @@ def test_missing_path_and_offline_hub_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(
         DataError,
-        match=r"^'nobody/no-such-dataset' could not be loaded from the Hugging Face Hub \(.*\); pass a local folder or parquet file$",
+        match=r"^'nobody/no-such-dataset' could not be loaded from the Hugging Face Hub \(.*\); set source= to a local folder or parquet file$",
     ):
         load_image_dataset("nobody/no-such-dataset")
 

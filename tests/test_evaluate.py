@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from distill.evaluate import evaluate, format_table
+from distill.evaluate import evaluate, format_table, new_teacher_store
 from distill.train import new_accelerator
 
 
@@ -30,11 +30,12 @@ def test_every_head_teacher_and_agreement_match_hand_computation():
     n, c = 37, 6  # 37 is not a multiple of the batch size: the last batch is partial
     y = torch.randint(0, c, (n,))
     cls_logits, dist_logits, teacher_logits = torch.randn(n, c), torch.randn(n, c), torch.randn(n, c)
-    loader = DataLoader(TensorDataset(torch.arange(n).float()[:, None], y), batch_size=8)
+    # Items are (x, label, sample index), as distill.pipeline.val_loader gives them.
+    loader = DataLoader(TensorDataset(torch.arange(n).float()[:, None], y, torch.arange(n)), batch_size=8)
     teacher = lambda x: teacher_logits[x[:, 0].long()]  # noqa: E731
     accelerator = new_accelerator(cpu=True)
-    cache: list = []
-    got = evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, teacher, cache)
+    store = new_teacher_store(n, c)
+    got = evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, teacher, store)
 
     def top(logits, k):
         return round(100.0 * (logits.topk(k, 1).indices == y[:, None]).any(1).float().mean().item(), 2)
@@ -45,9 +46,11 @@ def test_every_head_teacher_and_agreement_match_hand_computation():
                 "teacher_top1": top(teacher_logits, 1), "teacher_top5": top(teacher_logits, 5),
                 "agreement_top1": round(100.0 * (joint.argmax(1) == teacher_logits.argmax(1)).float().mean().item(), 2)}
     assert got == expected
-    # The teacher's predictions are cached per batch and reused: a second pass gives the same numbers.
-    assert len(cache) == 5
-    assert evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, lambda x: 1 / 0, cache) == expected
+    # The teacher's top-5 are kept per sample and reused: a second pass gives the same numbers
+    # without calling the teacher, and a store filled by a teacher cache needs no teacher at all.
+    assert torch.equal(store, teacher_logits.topk(5, 1).indices)
+    assert evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, lambda x: 1 / 0, store) == expected
+    assert evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, None, store) == expected
 
 
 def test_plain_classifier_reports_top1_top5():

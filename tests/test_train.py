@@ -105,9 +105,15 @@ def test_teacher_weights_and_bn_stats_unchanged_by_training(tiny_dataset, tmp_pa
     assert any(not torch.equal(student_before[k], v) for k, v in student.state_dict().items())
 
 
-def test_resumed_run_equals_uninterrupted_run(tiny_dataset, tmp_path, teacher_ckpt):
-    """Stop after epoch 1, resume, and end with exactly the weights of an uninterrupted run (CPU)."""
-    common = dict(teacher={"checkpoint": str(teacher_ckpt)})
+@pytest.mark.parametrize("workers", [
+    dict(num_workers=2),  # the default: persistent workers, images decoded into memory
+    dict(num_workers=2, in_memory=False),  # lazy decoding in the workers
+    dict(num_workers=0),  # everything in the main process
+])
+def test_resumed_run_equals_uninterrupted_run(tiny_dataset, tmp_path, teacher_ckpt, workers):
+    """Stop after epoch 1, resume, and end with exactly the weights of an uninterrupted run (CPU),
+    whatever the DataLoader workers: augmentation is a function of (seed, epoch, sample)."""
+    common = dict(teacher={"checkpoint": str(teacher_ckpt)}, data=workers)
     full = make_config(tiny_dataset, tmp_path, train={"run_name": "full"}, **common)
     train(full)
     part = make_config(tiny_dataset, tmp_path, train={"run_name": "part", "stop_after": 1}, **common)
@@ -224,3 +230,73 @@ def test_two_process_run_with_gloo(tiny_recipe, tmp_path):
     assert (run / "export" / "model.safetensors").is_file()
     # Metrics are gathered over both ranks: 16 validation images, so accuracies are multiples of 6.25%.
     assert all((history[0][k] / 6.25).is_integer() for k in ("cls_top1", "joint_top1", "teacher_top1"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_equals_uninterrupted_run(tiny_dataset, tmp_path, teacher_ckpt):
+    """Ctrl-C (SIGINT to the whole process group, workers included) in the middle of training, then
+    `--resume`: one line on stderr, exit 130, and the final weights equal an uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    overrides = dict(teacher={"checkpoint": str(teacher_ckpt)}, train={"epochs": 5}, data={"num_workers": 2})
+    full = make_config(tiny_dataset, tmp_path / "full", **overrides)
+    train(full)
+    recipe = tmp_path / "recipe.yaml"
+    raw = tiny_config(tiny_dataset, tmp_path / "cut")
+    for section, values in overrides.items():
+        raw[section].update(values)
+    recipe.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "distill", "train", str(recipe)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    state = tmp_path / "cut" / "recipe" / "checkpoints" / "last" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not state.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == ["interrupted; the last complete checkpoint is kept (continue with --resume)"]
+    done = json.loads(state.read_text())["epoch"]
+    assert 1 <= done < 5 and not (tmp_path / "cut" / "recipe" / "export").exists()
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "full" / "tiny" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "recipe" / "export" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after Ctrl-C and --resume"
+    assert [h["epoch"] for h in read_metrics(tmp_path / "cut" / "recipe")] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_two_process_no_teacher_baseline_and_resume(tiny_recipe, tmp_path):
+    """The no-teacher baseline in 2 gloo processes (the distillation head gets no gradient, which DDP
+    must be told), with DeiT's repeated augmentation and the default 2 workers per process; a run
+    stopped after epoch 1 and resumed in 2 processes ends with the uninterrupted run's weights."""
+    import os
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill", "train",
+              str(tiny_recipe), "distill.kind=none", "teacher.name=null", "data.repeated_aug=true",
+              "data.num_workers=2", "train.epochs=2"]
+
+    def run(*extra: str) -> None:
+        result = subprocess.run(launch + list(extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run("train.run_name=full")
+    run("train.run_name=cut", "train.stop_after=1")
+    assert not (tmp_path / "runs" / "cut" / "export").exists()
+    run("train.run_name=cut", "--resume")
+    a = load_file(str(tmp_path / "runs" / "full" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "cut" / "export" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "2-process resume differs from the uninterrupted run"
+    history = read_metrics(tmp_path / "runs" / "full")
+    assert [h["epoch"] for h in history] == [1, 2] and history[-1]["train_distill"] == 0.0
+    # 48 images, batch 8: 6 global batches per epoch, 3 per rank.
+    assert history[-1]["step"] == 6

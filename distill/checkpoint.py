@@ -24,6 +24,7 @@ import hashlib
 import json
 import pickle
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -31,11 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
 FORMAT = 2  # 1 was Accelerate's save_state folder (pickled EMA and RNG states): refused
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class CheckpointError(ValueError):
@@ -52,7 +53,7 @@ def save_training_state(accelerator, run_dir: Path, *, model: torch.nn.Module, o
     root = Path(run_dir) / "checkpoints"
     tmp, last, previous = root / "last.tmp", root / "last", root / "previous"
     main = accelerator.is_main_process
-    failure: OSError | None = None
+    failure: Exception | None = None
     try:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -70,7 +71,7 @@ def save_training_state(accelerator, run_dir: Path, *, model: torch.nn.Module, o
                 if accelerator.scaler is not None:
                     torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
             torch.save(_rng_states(), tmp / f"rng_state_{accelerator.process_index}.pt")
-        except OSError as e:
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch's and safetensors' writers wrap OS errors
             failure = e
     # Every process learns whether any failed, so none waits forever for a save that will not come.
     flags = accelerator.reduce(torch.tensor([float(failure is not None)], device=accelerator.device), reduction="sum")
@@ -99,15 +100,35 @@ def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 
-def _save_failed_message(error: OSError | None, root: Path, epoch: int, last: Path) -> str:
+def _save_failed_message(error: Exception | None, root: Path, epoch: int, last: Path) -> str:
     kept = ""
     if (last / STATE_FILE).is_file():
         kept = f" the checkpoint of epoch {json.loads((last / STATE_FILE).read_text())['epoch']} is intact;"
-    if error is not None and error.errno in _NO_SPACE:
-        what = f"no space left on the device while saving the checkpoint of epoch {epoch} to {root}"
-        return f"{what};{kept} free some space, then continue with --resume"
-    why = f" ({error.strerror or error})" if error is not None else " (on another process)"
-    return f"could not save the checkpoint of epoch {epoch} to {root}{why};{kept} fix that, then continue with --resume"
+    reason, fix = write_error(error, root) if error is not None else ("a write failed on another process", "fix that")
+    return f"{reason} while saving the checkpoint of epoch {epoch} to {root};{kept} {fix}, then continue with --resume"
+
+
+def write_error(error: Exception, where: Path) -> tuple[str, str]:
+    """(what went wrong, what to do) for a failed write; torch's and safetensors' writers wrap the OS error."""
+    code = getattr(error, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(error))  # safetensors: "I/O error: ... (os error 28)"
+        code = int(found.group(1)) if found else None
+    if code is None:  # torch's zip writer reports no errno: look at the disk itself
+        try:
+            code = errno.ENOSPC if shutil.disk_usage(where if where.exists() else where.parent).free < 2**20 else None
+        except OSError:
+            pass
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device", "free some space"
+    if code == errno.EFBIG:
+        return "a file grew past the file-size limit", "raise the limit (ulimit -f)"
+    return f"a write failed ({_first_line(error)})", "fix that"
+
+
+def _first_line(error: Exception) -> str:
+    text = getattr(error, "strerror", None) or str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:200]
 
 
 def _rng_states() -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
@@ -477,9 +478,10 @@ def _write_atomically(target: Path, write) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch's and safetensors' writers wrap OS errors
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ckpt.CheckpointError(f"could not write {target} ({e.strerror or e}); the last checkpoint is intact: "
-                                   "free some space or fix the folder, then continue with --resume") from None
+        reason, fix = ckpt.write_error(e, target.parent)
+        raise ckpt.CheckpointError(f"{reason} while writing {target}; the last checkpoint is intact: {fix}, "
+                                   "then continue with --resume") from None
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)

@@ -58,6 +58,34 @@ def tiny_config(dataset: Path, output_dir: Path) -> dict:
     }
 
 
+def make_config(dataset: Path, out: Path, **sections):
+    """``tiny_config`` as a validated ``distill.config.Config``, with sections updated by ``sections``."""
+    from distill.config import Config, update, validate
+
+    raw = tiny_config(dataset, out)
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    cfg = Config(name="tiny")
+    update(cfg, raw)
+    return validate(cfg)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tiny_dataset, tmp_path_factory) -> Path:
+    """A resnet20_cifar teacher fine-tuned on the tiny dataset for one epoch (its export's weights file)."""
+    from distill.train import train_teacher
+
+    out = tmp_path_factory.mktemp("teacher_runs")
+    train_teacher(make_config(tiny_dataset, out))
+    return out / "tiny-teacher" / "export" / "model.safetensors"
+
+
 @pytest.fixture
 def tiny_recipe(tiny_dataset, tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"

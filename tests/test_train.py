@@ -15,37 +15,20 @@ import distill
 import students
 import teachers
 from distill.cli import main as cli
-from distill.config import Config, update
 from distill.train import NonFiniteLossError, RunExistsError, build_teacher, fit, load_data, train, train_teacher
 
-from conftest import REPO, tiny_config
-
-
-def make_config(dataset: Path, out: Path, **sections) -> Config:
-    raw = tiny_config(dataset, out)
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    cfg = Config(name="tiny")
-    update(cfg, raw)
-    return cfg
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+from conftest import REPO, make_config, read_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tiny_dataset, tmp_path_factory) -> Path:
+def teacher_ckpt(trained_teacher) -> Path:
     """A teacher fine-tuned on the tiny dataset by `train_teacher` (one epoch)."""
-    out = tmp_path_factory.mktemp("teacher_runs")
-    cfg = make_config(tiny_dataset, out)
-    metrics = train_teacher(cfg)
-    assert set(metrics) >= {"top1", "top5", "train_loss"}
-    export = out / "tiny-teacher" / "export"
+    export = trained_teacher.parent
     meta = json.loads((export / "teacher.json").read_text())
     assert meta["name"] == "resnet20_cifar" and meta["num_classes"] == 4
     assert meta["teacher_input"]["input_size"] == [3, 16, 16]
-    return export / "model.safetensors"
+    assert set(read_metrics(export.parent)[-1]) >= {"top1", "top5", "train_loss"}
+    return trained_teacher
 
 
 def test_cli_train_end_to_end(tiny_recipe, tmp_path, capsys):

@@ -38,6 +38,17 @@ def main(argv: list[str] | None = None) -> int:
                        help="continue from the last checkpoint of this run (or of the run/checkpoint at PATH)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
+    p = sub.add_parser("cache-teacher", help="run the teacher once over every epoch's batches and store its outputs",
+                       description="Build (or extend) a replay cache of the teacher's outputs in teacher.cache "
+                                   "(default runs/<recipe>-teacher-cache); `distill train <recipe> teacher.cache=<dir>` "
+                                   "then trains without running the teacher.",
+                       epilog=EPILOG_KEYS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="a built-in recipe name (see `distill recipes`) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. teacher.cache=caches/c10 teacher.cache_topk=10")
+    p.add_argument("--check", action="store_true",
+                   help="do not build: replay a sample of cached batches, rerun the teacher and report the differences")
+    p.add_argument("--check-batches", type=int, default=4, metavar="N", help="batches replayed by --check (default 4)")
+
     p = sub.add_parser("eval", help="top-1/top-5 of every head, the teacher and their agreement",
                        description="Evaluate a run folder or an exported student.")
     p.add_argument("path", help="runs/<name> or an export folder (model.safetensors + config.json)")
@@ -73,16 +84,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
+    from distill.checkpoint import CheckpointError
     from distill.data import DataError
     from distill.train import NonFiniteLossError, RunExistsError
     from distill.weights import WeightsError
 
-    return isinstance(e, (ConfigError, DataError, WeightsError, NonFiniteLossError, RunExistsError,
+    return isinstance(e, (ConfigError, DataError, WeightsError, NonFiniteLossError, RunExistsError, CheckpointError,
                           FileNotFoundError, KeyError, ValueError))
 
 
 def _run(args: argparse.Namespace) -> int:
     import distill
+    from distill.cache import CacheError
 
     if args.command in ("train", "train-teacher"):
         cfg = load_recipe(args.recipe, args.overrides)
@@ -93,6 +106,18 @@ def _run(args: argparse.Namespace) -> int:
         run = distill.train if args.command == "train" else distill.train_teacher
         metrics = run(cfg, resume=args.resume)
         print(json.dumps(metrics))
+    elif args.command == "cache-teacher":
+        from distill.cache import build_cache, check_cache
+        cfg = load_recipe(args.recipe, args.overrides)
+        if args.check:
+            report = check_cache(cfg, batches=args.check_batches)
+            print(json.dumps(report))
+            if not report["images_identical"]:
+                raise CacheError(f"replayed images differ from the cached ones in {report['batches']} checked batches; "
+                                 "the cache does not belong to this data or code: build it again")
+        else:
+            root = build_cache(cfg)
+            print(f"teacher cache in {root}; train from it with: distill train {args.recipe} teacher.cache={root}")
     elif args.command == "eval":
         from distill.evaluate import format_table
         metrics = distill.evaluate_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size,

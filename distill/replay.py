@@ -107,6 +107,9 @@ class ReplayBatchSampler(torch.utils.data.Sampler):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.num_replicas, self.rank, self.num_repeats, self.shuffle = num_replicas, rank, num_repeats, shuffle
         self.num_batches = num_samples // batch_size
+        # Training drops the last num_batches % num_replicas batches so every rank makes the same
+        # number of steps; the teacher cache keeps them all (drop_uneven=False).
+        self.drop_uneven = True
         self.epoch = 0
         self._order: tuple[int, np.ndarray] | None = None
 
@@ -115,7 +118,9 @@ class ReplayBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
-        return self.num_batches // self.num_replicas
+        if self.drop_uneven:
+            return self.num_batches // self.num_replicas
+        return len(range(self.rank, self.num_batches, self.num_replicas))
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's sequence of dataset indices (one per position)."""

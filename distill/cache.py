@@ -1,0 +1,401 @@
+"""A replay cache of teacher outputs: run the teacher once, train many students from disk.
+
+TinyViT (Wu et al., ECCV 2022, Sec. 3.1) stores, per image and epoch, the augmentation seed and the
+teacher's top-K predictions, then replays the augmentation at training time instead of running the
+teacher. Here the same holds for DeiT's token distillation: every random decision of the pipeline is
+a function of (seed, epoch, position) (``distill.replay``), so ``distill cache-teacher`` walks the
+very batches training will see (Mixup/CutMix included, since DeiT's teacher sees the mixed batch)
+and keeps, per sample::
+
+    cache.json              what the cache was made from (teacher + weights hash, augmentation,
+                            seed, batch size, dataset fingerprint), epochs, K
+    epoch_0000/             one folder per epoch, renamed into place when complete
+      index.npy   (NB, B)     dataset index of every slot of every global batch
+      seed.npy    (NB, B)     its augmentation seed
+      values.npy  (NB, B, K)  the teacher's top-K logits
+      classes.npy (NB, B, K)  their classes (int16)
+      lse.npy     (NB, B)     log-sum-exp of all C logits: the mass outside the top K
+      digest.npy  (NB, 16)    BLAKE2b of each batch's images as the teacher saw them
+    val_top5.npy            the teacher's top-5 on the validation split (its accuracy, agreement)
+
+Reading rebuilds logits: the top K exactly, the remaining probability mass spread uniformly over
+the other classes (TinyViT's sparse labels). Hard distillation needs only the argmax, so it is
+exact; soft distillation is exact when K equals the number of classes.
+
+The layout of global batches does not depend on the number of processes, so a cache built by N
+processes (``accelerate launch ... -m distill cache-teacher``) trains M. It does depend on the
+per-process batch size, which is recorded and checked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.config import Config, ConfigError, dump, validate
+from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
+from distill.replay import ReplayBatchSampler
+
+FORMAT = 1
+CACHE_FILE = "cache.json"
+VAL_FILE = "val_top5.npy"
+ARRAYS = ("index", "seed", "values", "classes", "lse", "digest")
+# Recipe keys whose values change what the teacher sees; a cache made with others is refused.
+DATA_KEYS = ("img_size", "transform", "mean", "std", "auto_augment", "reprob", "hflip", "crop_padding", "crop_pct",
+             "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "repeated_aug", "num_repeats")
+
+
+class CacheError(ConfigError):
+    """A cache that does not fit the recipe, or is incomplete; one line naming the mismatch."""
+
+
+def default_dir(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) / f"{cfg.train.run_name or cfg.name}-teacher-cache"
+
+
+def _epoch_dir(root: Path, epoch: int) -> Path:
+    return root / f"epoch_{epoch:04d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# What a cache is made from
+
+
+def made_from(cfg: Config, data, teacher_sha256: str | None) -> dict:
+    """The record that must match between a cache and a recipe that reads it."""
+    return {
+        "teacher.name": cfg.teacher.name,
+        "teacher weights (sha256)": teacher_sha256,
+        "teacher.img_size": cfg.teacher.img_size,
+        "teacher.kwargs": cfg.teacher.kwargs,
+        **{f"data.{k}": _plain(getattr(cfg.data, k)) for k in DATA_KEYS},
+        "train.seed": cfg.train.seed,
+        "train.batch_size": cfg.train.batch_size,
+        "training images": data_fingerprint(data.train, data.image_column, data.label_column, data.class_names),
+        "validation images": data_fingerprint(data.val, data.image_column, data.label_column, data.class_names),
+    }
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def data_fingerprint(ds, image_column: str, label_column: str, class_names: list[str], probes: int = 64) -> str:
+    """SHA-256 of a split's size, classes, every label and the encoded bytes of ``probes`` images
+    spread over it: the same rows of the same data give the same fingerprint on any machine."""
+    import datasets
+
+    h = hashlib.sha256()
+    h.update(json.dumps([len(ds), list(class_names)]).encode())
+    labels = ds.select_columns([label_column]).with_format("arrow")[label_column]
+    h.update(np.asarray(labels.to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
+    raw = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    for i in np.unique(np.linspace(0, len(ds) - 1, num=min(probes, len(ds))).astype(int)):
+        value = raw[int(i)][image_column] or {}
+        data = value.get("bytes")
+        if data is None and value.get("path"):
+            data = Path(value["path"]).read_bytes()
+        h.update(data or b"")
+    return h.hexdigest()
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict (names, dtypes, shapes, values): the same weights in any file format."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _first_mismatch(recorded: dict, current: dict) -> str | None:
+    for key, value in recorded.items():
+        if key == "teacher weights (sha256)" and current.get(key) is None:
+            continue  # the weights are not on this machine: the cache's record is all there is
+        if current.get(key) != value:
+            return key
+    return None
+
+
+def _describe_value(key: str, value) -> str:
+    if key.endswith("images") or "sha256" in key:
+        return f"{str(value)[:12]}..." if value else "unknown"
+    return f"{value!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
+    """``distill cache-teacher``: run the teacher over every epoch's batches and store its outputs.
+
+    Completed epochs are kept, so an interrupted build continues, and a larger ``train.epochs``
+    extends a cache. Every process builds the global batches ``b % processes == rank``.
+    """
+    from distill.train import load_data, new_accelerator, resolve_teacher
+
+    validate(cfg)
+    if cfg.teacher.name is None:
+        raise ConfigError("cache-teacher needs teacher.name (see `distill teachers`)")
+    root = Path(out or cfg.teacher.cache or default_dir(cfg))
+    data = load_data(cfg.data)
+    cfg, teacher = resolve_teacher(cfg, data)
+    tc, dc = cfg.train, cfg.data
+    accelerator = new_accelerator(cpu=tc.cpu or _multi_process_cpu(), mixed_precision=tc.mixed_precision)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    record = made_from(cfg, data, teacher_weights_sha256(cfg))
+    K = min(cfg.teacher.cache_topk, data.num_classes)
+    train_set = image_dataset(dc, data, train=True)
+    sampler = ReplayBatchSampler(len(train_set), tc.batch_size, tc.seed, num_repeats=dc.num_repeats if dc.repeated_aug else 1)
+    nb, B = sampler.num_batches, tc.batch_size
+    if nb == 0:
+        raise ConfigError(f"train.batch_size={B} is larger than the {len(train_set)} training images; lower it")
+    if main:
+        _start_cache_file(root, record, K, nb, B, data.num_classes, tc.mixed_precision)
+    accelerator.wait_for_everyone()
+
+    teacher.to(accelerator.device)
+    loader, rank_sampler = train_loader(dc, train_set, batch_size=B, seed=tc.seed, num_replicas=world, rank=rank)
+    rank_sampler.drop_uneven = False  # every global batch is cached, whichever rank will train on it
+    mixup = replay_mixup(dc, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=tc.seed)
+    class_dtype = np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32
+    for epoch in range(tc.epochs):
+        final, tmp = _epoch_dir(root, epoch), root / f"epoch_{epoch:04d}.tmp"
+        if final.is_dir():
+            continue
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            shapes = {"index": ((nb, B), np.int64), "seed": ((nb, B), np.uint64), "values": ((nb, B, K), np.float32),
+                      "classes": ((nb, B, K), class_dtype), "lse": ((nb, B), np.float32), "digest": ((nb, 16), np.uint8)}
+            for name, (shape, dtype) in shapes.items():
+                np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+        accelerator.wait_for_everyone()
+        arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in ARRAYS}
+        for batch, images, _ in epoch_batches(loader, rank_sampler, mixup, epoch, accelerator.device):
+            index, seed = sampler.global_batch(epoch, batch)
+            with torch.inference_mode(), accelerator.autocast():
+                logits = teacher(images).float()
+            top = logits.topk(K, dim=1)
+            arrays["index"][batch], arrays["seed"][batch] = index, seed
+            arrays["values"][batch] = top.values.cpu().numpy()
+            arrays["classes"][batch] = top.indices.cpu().numpy().astype(class_dtype)
+            arrays["lse"][batch] = torch.logsumexp(logits, dim=1).cpu().numpy()
+            arrays["digest"][batch] = np.frombuffer(image_digest(images), dtype=np.uint8)
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        accelerator.wait_for_everyone()
+        if main:
+            tmp.rename(final)
+            accelerator.print(f"cached epoch {epoch + 1}/{tc.epochs} in {final}")
+    if main and not (root / VAL_FILE).is_file():
+        _cache_val_predictions(cfg, data, teacher, accelerator, root)
+    if main:
+        info = json.loads((root / CACHE_FILE).read_text())
+        info["epochs"] = max(info.get("epochs", 0), tc.epochs)
+        _write_json(root / CACHE_FILE, info)
+        (root / "recipe.yaml").write_text(dump(cfg))
+    accelerator.wait_for_everyone()
+    return root
+
+
+def _multi_process_cpu() -> bool:
+    import os
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_classes: int, precision: str) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    file = root / CACHE_FILE
+    if file.is_file():
+        info = _read_info(root)
+        key = _first_mismatch(info["made_from"], record)
+        if key is not None or info["topk"] != K:
+            what = f"{key}: {_describe_value(key, info['made_from'][key])} there, {_describe_value(key, record.get(key))} " \
+                   "in this recipe" if key else f"top-{info['topk']} there, top-{K} asked"
+            raise CacheError(f"{root} holds a teacher cache of another recipe ({what}); set teacher.cache=<new folder>")
+        return
+    if any(root.iterdir()):
+        raise CacheError(f"{root} is not empty and holds no teacher cache; set teacher.cache=<new folder>")
+    _write_json(file, {"format": FORMAT, "made_from": record, "epochs": 0, "topk": K, "num_batches": nb,
+                       "batch_size": B, "num_classes": num_classes, "mixed_precision": precision})
+
+
+def _cache_val_predictions(cfg, data, teacher, accelerator, root: Path) -> None:
+    k = min(5, data.num_classes)
+    preds = np.zeros((len(data.val), k), dtype=np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32)
+    loader = val_loader(cfg.data, image_dataset(cfg.data, data, train=False), cfg.train.batch_size)
+    for images, _, index in loader:
+        with torch.inference_mode(), accelerator.autocast():
+            preds[index.numpy()] = teacher(images.to(accelerator.device)).float().topk(k, dim=1).indices.cpu().numpy()
+    tmp = root / (VAL_FILE + ".tmp.npy")
+    np.save(tmp, preds)
+    tmp.rename(root / VAL_FILE)
+
+
+def image_digest(images: torch.Tensor) -> bytes:
+    """16-byte BLAKE2b of a batch of images, bit for bit."""
+    return hashlib.blake2b(images.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _read_info(root: Path) -> dict:
+    try:
+        info = json.loads((root / CACHE_FILE).read_text())
+        if info.get("format") != FORMAT:
+            raise ValueError(f"format {info.get('format')}, this version reads {FORMAT}")
+        return info
+    except (OSError, ValueError, AttributeError) as e:
+        raise CacheError(f"{root / CACHE_FILE} is not a readable teacher cache ({e}); build one with "
+                         "`distill cache-teacher <recipe>`") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+class TeacherCache:
+    """Read side: the teacher's logits for (epoch, global batch), memory-mapped per epoch."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.info = _read_info(self.root)
+        self.num_classes, self.topk = self.info["num_classes"], self.info["topk"]
+        self._epoch: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def arrays(self, epoch: int) -> dict[str, np.ndarray]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            folder = _epoch_dir(self.root, epoch)
+            if not folder.is_dir():
+                raise CacheError(f"{self.root} has no epoch {epoch + 1} (it covers {self.info['epochs']}); extend it with "
+                                 "`distill cache-teacher <recipe>` with this train.epochs")
+            try:
+                self._epoch = (epoch, {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS})
+            except (OSError, ValueError) as e:
+                raise CacheError(f"{folder} is damaged ({e}); delete it and run `distill cache-teacher <recipe>` again") from None
+        return self._epoch[1]
+
+    def teacher_logits(self, epoch: int, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, C) logits: the cached top K exactly, the rest of the probability mass spread evenly."""
+        a = self.arrays(epoch)
+        values = torch.from_numpy(np.array(a["values"][batch])).to(device)
+        classes = torch.from_numpy(a["classes"][batch].astype(np.int64)).to(device)
+        lse = torch.from_numpy(np.array(a["lse"][batch])).to(device)
+        return sparse_logits(values, classes, lse, self.num_classes)
+
+    def val_top5(self) -> torch.Tensor:
+        file = self.root / VAL_FILE
+        if not file.is_file():
+            raise CacheError(f"{self.root} has no validation predictions; finish it with `distill cache-teacher <recipe>`")
+        return torch.from_numpy(np.load(file).astype(np.int64))
+
+
+def sparse_logits(values: torch.Tensor, classes: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Logits whose softmax puts the teacher's exact probability on each top-K class and spreads the
+    remaining mass evenly over the other classes (the top-K set and its probabilities are exact)."""
+    B, K = values.shape
+    if K >= num_classes:
+        return torch.empty(B, num_classes, dtype=values.dtype, device=values.device).scatter_(1, classes, values)
+    rest = (1 - torch.exp(values - lse[:, None]).sum(dim=1)).clamp_min(1e-12)
+    filler = torch.log(rest / (num_classes - K)) + lse
+    return filler[:, None].expand(B, num_classes).clone().scatter_(1, classes, values)
+
+
+def open_cache(cfg: Config, data) -> TeacherCache:
+    """The cache named by ``teacher.cache``, after checking that it was made from this recipe."""
+    cache = TeacherCache(cfg.teacher.cache)
+    info = cache.info
+    sha = teacher_weights_sha256(cfg)
+    if sha is None and cfg.teacher.name is not None and not cfg.teacher.pretrained:
+        print(f"note: the teacher's weights are not on this machine; the cache {cache.root} is trusted to come from them")
+    record = made_from(cfg, data, sha)
+    key = _first_mismatch(info["made_from"], record)
+    if key is not None:
+        raise CacheError(f"teacher cache {cache.root} was made with {key}={_describe_value(key, info['made_from'][key])}, "
+                         f"the recipe has {_describe_value(key, record.get(key))}; build one for this recipe with "
+                         f"`distill cache-teacher <recipe> teacher.cache=<new folder>`")
+    if info["epochs"] < cfg.train.epochs:
+        raise CacheError(f"teacher cache {cache.root} covers {info['epochs']} epochs, the recipe trains {cfg.train.epochs}; "
+                         "extend it with `distill cache-teacher <recipe>`")
+    if cfg.distill.kind == "soft" and cache.topk < data.num_classes:
+        print(f"note: soft distillation from the top-{cache.topk} of {data.num_classes} classes, the rest spread evenly "
+              f"(TinyViT's sparse labels); teacher.cache_topk={data.num_classes} makes it exact")
+    return cache
+
+
+def teacher_weights_sha256(cfg: Config) -> str | None:
+    """The hash of the weights file the recipe's teacher loads, when it is on this machine, else None
+    (timm's pretrained weights are named by the teacher's name and kwargs)."""
+    from distill.train import TEACHER_WEIGHTS, run_dir_of
+    from distill.weights import load_state_dict_file
+
+    checkpoint = cfg.teacher.checkpoint
+    if checkpoint is None and cfg.teacher_train.epochs > 0:
+        exported = run_dir_of(cfg, "-teacher") / "export" / TEACHER_WEIGHTS
+        checkpoint = str(exported) if exported.is_file() else None
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return None
+    return weights_sha256(load_state_dict_file(checkpoint))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking
+
+
+def check_cache(cfg: Config, batches: int = 4) -> dict:
+    """``cache-teacher --check``: replay ``batches`` cached batches (spread over the epochs) from their
+    seeds, compare the images bit for bit with the cached digests, rerun the teacher and report the
+    largest difference from the cached logits."""
+    from distill.train import load_data, new_accelerator, resolve_teacher
+
+    validate(cfg)
+    root = Path(cfg.teacher.cache or default_dir(cfg))
+    cache = TeacherCache(root)
+    data = load_data(cfg.data)
+    cfg.teacher.cache = str(root)
+    open_cache(cfg, data)
+    cfg, teacher = resolve_teacher(cfg, data)
+    accelerator = new_accelerator(cpu=cfg.train.cpu, mixed_precision=cache.info["mixed_precision"])
+    teacher.to(accelerator.device)
+    dataset = image_dataset(cfg.data, data, train=True)
+    mixup = replay_mixup(cfg.data, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=cfg.train.seed)
+    epochs = [e for e in range(cache.info["epochs"]) if _epoch_dir(root, e).is_dir()]
+    picks = np.random.default_rng(0).choice(len(epochs) * cache.info["num_batches"], size=min(batches, len(epochs) * cache.info["num_batches"]), replace=False)
+    identical, max_diff, agree, total = True, 0.0, 0, 0
+    for pick in sorted(int(p) for p in picks):
+        epoch, batch = epochs[pick // cache.info["num_batches"]], pick % cache.info["num_batches"]
+        images, targets = replay_batch(dataset, cache, mixup, epoch, batch)
+        a = cache.arrays(epoch)
+        identical &= image_digest(images) == bytes(np.asarray(a["digest"][batch]))
+        with torch.inference_mode(), accelerator.autocast():
+            logits = teacher(images.to(accelerator.device)).float().cpu()
+        classes = torch.from_numpy(a["classes"][batch].astype(np.int64))
+        stored = torch.from_numpy(np.array(a["values"][batch]))
+        max_diff = max(max_diff, float((logits.gather(1, classes) - stored).abs().max()))
+        agree += int((logits.argmax(1) == classes[:, 0]).sum())
+        total += len(classes)
+    return {"batches": len(picks), "images_identical": bool(identical), "max_abs_logit_diff": max_diff,
+            "top1_agreement": round(100.0 * agree / max(1, total), 2)}
+
+
+def replay_batch(dataset, cache: TeacherCache, mixup, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of a cached batch rebuilt from its stored indices and seeds, without a DataLoader."""
+    a = cache.arrays(epoch)
+    items = [dataset[(int(i), int(s))] for i, s in zip(a["index"][batch], a["seed"][batch])]
+    images = torch.stack([x for x, _ in items])
+    targets = torch.tensor([y for _, y in items])
+    if mixup is not None:
+        images, targets = mixup(images, targets, epoch, batch)
+    return images, targets

@@ -323,7 +323,7 @@ def open_cache(cfg: Config, data) -> TeacherCache:
     record = made_from(cfg, data, sha)
     key = _first_mismatch(info["made_from"], record)
     if key is not None:
-        raise CacheError(f"teacher cache {cache.root} was made with {key}={_describe_value(key, info['made_from'][key])}, "
+        raise CacheError(f"teacher cache {cache.root} was made with {key}: {_describe_value(key, info['made_from'][key])}, "
                          f"the recipe has {_describe_value(key, record.get(key))}; build one for this recipe with "
                          f"`distill cache-teacher <recipe> teacher.cache=<new folder>`")
     if info["epochs"] < cfg.train.epochs:

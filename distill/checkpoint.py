@@ -235,7 +235,7 @@ def load_training_state(accelerator, folder: Path, state: dict, *, model: torch.
             raise
         diff = next(k for k in sorted(set(saved) | set(model_args)) if saved.get(k) != model_args.get(k))
         raise CheckpointError(
-            f"{folder} holds another model ({diff}={saved.get(diff)!r} there, {model_args.get(diff)!r} in this "
+            f"{folder} holds another model ({diff}: {saved.get(diff)!r} there, {model_args.get(diff)!r} in this "
             "recipe); resume with the recipe that wrote it, or start a new run with train.run_name=<new name>") from e
     optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
     if ema is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from distill.config import ConfigError, describe, list_recipes, load_recipe
 
@@ -23,7 +24,7 @@ EPILOG_KEYS = "config keys (override as section.key=value):\n" + "\n".join(
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="DeiT-style knowledge distillation.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -69,8 +70,26 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("students", help="list registered students")
     sub.add_parser("teachers", help="list registered teachers")
     sub.add_parser("recipes", help="list built-in recipes")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`train r.yaml --resume optim.lr=1e-3`): argparse stops
+    # collecting positionals at the first option, and `--resume` would take an override as its PATH.
+    if hasattr(args, "overrides"):
+        resume = getattr(args, "resume", None)
+        if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+            args.resume, extra = True, [resume, *extra]
+        args.overrides += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not sys.stderr.isatty():
+        # Progress bars are for a terminal; in a log they bury the one line that matters.
+        import datasets
+        datasets.disable_progress_bars()
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -79,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # user-facing errors: one line, non-zero exit, nothing overwritten
         if not _is_user_error(e):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -31,6 +31,10 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the schema; the message names the closest valid key."""
 
 
+class _OutOfRange(ConfigError):
+    """A value of the right type outside its Range."""
+
+
 @dataclass(frozen=True)
 class Range:
     """Bounds of a number in the schema (``Annotated[int, Range(min=1)]``), checked with its type,
@@ -412,7 +416,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         value = _coerce(value, args[0], key, source)
         for bound in (a for a in tp.__metadata__ if isinstance(a, Range)):
             if not bound.contains(value):
-                raise ConfigError(f"{source}: {key!r} must be {bound}, got {value!r}")
+                raise _OutOfRange(f"{source}: {key!r} must be {bound}, got {value!r}")
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -420,6 +424,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key, source)
+            except _OutOfRange:
+                raise  # the type fits, the value does not: say why
             except ConfigError:
                 pass
         raise fail()

@@ -391,6 +391,10 @@ def _pick_label_column(ds: datasets.Dataset, wanted: Optional[str], name: str, s
     found = [c for c in columns if isinstance(ds.features[c], datasets.ClassLabel)]
     if len(found) == 1:
         return found[0]
+    if not found and all(isinstance(ds.features[c], datasets.Image) for c in columns):
+        # An image folder gets labels from its sub-folders, and none when there is only one.
+        raise DataError(f"{name}: split '{split}' holds images without labels: an image folder needs one sub-folder "
+                        "per class, at least 2 (a single class cannot train a classifier)")
     what = "several class-label columns" if found else "no label column"
     raise DataError(f"{name}: split '{split}' has {what} (columns: {_names(columns)}); set {_opt('label_column')}")
 

@@ -441,7 +441,7 @@ def _progress(accelerator: Accelerator, tc, total: int, desc: str):
     if not (tc.progress and accelerator.is_main_process):
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, disable=None)  # None: only on a terminal
 
 
 def _export(cfg: Config, model: nn.Module, ema, data, run_dir: Path, as_teacher: bool) -> None:

@@ -114,7 +114,7 @@ def test_sparse_logits_keep_the_top_k_and_spread_the_rest():
 ])
 def test_a_cache_made_for_another_recipe_is_refused(cache_dir, tiny_dataset, trained_teacher, tmp_path, override, key):
     cfg = cached_config(tiny_dataset, tmp_path, trained_teacher, cache_dir, **override)
-    with pytest.raises(CacheError, match=rf"was made with {key}=.*`distill cache-teacher <recipe> teacher.cache=<new folder>`"):
+    with pytest.raises(CacheError, match=rf"was made with {key}: .*`distill cache-teacher <recipe> teacher.cache=<new folder>`"):
         train(cfg)
     assert not (tmp_path / "tiny" / "export").exists()
 

@@ -120,7 +120,7 @@ def test_damaged_only_checkpoint_names_the_file(tiny_dataset, tmp_path, trained_
 def test_resume_into_another_architecture_says_what_differs(stopped_run):
     cfg, _ = stopped_run
     cfg.student.kwargs["depth"] = 3
-    with pytest.raises(CheckpointError, match=r"holds another model \(depth=2 there, 3 in this recipe\)"):
+    with pytest.raises(CheckpointError, match=r"holds another model \(depth: 2 there, 3 in this recipe\)"):
         train(cfg, resume=True)
 
 

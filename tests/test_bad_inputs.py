@@ -1,0 +1,344 @@
+"""A catalogue of bad inputs and faults, each driven through the command line as a user would.
+
+Every case must end with a non-zero exit, exactly one line on stderr that starts with ``error:``,
+hints that name only options the command really has, and no file of an existing run changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import teachers
+from distill.cli import build_parser, main as cli
+from distill.config import Config, all_keys
+from distill.train import train
+
+from conftest import _write_image_folder, make_config, tiny_config
+
+
+@dataclass
+class World:
+    root: Path
+    runs: Path
+    recipe: Path
+    data: Path
+    teacher: Path
+    finished: Path
+    stopped: Path
+
+
+@pytest.fixture(scope="module")
+def world(tiny_dataset, trained_teacher, tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    runs = root / "runs"
+    raw = tiny_config(tiny_dataset, runs)
+    raw["teacher"]["checkpoint"] = str(trained_teacher)
+    raw["train"]["epochs"] = 1
+    recipe = root / "recipes" / "r.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(yaml.safe_dump(raw))
+    teacher = root / "teacher"
+    shutil.copytree(trained_teacher.parent, teacher)
+    train(make_config(tiny_dataset, runs, teacher={"checkpoint": str(trained_teacher)}, train={"run_name": "finished", "epochs": 1}))
+    train(make_config(tiny_dataset, runs, teacher={"checkpoint": str(trained_teacher)},
+                      train={"run_name": "stopped", "epochs": 2, "stop_after": 1}))
+    return World(root, runs, recipe, tiny_dataset, teacher / "model.safetensors", runs / "finished", runs / "stopped")
+
+
+def _copy_run(w: World, name: str, new: str) -> Path:
+    shutil.copytree(w.runs / name, w.runs / new)
+    return w.runs / new
+
+
+def _folder(w: World, name: str, per_class: dict[str, int], classes: int = 4) -> Path:
+    root = w.root / name
+    if not root.exists():
+        _write_image_folder(root, per_class)
+        for c in range(classes, 4):
+            for split in per_class:
+                shutil.rmtree(root / split / f"class_{c}")
+    return root
+
+
+def _corrupt_folder(w: World) -> Path:
+    root = w.root / "corrupt"
+    if not root.exists():
+        shutil.copytree(w.data, root)
+        (root / "train" / "class_1" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return root
+
+
+def _single_class_parquet(w: World) -> Path:
+    path = w.root / "one_class.parquet"
+    if not path.exists():
+        import datasets
+        images = [Image.fromarray(np.full((16, 16, 3), i * 20, dtype=np.uint8)) for i in range(10)]
+        ds = datasets.Dataset.from_dict({"image": images, "label": [0] * 10},
+                                        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+        ds.to_parquet(str(path))
+    return path
+
+
+class Unsafe:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def _pickled_teacher(w: World) -> Path:
+    path = w.root / "teacher.pkl.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Unsafe()}, f, protocol=2)  # a global callable: needs full unpickling
+    return path
+
+
+def _wrong_class_teacher(w: World) -> Path:
+    path = w.root / "seven.safetensors"
+    from safetensors.torch import save_file
+    save_file(teachers.build_teacher_network("resnet20_cifar", num_classes=7)[0].state_dict(), str(path))
+    return path
+
+
+def _other_classes_teacher(w: World) -> Path:
+    folder = w.root / "renamed_teacher"
+    if not folder.exists():
+        shutil.copytree(w.teacher.parent, folder)
+        meta = json.loads((folder / "teacher.json").read_text())
+        meta["class_names"] = ["cat", "dog", "ship", "truck"]
+        (folder / "teacher.json").write_text(json.dumps(meta))
+    return folder / "model.safetensors"
+
+
+def _recipe_file(w: World, name: str, text: str) -> Path:
+    path = w.root / "recipes" / name
+    path.write_text(text)
+    return path
+
+
+def _broken_export(w: World, what: str) -> Path:
+    folder = _copy_run(w, "finished", f"broken_{what}") / "export"
+    if what == "config":
+        (folder / "config.json").write_text("{ not json")
+    else:
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:200])
+    return folder
+
+
+def _truncated_only_checkpoint(w: World) -> list[str]:
+    run = _copy_run(w, "stopped", "truncated")
+    model = run / "checkpoints" / "last" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    return ["train", str(w.recipe), "train.run_name=truncated", "train.epochs=2", "--resume"]
+
+
+def _bad_cache(w: World) -> Path:
+    folder = w.root / "not_a_cache"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+T = ["train"]  # shorthand: the recipe goes second
+NO_TEACHER = ["distill.kind=none", "teacher.name=null"]
+
+
+# (id, argv builder, regex the error line must match)
+CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
+    # --- recipes and overrides ---------------------------------------------------------------
+    ("typo_key", lambda w: T + [str(w.recipe), "optim.lrr=1e-3"], r"unknown key 'optim.lrr'; did you mean 'optim.lr'\?"),
+    ("key_wrong_section", lambda w: T + [str(w.recipe), "train.lr=1e-3"], r"did you mean 'optim.lr'\?"),
+    ("wrong_type", lambda w: T + [str(w.recipe), "train.epochs=many"], r"'train.epochs' must be an integer"),
+    ("zero_epochs", lambda w: T + [str(w.recipe), "train.epochs=0"], r"'train.epochs' must be >= 1, got 0"),
+    ("negative_epochs", lambda w: T + [str(w.recipe), "train.epochs=-3"], r"'train.epochs' must be >= 1"),
+    ("stop_after_zero", lambda w: T + [str(w.recipe), "train.stop_after=0"], r"'train.stop_after' must be >= 1"),
+    ("max_steps_zero", lambda w: T + [str(w.recipe), "train.max_steps_per_epoch=0"], r"'train.max_steps_per_epoch' must be >= 1"),
+    ("save_every_zero", lambda w: T + [str(w.recipe), "train.save_every=0"], r"'train.save_every' must be >= 1"),
+    ("eval_every_zero", lambda w: T + [str(w.recipe), "train.eval_every=0"], r"'train.eval_every' must be >= 1"),
+    ("grad_accum_zero", lambda w: T + [str(w.recipe), "train.grad_accum_steps=0"], r"'train.grad_accum_steps' must be >= 1"),
+    ("alpha_above_one", lambda w: T + [str(w.recipe), "distill.alpha=1.5"], r"'distill.alpha' must be >= 0 and <= 1"),
+    ("kind_typo", lambda w: T + [str(w.recipe), "distill.kind=sof"], r"did you mean 'soft'\?"),
+    ("odd_batch_with_mixup", lambda w: T + [str(w.recipe), "train.batch_size=7"], r"train.batch_size=7 is odd.*data.mixup=0"),
+    ("recipe_name_typo", lambda w: T + ["cifar10_deit_tiyn"], r"unknown recipe 'cifar10_deit_tiyn'; did you mean 'cifar10_deit_tiny'\?"),
+    ("recipe_bad_yaml", lambda w: T + [str(_recipe_file(w, "bad.yaml", "data: [unclosed\n"))], r"is not valid YAML"),
+    ("recipe_section_typo", lambda w: T + [str(_recipe_file(w, "typo.yaml", "studnet: {name: deit_tiny}\n"))],
+     r"unknown key 'studnet'; did you mean 'student'\?"),
+    ("recipe_missing_base", lambda w: T + [str(_recipe_file(w, "child.yaml", "base: ./missing.yaml\n"))],
+     r"recipe file .*recipes/missing.yaml does not exist"),
+    # --- data ----------------------------------------------------------------------------------
+    ("missing_label_column", lambda w: T + [str(w.recipe), "data.label_column=target"],
+     r"no label column 'target' .*set data.label_column=<label_column>"),
+    ("missing_path", lambda w: T + [str(w.recipe), f"data.source={w.root / 'nowhere'}"], r"path does not exist"),
+    ("hub_offline", lambda w: T + [str(w.recipe), "data.source=nobody/no-such-dataset"],
+     r"could not be loaded from the Hugging Face Hub .*set data.source=<source>"),
+    ("no_such_split", lambda w: T + [str(w.recipe), "data.val_split=dev"], r"no split named 'dev'.*set data.val_split=<val_split>"),
+    ("single_class_folder", lambda w: T + [str(w.recipe), f"data.source={_folder(w, 'one_class', {'train': 6, 'val': 2}, classes=1)}"],
+     r"holds images without labels: an image folder needs one sub-folder per class, at least 2"),
+    ("single_class_table", lambda w: T + [str(w.recipe), f"data.source={_single_class_parquet(w)}"],
+     r"holds a single class \('0' in 'label'\); a classifier needs at least 2"),
+    ("empty_folder", lambda w: T + [str(w.recipe), f"data.source={(w.root / 'empty').mkdir(exist_ok=True) or w.root / 'empty'}"],
+     r"folder holds no images"),
+    ("corrupt_image_workers_in_memory", lambda w: T + [str(w.recipe), f"data.source={_corrupt_folder(w)}", "data.num_workers=2",
+                                                       *NO_TEACHER],
+     r"split 'train' row \d+ \(.*3.png\): image could not be decoded"),
+    ("corrupt_image_workers_lazy", lambda w: T + [str(w.recipe), f"data.source={_corrupt_folder(w)}", "data.num_workers=2",
+                                                  "data.in_memory=false", "train.run_name=lazy", *NO_TEACHER],
+     r"split 'train' row \d+ \(.*3.png\): image could not be decoded"),
+    # --- teachers and students -------------------------------------------------------------------
+    ("teacher_without_weights", lambda w: T + [str(w.recipe), "teacher.checkpoint=null", "teacher_train.epochs=0"],
+     r"teacher 'resnet20_cifar' has no weights; set teacher.checkpoint=<file>"),
+    ("teacher_wrong_classes", lambda w: T + [str(w.recipe), f"teacher.checkpoint={_wrong_class_teacher(w)}"],
+     r"7-class classifier but 4 classes were requested; fine-tune the teacher"),
+    ("teacher_missing_file", lambda w: T + [str(w.recipe), f"teacher.checkpoint={w.root / 'nope.safetensors'}"], r"does not exist"),
+    ("teacher_of_other_classes", lambda w: T + [str(w.recipe), f"teacher.checkpoint={_other_classes_teacher(w)}"],
+     r"fine-tuned on other classes .*\('cat' vs 'class_0'\)"),
+    ("teacher_of_other_dataset", lambda w: T + [str(w.recipe), f"data.source={shutil.copytree(w.data, w.root / 'copy', dirs_exist_ok=True)}"],
+     r"was fine-tuned on .*, but data.source is"),
+    ("teacher_needs_unpickling", lambda w: T + [str(w.recipe), f"teacher.checkpoint={_pickled_teacher(w)}"],
+     r"needs arbitrary unpickling, which can run code, so it is refused"),
+    ("teacher_export_of_another_name", lambda w: T + [str(w.recipe), "teacher.name=resnet56_cifar"],
+     r"holds a 'resnet20_cifar' teacher but teacher.name is 'resnet56_cifar'; set teacher.name=resnet20_cifar"),
+    ("teacher_name_typo", lambda w: T + [str(w.recipe), "teacher.name=resnet20_cifra", "teacher.checkpoint=null"],
+     r"unknown teacher 'resnet20_cifra'; did you mean 'resnet20_cifar'\?"),
+    ("student_name_typo", lambda w: T + [str(w.recipe), "student.name=deit_tinny"], r"unknown student 'deit_tinny'; did you mean 'deit_tiny'\?"),
+    ("student_bad_kwarg", lambda w: T + [str(w.recipe), "student.kwargs={wings: 2}"], r"does not take 'wings'"),
+    # --- run folders and checkpoints ---------------------------------------------------------------
+    ("finished_run_again", lambda w: T + [str(w.recipe), "train.run_name=finished"], r"already holds a run .*--resume"),
+    ("metrics_without_checkpoint", lambda w: T + [str(w.recipe), "train.run_name=" + _metrics_only(w)],
+     r"already holds a run \(metrics.jsonl\)"),
+    ("resume_nothing", lambda w: T + [str(w.recipe), "train.run_name=never", "--resume"], r"no complete checkpoint under"),
+    ("resume_finished", lambda w: T + [str(w.recipe), "train.run_name=finished", "--resume"], r"has finished all 1 epochs; raise train.epochs"),
+    ("output_dir_is_a_file", lambda w: T + [str(w.recipe), f"train.output_dir={w.recipe}"], r"is a file; set train.output_dir="),
+    ("resume_other_architecture", lambda w: T + [str(w.recipe), "train.run_name=stopped", "train.epochs=2", "--resume",
+                                                 "student.kwargs={embed_dim: 32, depth: 3, num_heads: 2}"],
+     r"holds another model \(depth: 2 there, 3 in this recipe\)"),
+    ("resume_truncated_checkpoint", _truncated_only_checkpoint, r"model.safetensors is damaged .*no intact checkpoint is left"),
+    ("resume_more_processes_than_saved", lambda w: T + [str(w.recipe), "train.run_name=" + _two_process_checkpoint(w), "train.epochs=2", "--resume"],
+     r"written by 2 process\(es\) but this run has 1"),
+    # --- eval -------------------------------------------------------------------------------------------
+    ("eval_stopped_run", lambda w: ["eval", str(w.stopped)], r"has no export yet: the run stopped after epoch 1; .*--resume"),
+    ("eval_broken_config", lambda w: ["eval", str(_broken_export(w, "config"))], r"config.json is damaged"),
+    ("eval_truncated_weights", lambda w: ["eval", str(_broken_export(w, "weights"))], r"model.safetensors is damaged or truncated"),
+    ("eval_missing_data", lambda w: ["eval", str(w.finished), "--data", str(w.root / "nowhere")], r"path does not exist"),
+    ("eval_no_such_split", lambda w: ["eval", str(w.finished), "--split", "dev"], r"no split named 'dev'.*set --split <split>"),
+    ("eval_other_classes", lambda w: ["eval", str(w.finished), "--data", str(_folder(w, "three", {"test": 3}, classes=3))],
+     r"the student predicts 4 classes .* labels 3"),
+    ("eval_not_a_run", lambda w: ["eval", str(w.root / "recipes")], r"neither a run folder nor an exported student"),
+    # --- teacher cache ------------------------------------------------------------------------------
+    ("cache_not_a_cache", lambda w: T + [str(w.recipe), f"teacher.cache={_bad_cache(w)}"], r"is not a readable teacher cache"),
+    ("cache_check_missing", lambda w: ["cache-teacher", str(w.recipe), "--check", f"teacher.cache={_bad_cache(w)}"],
+     r"is not a readable teacher cache"),
+]
+
+
+def _metrics_only(w: World) -> str:
+    folder = w.runs / "metrics_only"
+    folder.mkdir(exist_ok=True)
+    (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    return "metrics_only"
+
+
+def _two_process_checkpoint(w: World) -> str:
+    run = _copy_run(w, "stopped", "two_process")
+    state_file = run / "checkpoints" / "last" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "num_processes": 2}))
+    return "two_process"
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def command_options(command: str) -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {o for a in sub._actions for o in a.option_strings}
+
+
+def assert_hints_exist(message: str, command: str) -> None:
+    """Every `section.key=` names a config key; every `--option` belongs to the command it is given
+    for (the one run, or a `distill <cmd> ...` quoted in the message); no Python keyword hints."""
+    keys = set(all_keys(Config()))
+    for key in re.findall(r"(?<![\w./-])([a-z_]+\.[a-z_]+)=", message):
+        assert key in keys, f"hint names {key!r}, which is no config key: {message}"
+    quoted = re.findall(r"`distill ([a-z-]+)([^`]*)`", message)
+    outside = re.sub(r"`[^`]*`", "", message)
+    for cmd, text in quoted:
+        for option in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", text):
+            assert option in command_options(cmd), f"`distill {cmd}` has no {option}: {message}"
+    for option in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", outside):
+        assert option in command_options(command), f"`distill {command}` has no {option}: {message}"
+    bare = re.findall(r"(?:set|pass) (?!data\.|train\.|teacher\.|student\.|optim\.|distill\.|--)([a-z_]+)=", message)
+    assert not bare, f"hint names a Python keyword ({bare}): {message}"
+
+
+def test_the_catalogue_is_large_enough():
+    assert len(CASES) >= 30
+    assert len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("name, argv, pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(world, capfd, name, argv, pattern):
+    args = argv(world)
+    before = snapshot(world.runs)
+    capfd.readouterr()
+    code = cli(args)
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert code != 0, f"exit 0 for {args}\nstdout: {out[-500:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"stderr is not one error line:\n{err[-3000:]}"
+    assert re.search(pattern, lines[0]), lines[0]
+    assert_hints_exist(lines[0], args[0])
+    after = snapshot(world.runs)
+    changed = [f for f in before if after.get(f) != before[f]]
+    assert not changed, f"{name} changed {changed}"
+    assert not list(world.runs.rglob("*.tmp")), "a temporary folder was left behind"
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    from distill.data import ImageClassificationDataset, load_image_dataset
+
+    for c, top in enumerate((65535, 30000)):
+        d = tmp_path / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        ramp = np.linspace(0, top, 16 * 16).astype(np.uint16).reshape(16, 16)
+        Image.fromarray(ramp).save(d / "0.png")  # a 16-bit greyscale PNG
+        Image.fromarray(ramp).save(d / "1.png")
+    splits = load_image_dataset(tmp_path, val_fraction=0.25)
+    ds = ImageClassificationDataset(splits.train)
+    for i in range(len(ds)):
+        pixels = ds.image(i)
+        assert pixels.mode == "RGB"
+        grey = np.asarray(pixels)[..., 0].astype(int)
+        assert len(np.unique(grey)) > 100  # a ramp, not a few clipped levels
+        assert grey.max() in (255, round(30000 * 255 / 65535))
+    with Image.open(tmp_path / "train" / "c0" / "0.png") as img:
+        assert img.mode.startswith("I")  # the file really is 16-bit
+
+
+def test_relative_base_resolves_against_the_recipe_folder(tmp_path, monkeypatch):
+    from distill.config import load_recipe
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "parent.yaml").write_text("optim: {lr: 0.123}\n")
+    (tmp_path / "recipes" / "child.yaml").write_text("base: parent.yaml\ntrain: {epochs: 7}\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "parent.yaml").write_text("optim: {lr: 0.999}\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_recipe(str(tmp_path / "recipes" / "child.yaml"))
+    assert cfg.optim.lr == 0.123 and cfg.train.epochs == 7
+    (tmp_path / "recipes" / "nested.yaml").write_text("base: ../recipes/child.yaml\n")
+    assert load_recipe(str(tmp_path / "recipes" / "nested.yaml")).optim.lr == 0.123
+    (tmp_path / "recipes" / "builtin.yaml").write_text("base: quickstart\n")
+    assert load_recipe(str(tmp_path / "recipes" / "builtin.yaml")).data.source == "digits"

@@ -159,6 +159,14 @@ class TeacherConfig:
     """`distill cache-teacher`: top-K teacher logits kept per sample (TinyViT, Wu et al. 2022, keeps 10)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra builder arguments, e.g. {pretrained_cfg: deit_in1k} for timm weights."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Teacher forward precision: `auto` follows train.mixed_precision (bf16/fp16 autocast, else fp32)."""
+    fold_bn: bool = True
+    """Fold BatchNorm into the preceding convolutions (inference only; kept if logits match to 1e-4)."""
+    channels_last: bool = True
+    """channels_last (NHWC) memory format for convolutional teachers."""
+    compile: bool = False
+    """torch.compile the teacher network (slow first batches; needs a C compiler on CPU)."""
 
 
 @dataclass

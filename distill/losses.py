@@ -9,7 +9,7 @@ head on the teacher. With ``alpha`` the weight of the distillation term::
 which is exactly how the official DeiT code mixes the two (its default ``alpha=0.5`` gives the
 paper's hard-label objective, 1/2 CE(labels) + 1/2 CE(teacher argmax)). The loss never runs the
 teacher: the caller passes ``teacher_logits`` (``teachers.Teacher`` produces them under
-``torch.no_grad()``).
+``torch.inference_mode()``, as normal tensors).
 """
 from __future__ import annotations
 

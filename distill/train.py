@@ -182,8 +182,10 @@ def build_teacher(cfg: Config, num_classes: int, class_names: list[str] | None =
             given = meta.get("teacher_input", {})
     if t.img_size is not None:
         given["input_size"] = (3, t.img_size, t.img_size)
+    precision = cfg.train.mixed_precision if t.precision == "auto" else t.precision  # "no" means fp32
     teacher = teachers.create_teacher(t.name, num_classes=num_classes, checkpoint=t.checkpoint,
-                                      pretrained=t.pretrained, **given, **t.kwargs)
+                                      pretrained=t.pretrained, **given, **t.kwargs, precision=precision,
+                                      fold_bn=t.fold_bn, channels_last=t.channels_last, compile=t.compile)
     teacher.check_num_classes(num_classes, dataset=cfg.data.source)
     resize = t.img_size is not None and t.img_size != cfg.data.img_size
     teacher.set_student_normalization(cfg.data.mean, cfg.data.std, img_size=cfg.data.img_size, resize=resize)

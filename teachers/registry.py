@@ -209,12 +209,15 @@ def build_teacher_network(name: str, num_classes: int, pretrained: bool = False,
 def create_teacher(name: str, num_classes: int = 1000, checkpoint: str | Path | None = None,
                    pretrained: bool = False, *, mean: Sequence[float] | None = None,
                    std: Sequence[float] | None = None, input_size: Sequence[int] | None = None,
-                   **kwargs) -> Teacher:
+                   precision: str | None = None, fold_bn: bool = True, channels_last: bool = True,
+                   compile: bool = False, **kwargs) -> Teacher:
     """A frozen :class:`Teacher` for ``name`` predicting ``num_classes`` classes.
 
     Weights come from ``checkpoint`` (a local safetensors / torch file, loaded safely) or, with
     ``pretrained=True``, from timm (network needed). With neither, the teacher is random, which
-    only makes sense in tests.
+    only makes sense in tests. ``precision``, ``fold_bn``, ``channels_last`` and ``compile`` go to
+    :meth:`Teacher.optimize`, which runs after the weights are loaded (folding needs the trained
+    BatchNorm statistics); the rest of ``kwargs`` goes to the builder.
     """
     if checkpoint is not None and pretrained:
         raise ValueError("pass either checkpoint=... or pretrained=True, not both")
@@ -230,8 +233,9 @@ def create_teacher(name: str, num_classes: int = 1000, checkpoint: str | Path | 
                              f"{TRAIN_TEACHER_HINT}")
     if checkpoint is not None:
         load_teacher_checkpoint(model, checkpoint, num_classes)
-    return Teacher(model, num_classes=num_classes, mean=meta.mean, std=meta.std,
-                   input_size=meta.input_size, name=name)
+    teacher = Teacher(model, num_classes=num_classes, mean=meta.mean, std=meta.std,
+                      input_size=meta.input_size, name=name)
+    return teacher.optimize(precision=precision, fold_bn=fold_bn, channels_last=channels_last, compile=compile)
 
 
 def load_teacher_checkpoint(model: nn.Module, checkpoint: str | Path, num_classes: int) -> None:

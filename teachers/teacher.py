@@ -2,18 +2,35 @@
 
 DeiT keeps the teacher fixed during distillation (Touvron et al. 2021, Sec. 4): no parameter
 trains, and BatchNorm running statistics must not drift either, so the wrapped network stays
-in eval mode whatever ``.train()`` calls reach it. It runs under ``torch.no_grad()`` rather than
-``torch.inference_mode()``: inference tensors cannot be saved for backward, and its logits end
-up inside a loss next to tensors that need grad.
+in eval mode whatever ``.train()`` calls reach it.
+
+Speed. The teacher's forward pass is part of every distillation step, so it runs as inference
+only: under ``torch.inference_mode()`` (no autograd bookkeeping at all; the logits are cloned into
+a normal tensor on the way out, because inference tensors cannot be saved for backward and the loss
+saves the teacher's softmax), and after :meth:`Teacher.optimize` in the run's bf16/fp16 autocast,
+channels_last for convolutional nets, with BatchNorm folded into the convolutions and optionally
+``torch.compile``. The optimised network is a separate copy (``teachers.optimize``): ``.model`` and
+the state dict stay the loaded weights.
 """
 from __future__ import annotations
 
+import copy
+import warnings
+from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
+
+from teachers.optimize import fold_batchnorm, has_conv2d, max_logit_difference
+
+# Folded logits must match the unfolded ones to this tolerance (relative to the largest logit) on
+# a probe batch; float32 folding errors are ~1e-6 relative, so anything larger means a bad fold.
+FOLD_RTOL = 1e-4
+
+PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Teacher(nn.Module):
@@ -30,6 +47,8 @@ class Teacher(nn.Module):
 
     By default ``forward`` feeds the batch as is. After ``set_student_normalization`` it accepts the
     student's normalised batch and converts it to the teacher's normalisation (and size).
+    ``forward`` always runs under ``torch.inference_mode()``; :meth:`optimize` adds the rest
+    (precision, BatchNorm folding, channels_last, ``torch.compile``), which ``create_teacher`` does.
     """
 
     def __init__(self, model: nn.Module | Callable[[torch.Tensor], torch.Tensor], *,
@@ -66,6 +85,15 @@ class Teacher(nn.Module):
         # Non-persistent buffers: they follow .to(device) but stay out of the state dict.
         self.register_buffer("_scale", None, persistent=False)
         self.register_buffer("_shift", None, persistent=False)
+        # Set by optimize(): None = the caller's autocast decides; float32 = autocast off.
+        self.autocast_dtype: torch.dtype | None = None
+        self.channels_last = False
+        self.optimizations: dict = {}
+        # The optimised copy of ``model`` (and what forward calls). Kept out of the module tree on
+        # purpose, so the state dict (and export, checkpoints, cache keys) stays the loaded weights;
+        # ``_apply`` below moves it along with .to(device).
+        object.__setattr__(self, "_copy", None)
+        object.__setattr__(self, "_net", None)
         self.train(False)
 
     # --- frozen ------------------------------------------------------------------------------
@@ -74,9 +102,90 @@ class Teacher(nn.Module):
         """Ignore ``mode``: a teacher is always in eval mode (BatchNorm stats and dropout frozen)."""
         return super().train(False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .cuda() / .half() reach the optimised copy too (it is not a registered child).
+        super()._apply(fn, *args, **kwargs)
+        if self._copy is not None:
+            self._copy._apply(fn, *args, **kwargs)
+        return self
+
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, num_classes={self.num_classes}, input_size={self.input_size}, "
-                f"mean={self.mean}, std={self.std}, resize={self.resize}")
+                f"mean={self.mean}, std={self.std}, resize={self.resize}, optimizations={self.optimizations}")
+
+    # --- speed ---------------------------------------------------------------------------------
+
+    def optimize(self, *, precision: str | torch.dtype | None = None, fold_bn: bool = True,
+                 channels_last: bool = True, compile: bool = False, compile_backend: str = "inductor",
+                 compile_mode: str | None = None) -> "Teacher":
+        """Make ``forward`` faster; returns ``self``. Calling it again starts over from ``.model``.
+
+        Args:
+            precision: ``"bf16"``/``"fp16"`` run the teacher under that autocast (what a
+                mixed-precision run wants: its teacher then needs no float32 convolutions);
+                ``"fp32"`` (or ``"no"``) runs it in float32 even inside the caller's autocast;
+                ``None`` leaves it to the caller's autocast. A ``torch.dtype`` works too.
+            fold_bn: fold each BatchNorm that directly follows a convolution into it
+                (:func:`teachers.optimize.fold_batchnorm`), kept only if the folded logits match the
+                unfolded ones to ``FOLD_RTOL`` of the largest logit on a probe batch.
+            channels_last: NHWC memory format for networks with 2D convolutions (faster cuDNN /
+                oneDNN kernels); ignored for networks without.
+            compile: wrap the network in ``torch.compile(backend=compile_backend, mode=compile_mode)``;
+                the first batches then take long (compilation), later ones are faster.
+
+        ``self.optimizations`` records what was applied (``fold_bn``: BatchNorms folded, with the
+        measured ``fold_max_abs_diff``; a ``fold_bn_skipped`` reason when none were). ``.model`` and
+        the state dict keep the loaded weights: the folded and channels_last network is a copy.
+        """
+        self.autocast_dtype = _precision_dtype(precision)
+        report: dict = {"precision": None if precision is None else _PRECISION_NAMES[self.autocast_dtype]}
+        object.__setattr__(self, "_copy", None)
+        object.__setattr__(self, "_net", None)
+        self.channels_last = False
+        if self.model is None:  # a plain callable: only precision (and inference mode) apply
+            self.optimizations = report
+            return self
+        net = self.model
+        report["fold_bn"] = 0
+        if fold_bn:
+            folded, n, reason = fold_batchnorm(self.model)
+            if n:
+                diff, scale = max_logit_difference(self.model, folded, self._probe_batch())
+                if diff <= FOLD_RTOL * max(1.0, scale):
+                    net = folded
+                    report.update(fold_bn=n, fold_max_abs_diff=diff)
+                else:
+                    reason = f"folded logits differ by {diff:.3g} (largest logit {scale:.3g})"
+                    warnings.warn(f"teacher {self.name!r}: BatchNorm not folded: {reason}", stacklevel=2)
+            if net is self.model:
+                report["fold_bn_skipped"] = reason
+        if channels_last and has_conv2d(net):
+            if net is self.model:
+                net = copy.deepcopy(self.model)  # never restride the loaded weights in place
+            net = net.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        report["channels_last"] = self.channels_last
+        if net is not self.model:
+            object.__setattr__(self, "_copy", net)
+        if compile:
+            net = torch.compile(net, backend=compile_backend, mode=compile_mode)
+        report["compile"] = bool(compile)
+        object.__setattr__(self, "_net", None if net is self.model else net)
+        self.optimizations = report
+        return self
+
+    def _probe_batch(self) -> torch.Tensor:
+        """A fixed random batch in the teacher's own input space, for checking a rewrite's numerics."""
+        size = self.input_size or (3, 64, 64)
+        x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+        return x.to(self._device())
+
+    def _autocast(self, device_type: str):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        if self.autocast_dtype == torch.float32:
+            return torch.autocast(device_type, enabled=False)
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
 
     # --- input conversion --------------------------------------------------------------------
 
@@ -123,20 +232,28 @@ class Teacher(nn.Module):
     # --- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Float logits ``(B, num_classes)`` for a batch, with no autograd graph."""
+        """Float32 logits ``(B, num_classes)`` for a batch: a normal tensor without autograd graph."""
         if self.model is not None and self.model.training:  # someone called .train() on the inner net
             self.model.eval()
-        with torch.no_grad():
+        net = self._net if self._net is not None else (self.model if self.model is not None else self._fn)
+        with torch.inference_mode(), self._autocast(x.device.type):
             x = self._to_teacher_input(x)
-            out = self.model(x) if self.model is not None else self._fn(x)
+            if self.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = net(x)
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise TypeError(f"teacher {self.name!r} must return logits of shape (batch, num_classes), got {got}")
+        # detach: a callable may return a view of a batch that requires grad (views of normal
+        # tensors stay normal, graph included, even in inference mode).
+        out = out.detach().float()
+        if out.is_inference():  # the loss saves softmax(teacher) for backward: needs a normal tensor
+            out = out.clone()
         if self.num_classes is None:
             self.num_classes = out.shape[1]
             if self._expected_classes is not None:
                 self.check_num_classes(*self._expected_classes)
-        return out.float()
+        return out
 
     def check_num_classes(self, num_classes: int, dataset: str = "") -> None:
         """Raise if the teacher does not predict ``num_classes`` classes (checked at first output if unknown yet)."""
@@ -147,6 +264,18 @@ class Teacher(nn.Module):
             where = f"dataset {dataset!r} has" if dataset else "the data has"
             raise ValueError(f"teacher {self.name!r} predicts {self.num_classes} classes but {where} {num_classes}; "
                              "fine-tune the teacher on this dataset first: `distill train-teacher <recipe>`")
+
+
+_PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _precision_dtype(precision: str | torch.dtype | None) -> torch.dtype | None:
+    if precision is None or isinstance(precision, torch.dtype) and precision in _PRECISION_NAMES:
+        return precision
+    if isinstance(precision, str) and precision in PRECISIONS:
+        return PRECISIONS[precision]
+    raise ValueError(f"teacher precision must be one of {', '.join(PRECISIONS)} (or None to follow the "
+                     f"caller's autocast), got {precision!r}")
 
 
 def _channels(values: Sequence[float], device: torch.device) -> torch.Tensor:

@@ -1,0 +1,403 @@
+"""Training-step throughput, side by side in one process: plain student, our online distillation,
+our cached distillation and timm's ``TokenDistillationTask``, on the same CIFAR-10 batches.
+
+For every (student, teacher) pair, four training steps are timed, interleaved block by block:
+
+* (a) ``plain``: the student alone (class-head loss), no teacher;
+* (b) ``online``: our distillation step: the optimised ``teachers.Teacher`` (inference mode, the
+  run's precision, BatchNorm folded, channels_last, optionally compiled) + ``DistillationLoss``;
+* (c) ``cached``: our distillation step with the teacher's logits read from the replay cache
+  (see :func:`make_cached_step`; skipped until the cache exists);
+* (d) ``timm``: timm's own ``TokenDistillationTask`` (timm >= 1.0.25) training step with the same
+  student weights (timm's ``deit_tiny_distilled_patch16_224`` built at our shape, our state dict
+  loaded), the same teacher network (plain, as timm runs it) and the same batches.
+
+A step is forward + loss + backward + AdamW step (+ the teacher's forward where there is one).
+The batches are real CIFAR-10 training images (``--data``) with the training augmentation and
+mixup/cutmix of the ``cifar10_deit_tiny`` recipe, prepared in memory before any timing: data
+loading is not what is timed. Each variant first runs ``--warmup`` steps; then the variants take
+turns, ``--block`` steps each (the order rotates every round), until each has run ``--steps``;
+img/s is the median over its blocks. Before timing, (b) and (d) compute the loss of the same batch
+from the same weights (same drop-path draws): with the plain fp32 teacher the two must agree to
+float rounding, which shows they do the same work. The optimised teacher's top-1 agreement with the
+plain fp32 teacher is measured on all the prepared batches.
+
+    python benchmarks/throughput.py --teacher-checkpoint resnet20_cifar=PATH   # all 4 pairs, 30 steps each
+    python benchmarks/throughput.py --steps 2 --warmup 1 --block 1               # smoke run
+
+Prints a table and writes ``benchmarks/results/throughput.{json,md}`` (``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from torch.utils.data import DataLoader
+
+import students
+import teachers
+from distill.config import load_recipe
+from distill.evaluate import format_table
+from distill.losses import DistillationLoss
+from distill.train import image_dataset, load_data
+from distill.transforms import build_mixup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> overrides of our `deit_tiny` builder. DeiT-Ti (Touvron et al. 2021, Table 1: width 192,
+# depth 12, 3 heads) at patch 4 for 32x32 images, and the project's small 96x6 DeiT used by
+# benchmarks/cifar10_small.py.
+STUDENTS = {
+    "deit_tiny_p4": {"patch_size": 4},
+    "deit_96x6": {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3},
+}
+TEACHERS = ("resnet18_cifar", "resnet20_cifar")
+VARIANTS = ("plain", "online", "cached", "timm")
+# Optimiser and regularisation of the cifar10_deit_tiny recipe (AdamW, DeiT Table 9: wd 0.05,
+# drop path 0.1); lr is the recipe's project choice for batch 128.
+LR, WEIGHT_DECAY, DROP_PATH, ALPHA = 5e-4, 0.05, 0.1, 0.5
+
+
+def prepare_batches(cfg, args: argparse.Namespace, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``--batches`` augmented, mixed CIFAR-10 training batches (the recipe's ``cfg.data``), in memory on ``device``."""
+    dc = cfg.data
+    data = load_data(dc)
+    train_set = image_dataset(dc, data, train=True)
+    mixup = build_mixup(dc.mixup, dc.cutmix, prob=dc.mixup_prob, switch_prob=dc.mixup_switch_prob,
+                        label_smoothing=cfg.optim.smoothing, num_classes=data.num_classes)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed), num_workers=min(4, os.cpu_count() or 1))
+    batches = []
+    for images, labels in loader:
+        images, targets = mixup(images, labels) if mixup is not None else (images, labels)
+        batches.append((images.to(device), targets.to(device)))
+        if len(batches) == args.batches:
+            break
+    return batches
+
+
+def build_teachers(name: str, checkpoint: str | None, args, dc, batches, device):
+    """(plain fp32 teacher, optimised teacher) over one and the same network with the same weights."""
+    plain = teachers.create_teacher(name, num_classes=10, checkpoint=checkpoint, precision="fp32",
+                                    fold_bn=False, channels_last=False, compile=False)
+    plain.to(device)
+    if checkpoint is None:
+        # A random network has BatchNorm statistics 0/1, which would make folding trivially exact;
+        # calibrate them on the benchmark batches so the fold is exercised.
+        plain.model.train()
+        with torch.no_grad():
+            for x, _ in batches[:4]:
+                plain.model(x)
+        plain.model.eval()
+    fast = teachers.Teacher(plain.model, num_classes=10, mean=plain.mean, std=plain.std,
+                            input_size=plain.input_size, name=name)
+    fast.optimize(precision=args.precision, fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last,
+                  compile=args.compile)
+    fast.to(device)
+    for t in (plain, fast):
+        t.set_student_normalization(dc.mean, dc.std, img_size=dc.img_size)
+    return plain, fast
+
+
+def build_students(name: str, device: torch.device):
+    """Our student and timm's DeiT with the same shape and the very same initial weights."""
+    torch.manual_seed(0)
+    ours = students.create_student("deit_tiny", num_classes=10, img_size=32, drop_path_rate=DROP_PATH,
+                                   **STUDENTS[name])
+    theirs = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10, img_size=32,
+                               drop_path_rate=DROP_PATH, **STUDENTS[name])
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # DeiT parameter names are timm's
+    return ours.to(device).train(), theirs.to(device).train()
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+def make_plain_step(student, args, device) -> Callable:
+    """(a) the student alone: class-head loss against the mixed targets."""
+    opt = create_optimizer_v2(student, opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
+    loss_fn = DistillationLoss("none")
+
+    def step(x, y):
+        with autocast(device, args.precision):
+            cls_logits, dist_logits = student(x)
+        loss = loss_fn(cls_logits.float(), dist_logits.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def distillation_loss(args) -> DistillationLoss:
+    # batchmean: timm's normalisation of the soft KL, so that (b) and (d) compute the same loss.
+    return DistillationLoss(args.kind, alpha=ALPHA, tau=args.tau, soft_norm="batchmean")
+
+
+def make_online_step(student, teacher, args, device) -> Callable:
+    """(b) our online distillation step, as distill/train.py runs it: teacher, then student."""
+    opt = create_optimizer_v2(student, opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
+    loss_fn = distillation_loss(args)
+
+    def step(x, y):
+        teacher_logits = teacher(x)  # the Teacher runs in its own precision (args.precision)
+        with autocast(device, args.precision):
+            cls_logits, dist_logits = student(x)
+        loss = loss_fn(cls_logits.float(), dist_logits.float(), y, teacher_logits)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def make_cached_step(student, teacher, batches, args, device) -> Callable | None:
+    """(c) our distillation step with the teacher's logits read from the replay cache.
+
+    TO BE FILLED IN by the teacher-output cache (part 1 of the issue): build the cache of
+    ``teacher``'s outputs for ``batches`` here (untimed), and return ``step(x, y)`` doing exactly
+    what :func:`make_online_step`'s step does, with ``teacher(x)`` replaced by the cache lookup
+    for that batch. Until then this returns None and the benchmark skips (c) with a note.
+    """
+    return None
+
+
+def make_timm_step(student, teacher_network, plain_teacher, args, device) -> Callable:
+    """(d) timm's TokenDistillationTask step, as timm's train.py runs a task (all under autocast)."""
+    from timm.task import TokenDistillationTask
+    from timm.task.distillation import DistillationTeacher
+
+    dc = args.data_cfg
+    # The task un-normalises with the student's pretrained_cfg mean/std and re-normalises with the
+    # teacher's mean_kd/std_kd: give it our data's and our teacher's values.
+    student.pretrained_cfg = {**student.pretrained_cfg, "mean": tuple(dc.mean), "std": tuple(dc.std)}
+    teacher = DistillationTeacher(teacher_network, device=device)
+    teacher.mean_kd.copy_(torch.tensor(plain_teacher.mean, device=device).view(1, -1, 1, 1))
+    teacher.std_kd.copy_(torch.tensor(plain_teacher.std, device=device).view(1, -1, 1, 1))
+    # task_loss_weight alone = complementary weights: (1 - alpha) * CE + alpha * distill, as ours.
+    task = TokenDistillationTask(student, teacher, criterion=SoftTargetCrossEntropy(), distill_type=args.kind,
+                                 task_loss_weight=1.0 - ALPHA, temperature=args.tau, device=device, verbose=False)
+    task.train()
+    opt = create_optimizer_v2(student, opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def step(x, y):
+        with autocast(device, args.precision):
+            loss = task(x, y)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    step.task = task
+    return step
+
+
+@torch.no_grad()
+def teacher_agreement(plain, fast, batches) -> dict:
+    """Top-1 agreement (%) and largest logit difference of the optimised teacher against plain fp32."""
+    agree, total, diff = 0, 0, 0.0
+    for x, _ in batches:
+        ref, out = plain(x), fast(x)
+        agree += (ref.argmax(1) == out.argmax(1)).sum().item()
+        total += x.shape[0]
+        diff = max(diff, (ref - out).abs().max().item())
+    return {"teacher_agreement_top1": 100.0 * agree / total, "teacher_max_abs_logit_diff": diff}
+
+
+@torch.no_grad()
+def same_work_check(ours, theirs, plain, fast, task, batch, args, device) -> dict:
+    """|loss(b) - loss(d)| on one batch from the same weights and drop-path draws (before any step)."""
+    x, y = batch
+    loss_fn = distillation_loss(args)
+
+    def ours_loss(teacher, precision):
+        torch.manual_seed(1234)
+        with autocast(device, precision):
+            cls_logits, dist_logits = ours(x)
+        return loss_fn(cls_logits.float(), dist_logits.float(), y, teacher(x)).item()
+
+    def timm_loss(precision):
+        torch.manual_seed(1234)
+        with autocast(device, precision):
+            return task(x, y)["loss"].float().item()
+
+    exact = abs(ours_loss(plain, "fp32") - timm_loss("fp32"))
+    run = abs(ours_loss(fast, args.precision) - timm_loss(args.precision))
+    return {"loss_diff_fp32_same_teacher": exact, "loss_diff_as_benchmarked": run}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(steps: dict[str, Callable], batches, args, device) -> dict[str, list[float]]:
+    """Warm every variant up, then time ``--block`` steps of each in turn; img/s per block."""
+    n = len(batches)
+    for step in steps.values():
+        for i in range(args.warmup):
+            step(*batches[i % n])
+    sync(device)
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    cursor = 0
+    for block in range(max(1, args.steps // args.block)):
+        order = names[block % len(names):] + names[:block % len(names)]  # rotate: no fixed position
+        for name in order:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.block):
+                steps[name](*batches[cursor % n])
+                cursor += 1
+            sync(device)
+            rates[name].append(args.block * args.batch_size / (time.perf_counter() - start))
+    return rates
+
+
+def run_pair(student_name, teacher_name, args, batches, device) -> dict:
+    checkpoint = args.teacher_checkpoint.get(teacher_name)
+    plain, fast = build_teachers(teacher_name, checkpoint, args, args.data_cfg, batches, device)
+    ours, theirs = build_students(student_name, device)
+    student_a, student_b, student_c = ours, copy.deepcopy(ours), copy.deepcopy(ours)
+    timm_step = make_timm_step(theirs, plain.model, plain, args, device)
+    row: dict = {"teacher_checkpoint": checkpoint, "teacher_optimizations": fast.optimizations}
+    row.update(teacher_agreement(plain, fast, batches))
+    row.update(same_work_check(student_b, theirs, plain, fast, timm_step.task, batches[0], args, device))
+    steps = {"plain": make_plain_step(student_a, args, device),
+             "online": make_online_step(student_b, fast, args, device)}
+    cached = make_cached_step(student_c, fast, batches, args, device)
+    if cached is None:
+        print("  (c) cached: skipped: the teacher-output replay cache is not built yet "
+              "(fill in make_cached_step in benchmarks/throughput.py)", flush=True)
+    else:
+        steps["cached"] = cached
+    steps["timm"] = timm_step
+    rates = time_interleaved(steps, batches, args, device)
+    row["img_s_per_block"] = rates
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    for name in VARIANTS:
+        row[f"{name}_img_s"] = med.get(name)
+    ratio = lambda a, b: None if med.get(a) is None or med.get(b) is None else med[a] / med[b]  # noqa: E731
+    row["online/plain"] = ratio("online", "plain")
+    row["cached/plain"] = ratio("cached", "plain")
+    row["online/timm"] = ratio("online", "timm")
+    return row
+
+
+COLUMNS = ["plain_img_s", "online_img_s", "cached_img_s", "timm_img_s", "online/plain", "cached/plain",
+           "online/timm", "teacher_agreement_top1"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant and pair (after warm-up)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
+    p.add_argument("--block", type=int, default=3, help="steps per timed block; variants take turns block by block")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batches", type=int, default=16, help="distinct augmented batches prepared in memory (cycled)")
+    p.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
+    p.add_argument("--teachers", nargs="+", choices=list(TEACHERS), default=list(TEACHERS))
+    p.add_argument("--teacher-checkpoint", action="append", default=[], metavar="NAME=PATH",
+                   help="trained weights for a teacher, e.g. resnet20_cifar=runs/x-teacher/export/model.safetensors "
+                        "(repeatable); without, the teacher is random with BatchNorm statistics calibrated on the batches")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="autocast for every variant and the optimised teacher (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--kind", choices=["hard", "soft"], default="hard", help="distillation kind (DeiT's default: hard)")
+    p.add_argument("--tau", type=float, default=1.0, help="soft distillation temperature")
+    p.add_argument("--compile", action="store_true", help="torch.compile the optimised teacher (teacher.compile)")
+    p.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm (teacher.fold_bn=false)")
+    p.add_argument("--no-channels-last", action="store_true", help="teacher.channels_last=false")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 (Hub id or local folder)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput.json"),
+                   help="JSON results file; the table goes next to it as .md")
+    args = p.parse_args()
+    pairs = []
+    for item in args.teacher_checkpoint:
+        name, sep, path = item.partition("=")
+        if not sep or name not in TEACHERS:
+            p.error(f"--teacher-checkpoint {item!r} must be NAME=PATH with NAME one of {', '.join(TEACHERS)}")
+        pairs.append((name, path))
+    args.teacher_checkpoint = dict(pairs)
+    if args.steps < 1 or args.block < 1 or args.warmup < 0 or args.batches < 1:
+        p.error("--steps, --block and --batches must be >= 1 and --warmup >= 0")
+    if args.batch_size < 2 or args.batch_size % 2:
+        p.error(f"--batch-size {args.batch_size}: timm's mixup needs an even batch size")
+    args.block = min(args.block, args.steps)
+    device = torch.device(args.device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    # The data side of the cifar10_deit_tiny recipe: 32x32, pad-4 crop + flip, RandAugment, erasing,
+    # mixup 0.8 / cutmix 1.0, label smoothing 0.1, ImageNet mean/std.
+    cfg = load_recipe("cifar10_deit_tiny", [f"data.source={args.data}"])
+    args.data_cfg = cfg.data
+
+    start = time.perf_counter()
+    batches = prepare_batches(cfg, args, device)
+    print(f"{len(batches)} augmented CIFAR-10 batches of {args.batch_size} (crop, flip, RandAugment, erasing, "
+          f"mixup/cutmix) prepared in memory in {time.perf_counter() - start:.0f} s: data loading is not timed", flush=True)
+    results: dict = {
+        "command": " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                   f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'no GPU'}",
+        "torch": torch.__version__, "timm": timm.__version__, "device": str(device), "threads": args.threads,
+        "precision": args.precision, "kind": args.kind, "batch_size": args.batch_size, "steps": args.steps,
+        "warmup": args.warmup, "block": args.block, "batches": len(batches),
+        "timing": "img/s = median over blocks; variants interleaved block by block in one process; "
+                  "batches prepared in memory beforehand (data loading not timed)",
+        "rows": {},
+    }
+    for student_name in args.students:
+        for teacher_name in args.teachers:
+            label = f"{student_name} + {teacher_name}"
+            print(f"{label} ...", flush=True)
+            row = run_pair(student_name, teacher_name, args, batches, device)
+            results["rows"][label] = row
+            print(format_table({label: row}, COLUMNS), flush=True)
+            print(f"  loss |(b)-(d)|: {row['loss_diff_fp32_same_teacher']:.2e} (fp32, same teacher), "
+                  f"{row['loss_diff_as_benchmarked']:.2e} (as benchmarked); teacher: {row['teacher_optimizations']}",
+                  flush=True)
+    table = format_table(results["rows"], COLUMNS)
+    random_teachers = [t for t in args.teachers if t not in args.teacher_checkpoint]
+    notes = [results["timing"], f"{results['machine']}; torch {results['torch']}, timm {results['timm']}; "
+             f"precision {args.precision}, {args.kind} distillation, batch {args.batch_size}, {args.steps} steps "
+             f"after {args.warmup} warm-up, blocks of {args.block}"]
+    if "cached" not in next(iter(results["rows"].values()))["img_s_per_block"]:
+        notes.append("(c) cached: not measured, the teacher-output replay cache is not built yet")
+    if random_teachers:
+        notes.append(f"random-init teachers (BatchNorm calibrated on the batches): {', '.join(random_teachers)}; "
+                     "their agreement figure says little about a trained teacher")
+    print()
+    print(table)
+    print("\n".join(notes))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    bullets = "\n".join(f"- {n}" for n in notes)
+    out.with_suffix(".md").write_text(f"`{results['command']}`\n\n```\n{table}\n```\n\n{bullets}\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

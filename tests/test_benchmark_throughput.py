@@ -1,0 +1,63 @@
+"""benchmarks/throughput.py: its variants do the same work as timm's TokenDistillationTask (no timing asserted)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import REPO
+from distill.config import Config
+
+spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+throughput = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(throughput)
+
+
+def _args(kind: str, precision: str = "fp32") -> argparse.Namespace:
+    data_cfg = Config().data
+    data_cfg.img_size = 32
+    return argparse.Namespace(kind=kind, tau=3.0, precision=precision, compile=False, no_fold_bn=False,
+                              no_channels_last=False, teacher_checkpoint={}, data_cfg=data_cfg,
+                              steps=1, warmup=1, block=1, batch_size=8)
+
+
+def _batches(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x = torch.randn(8, 3, 32, 32, generator=g)
+        y = torch.softmax(torch.randn(8, 10, generator=g) * 3, dim=1)  # mixup-like soft targets
+        out.append((x, y))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_online_step_and_timm_task_compute_the_same_loss(kind):
+    args, batches, cpu = _args(kind), _batches(), torch.device("cpu")
+    plain, fast = throughput.build_teachers("resnet20_cifar", None, args, args.data_cfg, batches, cpu)
+    ours, theirs = throughput.build_students("deit_96x6", cpu)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    timm_step = throughput.make_timm_step(theirs, plain.model, plain, args, cpu)
+    check = throughput.same_work_check(ours, theirs, plain, fast, timm_step.task, batches[0], args, cpu)
+    # Same weights, same teacher, same drop-path draws: timm's loss is ours to float rounding.
+    assert check["loss_diff_fp32_same_teacher"] < 1e-5
+    assert check["loss_diff_as_benchmarked"] < 1e-3  # the folded, channels_last fp32 teacher
+    agreement = throughput.teacher_agreement(plain, fast, batches)
+    assert agreement["teacher_agreement_top1"] == 100.0
+    # And the check can fail: a different student gives a different loss.
+    with torch.no_grad():
+        ours.head_dist.weight.add_(torch.randn(ours.head_dist.weight.shape, generator=torch.Generator().manual_seed(0)))
+    moved = throughput.same_work_check(ours, theirs, plain, fast, timm_step.task, batches[0], args, cpu)
+    assert moved["loss_diff_fp32_same_teacher"] > 1e-3
+
+
+def test_run_pair_measures_every_variant_and_skips_the_cached_one(capsys):
+    args, batches = _args("hard"), _batches()
+    row = throughput.run_pair("deit_96x6", "resnet20_cifar", args, batches, torch.device("cpu"))
+    assert "(c) cached: skipped" in capsys.readouterr().out  # said, not faked
+    assert set(row["img_s_per_block"]) == {"plain", "online", "timm"}
+    assert row["cached_img_s"] is None and row["cached/plain"] is None
+    assert row["plain_img_s"] > 0 and row["online/timm"] == row["online_img_s"] / row["timm_img_s"]
+    assert row["teacher_optimizations"]["fold_bn"] == 21

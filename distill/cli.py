@@ -5,6 +5,7 @@
     distill train my_recipe.yaml --resume               # continue the run from its last checkpoint
     distill train-teacher cifar10_deit_tiny             # fine-tune the teacher on the dataset first
     distill eval runs/cifar10_deit_tiny --json out.json
+    distill export runs/cifar10_deit_tiny --format timm  # or --format hf; --push-to-hub user/name
     distill students | teachers | recipes
 
 Bad input (unknown key, wrong type, missing column, wrong class count, unsafe checkpoint) ends with a
@@ -60,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is present")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+
+    p = sub.add_parser("export", help="convert a trained student into a timm or 🤗 transformers folder",
+                       description="Write the student of a run (or export folder) as a folder that timm "
+                                   "(timm.create_model('local-dir:<folder>', pretrained=True)) or transformers "
+                                   "(from_pretrained) loads on its own, with the same logits.")
+    p.add_argument("path", help="runs/<name> or an export folder (model.safetensors + config.json)")
+    p.add_argument("--format", required=True, choices=["timm", "hf"], help="target library")
+    p.add_argument("--out", help="output folder (default: next to the export folder, e.g. runs/<name>/export_timm)")
+    p.add_argument("--head", choices=["joint", "cls", "dist"],
+                   help="head the exported model outputs (default: the one the student predicts with: joint, "
+                        "or cls for a student trained without a teacher)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (user/name)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip loading the folder back with the target library to compare logits")
 
     p = sub.add_parser("quickstart", help="offline demo: teacher, student without teacher, distilled student",
                        description="Fine-tune a CNN teacher on scikit-learn's handwritten digits, then train the "
@@ -147,6 +162,17 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(metrics, f, indent=2)
+    elif args.command == "export":
+        from distill.export import MARKER
+        out = distill.export_student(args.path, args.format, out=args.out, push_to_hub=args.push_to_hub,
+                                     head=args.head, verify=not args.no_verify)
+        meta = json.loads((out / MARKER).read_text())
+        diff = meta["checked_max_abs_diff"]
+        checked = (f"logits match the student's (max abs diff {diff:.1e})" if diff is not None
+                   else "logits not checked" + (" (transformers is not installed)" if not args.no_verify else ""))
+        print(f"wrote {out}: {meta['target']}, {meta['head']} head; {checked}")
+        if args.push_to_hub:
+            print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
     elif args.command == "quickstart":
         from distill.quickstart import run_quickstart
         run_quickstart(output_dir=args.output_dir, overrides=args.overrides)

@@ -1,0 +1,409 @@
+"""`distill export`: timm and 🤗 transformers folders that load with those libraries alone and give
+the student's logits (max abs diff < 1e-5), for random and trained tiny DeiT/ViT/CaiT students."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import distill
+import students
+from distill.cli import main as cli
+from distill.config import Config, update
+from distill.export import (MARKER, ExportError, export_student, head_logits, load_hf_export, load_timm_export,
+                            resolve_out)
+from distill.transforms import build_transform
+
+from conftest import tiny_config
+
+TOL = 1e-5
+SMALL = dict(num_classes=4, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+INFO = dict(class_names=["cat", "dog", "ship", "frog"], mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], img_size=16,
+            transform="small", crop_pct=0.875, distill="hard")
+NEEDS_TRANSFORMERS = "the hf export is checked by loading it with transformers: pip install 'deit-distill[hf]'"
+
+
+def _transformers():
+    return pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
+
+
+def _pil_backend(transformers) -> dict:
+    # transformers 5 resizes with torchvision tensors unless asked for PIL; 4.x's default is PIL.
+    return {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+
+
+def _batch(seed: int = 0, size: int = 16) -> torch.Tensor:
+    return torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _image(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    """Randomly initialised tiny students in our export format (`students.save_student`), by name."""
+    root = tmp_path_factory.mktemp("students")
+    folders = {}
+    for name in ("deit_tiny", "vit_tiny", "cait_xxs24"):
+        torch.manual_seed(0)
+        folders[name] = students.save_student(students.create_student(name, **SMALL), root / name, **INFO)
+    return folders
+
+
+@pytest.fixture(scope="module", params=["deit_tiny", "vit_tiny"])
+def trained_run(request, tiny_dataset, tmp_path_factory) -> Path:
+    """A tiny student trained for one epoch without a teacher: it predicts with its class head."""
+    out = tmp_path_factory.mktemp("runs")
+    raw = tiny_config(tiny_dataset, out)
+    raw["student"]["name"] = request.param
+    raw["teacher"] = {"name": None}
+    raw["distill"] = {"kind": "none"}
+    raw["train"].update(epochs=1, run_name="alone")
+    cfg = Config(name="alone")
+    update(cfg, raw)
+    distill.train(cfg)
+    return out / "alone"
+
+
+# --------------------------------------------------------------------------------------------------
+# timm
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, head, arch", [
+    ("deit_tiny", "joint", "deit_tiny_distilled_patch16_224"),
+    ("deit_tiny", "cls", "deit_tiny_patch16_224"),
+    ("deit_tiny", "dist", "deit_tiny_patch16_224"),
+    ("vit_tiny", None, "vit_tiny_patch16_224"),
+    ("cait_xxs24", "cls", "cait_xxs24_224"),
+    ("cait_xxs24", "dist", "cait_xxs24_224"),
+])
+def test_timm_export_loads_in_timm_with_our_logits(saved, tmp_path, name, head, arch):
+    out = export_student(saved[name], "timm", out=tmp_path / "timm", head=head)
+    ours = students.load_student(saved[name]).eval()
+    x = _batch()
+    with torch.no_grad():
+        want = head_logits(ours, head or "cls", x)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == arch and cfg["num_classes"] == 4
+    assert cfg["label_names"] == INFO["class_names"]
+    assert cfg["model_args"]["embed_dim"] == 32 and cfg["model_args"]["patch_size"] == 4
+    pretrained = cfg["pretrained_cfg"]
+    assert pretrained["input_size"] == [3, 16, 16]
+    assert (pretrained["mean"], pretrained["std"]) == (INFO["mean"], INFO["std"])
+    assert "tag" not in pretrained and "license" not in pretrained  # not the ImageNet checkpoint's
+
+    by_folder = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    # The architecture name + the file: pretrained_cfg carries num_classes, without which timm
+    # would drop the head as "another class count" and load the rest non-strictly.
+    by_name = timm.create_model(arch, pretrained=True, **cfg["model_args"],
+                                pretrained_cfg_overlay=dict(pretrained, file=str(out / "model.safetensors"))).eval()
+    fresh = timm.create_model(arch, **cfg["model_args"]).eval()
+    fresh.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    with torch.no_grad():
+        for model in (by_folder, by_name, fresh):
+            assert _max_diff(model(x), want) < TOL
+    assert not by_folder.training
+
+
+def test_timm_cls_export_keeps_the_distillation_token(saved, tmp_path):
+    """Dropping the distillation token would change the class head: it is kept as timm's register token."""
+    out = export_student(saved["deit_tiny"], "timm", out=tmp_path / "t", head="cls")
+    weights = load_file(str(out / "model.safetensors"))
+    ours = load_file(str(saved["deit_tiny"] / "model.safetensors"))
+    assert torch.equal(weights["reg_token"], ours["dist_token"])
+    assert "head_dist.weight" not in weights and torch.equal(weights["head.weight"], ours["head.weight"])
+    model = students.load_student(saved["deit_tiny"]).eval()
+    plain = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2,
+                              num_heads=2, num_classes=4).eval()  # the same model without that token
+    plain.load_state_dict({k: v for k, v in weights.items() if k != "reg_token"} | {
+        "pos_embed": torch.cat([weights["pos_embed"][:, :1], weights["pos_embed"][:, 2:]], dim=1)})
+    x = _batch()
+    with torch.no_grad():
+        assert _max_diff(plain(x), model.forward_heads(x)[0]) > 1e-3
+
+
+@pytest.mark.parametrize("style", ["deit", "small"])
+def test_timm_data_config_rebuilds_our_eval_transform(saved, tmp_path, style):
+    student = students.load_student(saved["deit_tiny"])
+    info = dict(INFO, transform=style, img_size=16, crop_pct=0.875)
+    src = students.save_student(student, tmp_path / "src", **info)
+    model = load_timm_export(export_student(src, "timm", out=tmp_path / "timm"))
+    theirs = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    ours = build_transform(16, False, style=style, crop_pct=0.875, mean=INFO["mean"], std=INFO["std"])
+    for w, h in [(16, 16), (40, 40), (40, 30), (33, 50), (12, 20)]:
+        img = _image(w, h)
+        assert _max_diff(theirs(img), ours(img)) < 1e-6, (w, h)
+
+
+# --------------------------------------------------------------------------------------------------
+# 🤗 transformers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, head, arch, n_fixed", [
+    ("deit_tiny", "joint", "DeiTForImageClassificationWithTeacher", 11),
+    ("deit_tiny", "cls", "DeiTForImageClassification", 9),
+    ("deit_tiny", "dist", "DeiTForImageClassification", 9),
+    ("vit_tiny", None, "ViTForImageClassification", 8),
+])
+def test_hf_export_loads_in_transformers_with_our_logits(saved, tmp_path, name, head, arch, n_fixed):
+    transformers = _transformers()
+    out = export_student(saved[name], "hf", out=tmp_path / "hf", head=head)
+    # The tensors transformers stores for a ViT/DeiT: fixed ones + 16 per block (qkv split in three).
+    assert len(load_file(str(out / "model.safetensors"))) == n_fixed + 16 * SMALL["depth"]
+    model, report = getattr(transformers, arch).from_pretrained(str(out), output_loading_info=True)
+    assert not any(report[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), report
+    auto = transformers.AutoModelForImageClassification.from_pretrained(str(out))
+    assert type(auto).__name__ == arch
+    assert model.config.id2label == dict(enumerate(INFO["class_names"]))
+    assert model.config.layer_norm_eps == 1e-6
+    ours = students.load_student(saved[name]).eval()
+    x = _batch()
+    with torch.no_grad():
+        want = head_logits(ours, head or "cls", x)
+        assert _max_diff(model.eval()(pixel_values=x).logits, want) < TOL
+        assert _max_diff(auto.eval()(pixel_values=x).logits, want) < TOL
+
+
+def test_hf_layer_norm_eps_matters(saved, tmp_path):
+    """transformers' default eps (1e-12) instead of timm's 1e-6 moves the logits: the export sets it."""
+    transformers = _transformers()
+    out = export_student(saved["deit_tiny"], "hf", out=tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "layer_norm_eps"}))
+    model = transformers.DeiTForImageClassificationWithTeacher.from_pretrained(str(out)).eval()
+    ours = students.load_student(saved["deit_tiny"]).eval()
+    x = _batch()
+    with torch.no_grad():
+        assert _max_diff(model(pixel_values=x).logits, ours(x)) > TOL
+
+
+@pytest.mark.parametrize("style, sizes", [
+    ("deit", [(16, 16), (40, 40), (40, 30), (30, 47), (37, 61), (12, 20)]),
+    ("small", [(16, 16), (40, 30), (33, 50), (12, 20)]),
+])
+def test_hf_image_processor_equals_our_eval_transform(saved, tmp_path, style, sizes):
+    transformers = _transformers()
+    student = students.load_student(saved["deit_tiny"])
+    src = students.save_student(student, tmp_path / "src", **dict(INFO, transform=style))
+    out = export_student(src, "hf", out=tmp_path / "hf")
+    processor = transformers.AutoImageProcessor.from_pretrained(str(out), **_pil_backend(transformers))
+    ours = build_transform(16, False, style=style, crop_pct=0.875, mean=INFO["mean"], std=INFO["std"])
+    for w, h in sizes:
+        img = _image(w, h)
+        theirs = processor(img, return_tensors="pt")["pixel_values"][0]
+        assert _max_diff(theirs, ours(img)) < 1e-6, (w, h)
+
+
+def test_hf_center_crop_rounds_down_where_torchvision_rounds_half_to_even(saved, tmp_path):
+    """A 33x50 image resized to 18x27: 11 rows to cut. torchvision (ours, timm) starts the crop at
+    round(5.5) = 6, transformers at 11 // 2 = 5, so the crop sits one row higher."""
+    transformers = _transformers()
+    student = students.load_student(saved["deit_tiny"])
+    src = students.save_student(student, tmp_path / "src", **dict(INFO, transform="deit"))
+    processor = transformers.AutoImageProcessor.from_pretrained(
+        str(export_student(src, "hf", out=tmp_path / "hf")), **_pil_backend(transformers))
+    img = _image(33, 50)
+    theirs = processor(img, return_tensors="pt")["pixel_values"][0]
+    ours = build_transform(16, False, style="deit", crop_pct=0.875, mean=INFO["mean"], std=INFO["std"])(img)
+    assert _max_diff(theirs, ours) > 0.1
+    assert _max_diff(theirs[:, 1:], ours[:, :-1]) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# A trained student, without a teacher: its class head is what it predicts with
+# --------------------------------------------------------------------------------------------------
+
+
+def test_trained_student_exports_the_head_it_predicts_with(trained_run, capsys):
+    model = students.load_student(trained_run / "export").eval()
+    assert model.eval_head == "cls" or not model.has_dist_token  # a ViT's heads are one head
+    x = _batch(seed=1)
+    with torch.no_grad():
+        want = model(x)
+        if model.has_dist_token:  # the untrained distillation head would move the joint output
+            assert _max_diff(head_logits(model, "joint", x), want) > 1e-3
+
+    assert cli(["export", str(trained_run), "--format", "timm"]) == 0  # default --out: <run>/export_timm
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {trained_run / 'export_timm'}") and "logits match" in printed
+    with torch.no_grad():
+        assert _max_diff(load_timm_export(trained_run / "export_timm")(x), want) < TOL
+    joint = export_student(trained_run, "timm", out=trained_run / "joint_timm", head="joint")
+    with torch.no_grad():
+        assert _max_diff(load_timm_export(joint)(x), head_logits(model, "joint", x)) < TOL
+
+    transformers = _transformers()
+    assert cli(["export", str(trained_run), "--format", "hf"]) == 0
+    hf = transformers.AutoModelForImageClassification.from_pretrained(str(trained_run / "export_hf")).eval()
+    assert type(hf).__name__ == ("DeiTForImageClassification" if model.has_dist_token else "ViTForImageClassification")
+    assert hf.config.id2label == {i: f"class_{i}" for i in range(4)}
+    with torch.no_grad():
+        assert _max_diff(hf(pixel_values=x).logits, want) < TOL
+    joint = export_student(trained_run, "hf", out=trained_run / "joint_hf", head="joint")
+    with torch.no_grad():
+        assert _max_diff(load_hf_export(joint)(pixel_values=x).logits, head_logits(model, "joint", x)) < TOL
+    # Its processor prepares a dataset image exactly as `distill eval` does.
+    processor = transformers.AutoImageProcessor.from_pretrained(str(trained_run / "export_hf"), **_pil_backend(transformers))
+    info = json.loads((trained_run / "export" / "config.json").read_text())
+    img = _image(16, 16, seed=3)
+    ours = build_transform(16, False, style=info["transform"], crop_pct=info["crop_pct"], mean=info["mean"], std=info["std"])
+    assert _max_diff(processor(img, return_tensors="pt")["pixel_values"][0], ours(img)) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# What cannot be exported, bad input, the output folder
+# --------------------------------------------------------------------------------------------------
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("cmt_ti", dict(img_size=32, stem_chans=8, dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))),
+    ("dhvt_tiny_cifar_p4", dict(img_size=16, embed_dim=32, depth=1, num_heads=2)),
+])
+def test_students_without_equivalent_give_one_line_errors(tmp_path, name, kwargs):
+    src = students.save_student(students.create_student(name, num_classes=4, **kwargs), tmp_path / name, **INFO)
+    for fmt in ("timm", "hf"):
+        with pytest.raises(ExportError) as e:
+            export_student(src, fmt)
+        assert "no timm or transformers equivalent" in _one_line(e)
+    assert not (tmp_path / f"{name}_timm").exists() and not (tmp_path / f"{name}_hf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary folder left behind
+
+
+def test_cait_exports_one_head_to_timm_only(saved, tmp_path):
+    joint = students.save_student(students.load_student(saved["cait_xxs24"]), tmp_path / "cait")  # eval_head joint
+    with pytest.raises(ExportError) as e:
+        export_student(joint, "timm")
+    assert "--head cls" in _one_line(e)
+    with pytest.raises(ExportError) as e:
+        export_student(joint, "hf", head="cls")
+    assert "--format timm" in _one_line(e)
+
+
+def test_bad_inputs_give_one_line_errors(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_student(tmp_path / "missing", "timm")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        export_student(tmp_path / "empty", "timm")
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.yaml").write_text("name: tiny\n")
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        export_student(tmp_path / "unfinished", "timm")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"student": {"name": "deit_tiny",')
+    with pytest.raises(ExportError) as e:
+        export_student(broken, "timm")
+    assert "not valid JSON" in _one_line(e)
+    (broken / "config.json").write_text('{"architecture": "deit_tiny_distilled_patch16_224"}')
+    with pytest.raises(ExportError) as e:
+        export_student(broken, "hf")
+    assert "no 'student' entry" in _one_line(e)
+    (broken / "teacher.json").write_text("{}")
+    with pytest.raises(ExportError, match="teacher, not a student"):
+        export_student(broken, "timm")
+    with pytest.raises(ExportError, match="--format timm or --format hf"):
+        export_student(saved["deit_tiny"], "onnx")
+    with pytest.raises(ExportError, match="--head joint"):
+        export_student(saved["deit_tiny"], "timm", head="both")
+
+
+def test_output_folder_is_replaced_only_if_an_export_wrote_it(saved, tmp_path):
+    out = tmp_path / "out"
+    export_student(saved["deit_tiny"], "hf", out=out)
+    assert (out / "preprocessor_config.json").is_file()
+    assert set(json.loads((out / MARKER).read_text())["files"]) == {p.name for p in out.iterdir()}
+    export_student(saved["deit_tiny"], "timm", out=out)  # a previous export: replaced, nothing stale kept
+    assert not (out / "preprocessor_config.json").exists()
+    assert json.loads((out / MARKER).read_text())["format"] == "timm"
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="notes.txt"):
+        export_student(saved["deit_tiny"], "timm", out=out)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.csv").write_text("1,2")
+    with pytest.raises(ExportError, match="not written by `distill export`"):
+        export_student(saved["deit_tiny"], "timm", out=foreign)
+    assert (foreign / "data.csv").read_text() == "1,2"
+    assert resolve_out(saved["deit_tiny"], "hf", None) == saved["deit_tiny"].with_name("deit_tiny_hf")
+
+
+def test_a_wrong_mapping_is_caught_before_anything_is_written(saved, tmp_path, monkeypatch):
+    """The load-back check compares logits: a converter that forgot to swap the tokens for the
+    distillation head is refused and the output folder never appears."""
+    import distill.export as export
+
+    monkeypatch.setattr(export, "_first_token_order", lambda w, head: (w("cls_token"), w("dist_token"), w("pos_embed")))
+    with pytest.raises(ExportError) as e:
+        export_student(saved["deit_tiny"], "timm", out=tmp_path / "out", head="dist")
+    assert "logits" in _one_line(e) and "--no-verify" in str(e.value)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub upload (offline: the HfApi calls are replaced) and the command line
+# --------------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_the_export_folder(saved, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class Repo:
+        repo_id = "me/tiny-deit"
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return Repo()
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls.append(("upload_folder", repo_id, folder_path, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out = export_student(saved["deit_tiny"], "timm", out=tmp_path / "t", push_to_hub="me/tiny-deit")
+    assert calls[0] == ("create_repo", "me/tiny-deit", {"exist_ok": True})
+    assert calls[1] == ("upload_folder", "me/tiny-deit", str(out), ["README.md", "config.json", MARKER, "model.safetensors"])
+    card = (out / "README.md").read_text()
+    assert "library_name: timm" in card and 'timm.create_model("hf-hub:me/tiny-deit", pretrained=True)' in card
+
+    def offline(self, repo_id, **kwargs):
+        raise huggingface_hub.errors.OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    with pytest.raises(ExportError) as e:
+        export_student(saved["deit_tiny"], "timm", out=tmp_path / "t", push_to_hub="me/tiny-deit")
+    assert "hf auth login" in _one_line(e)
+    assert (tmp_path / "t" / "model.safetensors").is_file()  # the folder is written either way
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(saved, tmp_path, capsys):
+    assert cli(["export", str(tmp_path / "missing"), "--format", "timm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "runs/<name>" in err
+    src = students.save_student(students.load_student(saved["cait_xxs24"]), tmp_path / "cait")
+    assert cli(["export", str(src), "--format", "timm"]) == 2
+    assert "--head cls" in capsys.readouterr().err
+    assert cli(["export", str(src), "--format", "timm", "--head", "cls", "--out", str(tmp_path / "c")]) == 0
+    assert "timm cait_xxs24_224, cls head" in capsys.readouterr().out

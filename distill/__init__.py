@@ -8,12 +8,14 @@ The Python API the CLI is built on::
     distill.train_teacher(cfg)               # only the teacher stage
     distill.evaluate_run("runs/cifar10_deit_tiny")
     distill.export_student("runs/cifar10_deit_tiny", "timm")   # or "hf": a folder timm/transformers loads
+    distill.analyze_run("runs/cifar10_deit_tiny")   # DeiT Sec. 4: token cosines, head agreement, confusion
 """
 from distill.config import Config, ConfigError, load_recipe, list_recipes
 from distill.losses import DistillationLoss
 from distill.train import train, train_teacher
 from distill.evaluate import evaluate, evaluate_run
 from distill.export import ExportError, export_student
+from distill.analyze import analyze_run
 
 __all__ = ["Config", "ConfigError", "load_recipe", "list_recipes", "DistillationLoss", "train",
-           "train_teacher", "evaluate", "evaluate_run", "export_student", "ExportError"]
+           "train_teacher", "evaluate", "evaluate_run", "export_student", "ExportError", "analyze_run"]

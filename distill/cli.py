@@ -6,6 +6,7 @@
     distill train-teacher cifar10_deit_tiny             # fine-tune the teacher on the dataset first
     distill eval runs/cifar10_deit_tiny --json out.json
     distill export runs/cifar10_deit_tiny --format timm  # or --format hf; --push-to-hub user/name
+    distill analyze runs/cifar10_deit_tiny              # token cosines, head agreement, confusion (JSON + PNG)
     distill students | teachers | recipes
 
 Bad input (unknown key, wrong type, missing column, wrong class count, unsafe checkpoint) ends with a
@@ -75,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (user/name)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip loading the folder back with the target library to compare logits")
+    p = sub.add_parser("analyze", help="what the distillation token learned: token cosine by layer, agreement "
+                                       "of heads and teacher, confusion matrix (JSON + PNG)",
+                       description="DeiT Sec. 4 analysis of a run folder or an exported student: the cosine between "
+                                   "the class and distillation tokens (learned embeddings and layer by layer), the "
+                                   "top-1 agreement of the class, distillation and joint heads and the teacher, and "
+                                   "the joint head's confusion matrix. Writes analysis.json and, with matplotlib, "
+                                   "analysis.png.")
+    p.add_argument("path", help="runs/<name> or an export folder (model.safetensors + config.json)")
+    p.add_argument("--out", help="folder for analysis.json / analysis.png (default: <path>/analysis)")
+    p.add_argument("--data", help="dataset source (default: the one the run trained on)")
+    p.add_argument("--split", help="split to analyse (default: validation, val or test)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--teacher-checkpoint", help="teacher weights, if not the run's")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument("--no-plots", action="store_true", help="write the JSON only")
 
     p = sub.add_parser("quickstart", help="offline demo: teacher, student without teacher, distilled student",
                        description="Fine-tune a CNN teacher on scikit-learn's handwritten digits, then train the "
@@ -173,6 +190,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {out}: {meta['target']}, {meta['head']} head; {checked}")
         if args.push_to_hub:
             print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
+    elif args.command == "analyze":
+        from distill.analyze import analyze_run, format_summary
+        result = analyze_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size,
+                             teacher_checkpoint=args.teacher_checkpoint, num_workers=args.num_workers, cpu=args.cpu,
+                             out=args.out, plot=not args.no_plots)
+        print(format_summary(result))
     elif args.command == "quickstart":
         from distill.quickstart import run_quickstart
         run_quickstart(output_dir=args.output_dir, overrides=args.overrides)

@@ -136,7 +136,14 @@ class StudentConfig:
     drop_path: Smoothing = 0.1
     """Stochastic depth rate (DeiT Table 9: 0.1)."""
     checkpoint: str | None = None
-    """Initial weights (safetensors or torch state dict), e.g. timm DeiT weights."""
+    """Initial weights (safetensors, torch state dict, or an export folder such as runs/<x>/export), e.g. timm
+    DeiT weights; another resolution interpolates the position embedding (fine-tuning, DeiT Sec. 6)."""
+    pos_embed_antialias: bool = False
+    """Resizing pos_embed for another resolution: false = bicubic without antialiasing, as DeiT's main.py
+    fine-tunes (F.interpolate, align_corners=False); true = timm's resample_abs_pos_embed default (antialias)."""
+    joint: Literal["logits", "softmax"] = "logits"
+    """Eval-mode joint head: `logits` averages the two heads' logits (official DeiT code, models.py);
+    `softmax` averages their softmax outputs (DeiT paper, Sec. 4 "joint classifiers"). Eval reports both."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra builder arguments, e.g. {depth: 6}."""
 
@@ -152,7 +159,9 @@ class TeacherConfig:
     pretrained: bool = False
     """timm's pretrained ImageNet weights (needs network; only right for 1000-class ImageNet)."""
     img_size: PositiveInt | None = None
-    """Teacher input resolution; None feeds the student's resolution."""
+    """Teacher input resolution (batches are resized to it); None: the resolution recorded in the teacher
+    export's teacher.json (a teacher keeps seeing its own resolution when the student fine-tunes at another),
+    else the student's."""
     cache: str | None = None
     """Folder of cached teacher outputs (`distill cache-teacher`); training then never runs the teacher."""
     cache_topk: PositiveInt = 10

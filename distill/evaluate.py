@@ -2,22 +2,42 @@
 
 ``evaluate`` runs over a prepared loader (Accelerate shards it; ``gather_for_metrics`` drops the
 padding of the last batch), so the numbers are exact on any number of processes.
+
+The joint head is reported both ways the DeiT sources fuse the two heads (``student.joint``):
+``joint_*`` averages the logits (the official code), ``joint_softmax_*`` averages the softmax
+outputs (the paper's text, Sec. 4). ``agreement_top1`` compares the teacher with the joint rule the
+student was configured with.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-HEADS = ("cls", "dist", "joint")
+from students.base import joint_logits
+
+HEADS = ("cls", "dist", "joint", "joint_softmax")
 
 
 def model_heads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(cls_logits, dist_logits) for a student, None for a plain classifier (e.g. a teacher network)."""
     inner = getattr(model, "module", model)  # DistributedDataParallel keeps the student in .module
     return inner.forward_heads(x) if hasattr(inner, "forward_heads") else None
+
+
+def model_joint(model: nn.Module) -> str:
+    """The student's configured joint rule (``student.joint``): ``"logits"`` or ``"softmax"``."""
+    return getattr(getattr(model, "module", model), "joint", "logits")
+
+
+def head_logits(cls_logits: torch.Tensor, dist_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every head of a student: class, distillation, and the joint head under both rules."""
+    return {"cls": cls_logits, "dist": dist_logits, "joint": joint_logits(cls_logits, dist_logits, "logits"),
+            "joint_softmax": joint_logits(cls_logits, dist_logits, "softmax")}
 
 
 def new_teacher_store(num_samples: int, num_classes: int) -> torch.Tensor:
@@ -35,6 +55,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1/top-5 of each head in percent, teacher top-1/top-5 and student-teacher top-1 agreement.
 
+    Heads: ``cls``, ``dist``, ``joint`` (logit average) and ``joint_softmax`` (softmax average).
+
     ``loader`` yields ``(images, labels)`` or ``(images, labels, sample indices)``. With indices,
     ``teacher_top5`` (``new_teacher_store``) keeps the teacher's predictions per sample: the teacher
     is frozen and the eval transform deterministic, so they are computed once and reused every
@@ -44,6 +66,7 @@ def evaluate(
     model.eval()
     correct: dict[str, torch.Tensor] = {}
     total = 0
+    joint_head = "joint_softmax" if model_joint(model) == "softmax" else "joint"
     for batch in loader:
         x, y = batch[0], batch[1]
         idx = batch[2].cpu() if len(batch) > 2 else None
@@ -52,8 +75,7 @@ def evaluate(
             if heads is None:
                 logits = {"": model(x).float()}
             else:
-                cls_logits, dist_logits = (h.float() for h in heads)
-                logits = {"cls": cls_logits, "dist": dist_logits, "joint": (cls_logits + dist_logits) / 2}
+                logits = head_logits(*(h.float() for h in heads))
             k = min(5, next(iter(logits.values())).shape[1])
             preds = {name: out.topk(k, dim=1).indices for name, out in logits.items()}
             stored = teacher_top5 is not None and idx is not None and bool((teacher_top5[idx] >= 0).all())
@@ -71,7 +93,7 @@ def evaluate(
             correct[f"{prefix}top1"] = correct.get(f"{prefix}top1", 0) + hit[:, 0].sum()
             correct[f"{prefix}top5"] = correct.get(f"{prefix}top5", 0) + hit.any(dim=1).sum()
         if "teacher" in preds:
-            student_top1 = preds["joint"][:, 0] if "joint" in preds else preds[""][:, 0]
+            student_top1 = preds[joint_head][:, 0] if joint_head in preds else preds[""][:, 0]
             agree = (student_top1 == preds["teacher"][:, 0]).sum()
             correct["agreement_top1"] = correct.get("agreement_top1", 0) + agree
     model.train(was_training)
@@ -99,25 +121,32 @@ EVAL_OPTIONS = {"source": "--data <dataset>", "val_split": "--split <split>",
                 "train_subset": "--data <dataset>", "val_subset": "--data <dataset>"}
 
 
-def evaluate_run(path: str, data: str | None = None, split: str | None = None, batch_size: int = 256,
-                 teacher_checkpoint: str | None = None, num_workers: int = 2, cpu: bool = False) -> dict[str, float]:
-    """``distill eval``: accuracy of an exported student (or a run folder) on a dataset split.
+@dataclass
+class LoadedRun:
+    """Everything ``distill eval`` and ``distill analyze`` need from a run or export folder."""
 
-    ``path`` is a run folder (``runs/<name>``, its ``config.yaml`` names the data and the teacher) or
-    an export folder (``model.safetensors`` + ``config.json``). Without ``data``, a run folder is
-    evaluated on exactly its own validation split; ``data`` evaluates every row of one split of
-    another dataset (``split``, else validation/val/test, else its only split). The teacher, when
-    the run had one, is evaluated too, together with the student-teacher agreement.
+    cfg: object  # distill.config.Config: data settings (and teacher) the student is evaluated with
+    export: Path  # the export folder (model.safetensors + config.json)
+    info: dict  # the export's config.json
+    splits: object  # distill.data dataset splits
+    teacher: nn.Module | None  # frozen teacher (None when the run had none or no weights are given)
+
+
+def load_run(path: str | Path, data: str | None = None, split: str | None = None,
+             teacher_checkpoint: str | None = None) -> LoadedRun:
+    """Resolve a run folder (``runs/<name>``) or an export folder into its config, data and teacher.
+
+    Without ``data``, a run folder is evaluated on exactly its own validation split (its
+    ``config.yaml`` names the data and the teacher; an export folder alone brings the data settings
+    it was saved with and no teacher). ``data`` evaluates every row of one split of another dataset
+    (``split``, else validation/val/test, else its only split).
     """
-    from pathlib import Path
-
     import yaml
 
     import students
     from distill.config import Config, ConfigError, from_dict
     from distill.data import load_eval_split
-    from distill.pipeline import image_dataset, val_loader
-    from distill.train import build_teacher, load_data, new_accelerator
+    from distill.train import build_teacher, load_data
 
     path = Path(path)
     export = path / "export" if (path / "export").is_dir() else path
@@ -130,15 +159,14 @@ def evaluate_run(path: str, data: str | None = None, split: str | None = None, b
                                     f"`distill train <recipe> --resume`, then evaluate it")
         raise FileNotFoundError(f"{path} is neither a run folder nor an exported student (no config.json); "
                                 "pass runs/<name> or runs/<name>/export")
-    model = students.load_student(export)
-    info = model.export_config
-    if (path / "config.yaml").is_file():  # a run folder: its resolved config names data and teacher
+    info = students.load_student(export).export_config  # also checks that the export is readable
+    if (path / "config.yaml").is_file():
         try:
             cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
         except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:
             raise ConfigError(f"{path / 'config.yaml'} is damaged ({str(e).splitlines()[0]}); evaluate the export "
                               f"folder {export} instead") from None
-    else:  # an export alone: the data settings it was saved with, no teacher
+    else:
         cfg = Config()
         cfg.teacher.name = None
         cfg.data.img_size, cfg.data.mean, cfg.data.std = info["img_size"], tuple(info["mean"]), tuple(info["std"])
@@ -158,12 +186,7 @@ def evaluate_run(path: str, data: str | None = None, split: str | None = None, b
     teacher = None
     if cfg.teacher.name is not None and info.get("distill") != "none" and (cfg.teacher.checkpoint or cfg.teacher.pretrained):
         teacher = build_teacher(cfg, splits.num_classes)
-    accelerator = new_accelerator(cpu=cpu)
-    dataset = image_dataset(cfg.data, splits, train=False, num_workers=num_workers)
-    model, loader = accelerator.prepare(model, val_loader(cfg.data, dataset, batch_size, num_workers=num_workers))
-    if teacher is not None:
-        teacher.to(accelerator.device)
-    return evaluate(model, loader, accelerator, teacher)
+    return LoadedRun(cfg=cfg, export=export, info=info, splits=splits, teacher=teacher)
 
 
 def _check_classes(trained: list[str] | None, splits, source: str) -> None:
@@ -179,3 +202,29 @@ def _check_classes(trained: list[str] | None, splits, source: str) -> None:
         raise ConfigError(f"the student predicts {len(trained)} classes ({', '.join(trained[:3])}, ...) but {source} "
                           f"labels {splits.num_classes} ({', '.join(splits.class_names[:3])}, ...); evaluate on data "
                           "with the classes it was trained on (--data)")
+
+
+def prepare_eval(run: LoadedRun, batch_size: int = 256, num_workers: int = 2, cpu: bool = False):
+    """``(accelerator, student, loader)``: the exported student and the validation loader of
+    ``(images, labels, indices)``, prepared by Accelerate (sharded over processes), with the teacher
+    moved to the device."""
+    import students
+    from distill.pipeline import image_dataset, val_loader
+    from distill.train import new_accelerator
+
+    accelerator = new_accelerator(cpu=cpu)
+    dataset = image_dataset(run.cfg.data, run.splits, train=False, num_workers=num_workers)
+    model, loader = accelerator.prepare(students.load_student(run.export),
+                                        val_loader(run.cfg.data, dataset, batch_size, num_workers=num_workers))
+    if run.teacher is not None:
+        run.teacher.to(accelerator.device)
+    return accelerator, model, loader
+
+
+def evaluate_run(path: str, data: str | None = None, split: str | None = None, batch_size: int = 256,
+                 teacher_checkpoint: str | None = None, num_workers: int = 2, cpu: bool = False) -> dict[str, float]:
+    """``distill eval``: accuracy of an exported student (or a run folder) on a dataset split, with
+    the teacher and the student-teacher agreement when the run had one (see ``load_run``)."""
+    run = load_run(path, data=data, split=split, teacher_checkpoint=teacher_checkpoint)
+    accelerator, model, loader = prepare_eval(run, batch_size=batch_size, num_workers=num_workers, cpu=cpu)
+    return evaluate(model, loader, accelerator, run.teacher)

@@ -34,6 +34,7 @@ from torch import nn
 import students
 import teachers
 from distill import checkpoint as ckpt
+from distill import plots
 from distill.builtin_data import BUILTIN_DATASETS
 from distill.config import Config, ConfigError, DataConfig, DistillConfig, OptimConfig, dump, validate
 from distill.data import load_image_dataset
@@ -101,7 +102,8 @@ def train(cfg: Config, resume: str | Path | bool | None = None) -> dict:
         **({"patch_size": cfg.student.patch_size} if cfg.student.patch_size else {}), **cfg.student.kwargs,
     )
     if cfg.student.checkpoint:
-        students.load_pretrained(student, cfg.student.checkpoint)
+        students.load_pretrained(student, cfg.student.checkpoint, antialias=cfg.student.pos_embed_antialias)
+    student.joint = cfg.student.joint  # the eval-mode joint head: logit or softmax average
     if cfg.distill.kind == "none" and student.has_dist_token:
         # Without a teacher the distillation head gets no loss (DeiT's `none`), so predict with the class head.
         student.eval_head = "cls"
@@ -187,7 +189,9 @@ def build_teacher(cfg: Config, num_classes: int, class_names: list[str] | None =
                                       pretrained=t.pretrained, **given, **t.kwargs, precision=precision,
                                       fold_bn=t.fold_bn, channels_last=t.channels_last, compile=t.compile)
     teacher.check_num_classes(num_classes, dataset=cfg.data.source)
-    resize = t.img_size is not None and t.img_size != cfg.data.img_size
+    # An explicit teacher.img_size, or the size the teacher export recorded (a student fine-tuned at
+    # another resolution), is what the teacher sees; otherwise it sees the student's batch as is.
+    resize = "input_size" in given and tuple(teacher.input_size[1:]) != (cfg.data.img_size, cfg.data.img_size)
     teacher.set_student_normalization(cfg.data.mean, cfg.data.std, img_size=cfg.data.img_size, resize=resize)
     return teacher
 
@@ -407,6 +411,8 @@ def fit(cfg: Config, model: nn.Module, teacher: nn.Module | None, loss_fn: Disti
     # Only a run that reached its last epoch is exported: a stopped one is resumed, never shipped.
     if finished and accelerator.is_main_process:
         _export(cfg, accelerator.unwrap_model(model), ema, data, run_dir, export_as_teacher)
+    if accelerator.is_main_process:
+        plots.save_training_curves(run_dir)  # training_curves.png from metrics.jsonl (needs matplotlib)
     accelerator.wait_for_everyone()
     # Not accelerator.end_training(): it also destroys the process group, which the next stage of a
     # chained run (teacher -> student) still needs.

@@ -298,25 +298,31 @@ def cait_s24(num_classes: int = 1000, img_size: int = 224, **kwargs) -> CaiT:
 # --------------------------------------------------------------------------------------------------
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of a CaiT patch-position table ``(1, H*W, C)`` (no token rows) to ``new_grid``."""
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """Bicubic resize of a CaiT patch-position table ``(1, H*W, C)`` (no token rows) to ``new_grid``.
+
+    ``antialias``: False is the interpolation of DeiT's main.py ``--finetune`` path (the repository
+    that also hosts CaiT), True timm's default; see :func:`students.deit.resample_pos_embed`.
+    """
     n = pos_embed.shape[1]
     side = int(round(n ** 0.5))
     if side * side != n:
         raise ValueError(f"pos_embed has {n} positions, not a square grid; cannot infer its resolution")
     if (side, side) == tuple(new_grid):
         return pos_embed
-    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=[side, side], num_prefix_tokens=0)
+    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=[side, side], num_prefix_tokens=0,
+                                  antialias=antialias)
 
 
-def load_pretrained(model: CaiT, source: dict[str, torch.Tensor] | str | Path) -> CaiT:
+def load_pretrained(model: CaiT, source: dict[str, torch.Tensor] | str | Path, antialias: bool = False) -> CaiT:
     """Load timm ``cait_*`` or our CaiT weights into ``model`` (in place; returns it).
 
     * ``dist_token`` / ``head_dist`` absent (timm weights): copied from ``cls_token`` / ``head``,
       so the distillation path starts as the class path;
     * class-count mismatch (or no head on either side): both heads are freshly initialised and
       the backbone still loads;
-    * resolution change: ``pos_embed`` is interpolated bicubically to the model's patch grid;
+    * resolution change: ``pos_embed`` is interpolated bicubically to the model's patch grid
+      (``antialias`` as in :func:`resample_pos_embed`);
     * anything else that does not fit raises a one-line ``ValueError`` naming the first bad key.
     """
     if isinstance(source, (str, Path)):
@@ -341,7 +347,7 @@ def load_pretrained(model: CaiT, source: dict[str, torch.Tensor] | str | Path) -
 
     pe = state.get("pos_embed")
     if pe is not None and pe.ndim == 3 and pe.shape != own["pos_embed"].shape and pe.shape[-1] == own["pos_embed"].shape[-1]:
-        state["pos_embed"] = resample_pos_embed(pe, model.patch_embed.grid_size)
+        state["pos_embed"] = resample_pos_embed(pe, model.patch_embed.grid_size, antialias=antialias)
 
     for k, v in own.items():
         if reset_heads and k.startswith(("head.", "head_dist.")):

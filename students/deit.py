@@ -156,6 +156,7 @@ def resample_pos_embed(
     new_grid: Sequence[int],
     num_prefix_tokens: int,
     old_grid: Sequence[int] | None = None,
+    antialias: bool = False,
 ) -> torch.Tensor:
     """Bicubically resize the patch part of a (1, prefix + H*W, D) position embedding to ``new_grid``.
 
@@ -164,6 +165,13 @@ def resample_pos_embed(
     "Fixing the positional encoding across resolutions"), preferring bicubic to bilinear because it
     keeps the embeddings' norm.
     ``old_grid`` defaults to the square grid the patch rows form.
+
+    ``antialias`` (``student.pos_embed_antialias``) picks between the two references, which give
+    different numbers even when upsampling (PyTorch's antialiased bicubic uses another cubic kernel):
+
+    * ``False`` (default): DeiT's main.py, ``F.interpolate(grid, mode="bicubic", align_corners=False)``,
+      the code that fine-tuned the released DeiT 384 models;
+    * ``True``: timm's ``resample_abs_pos_embed`` default (``antialias=True``).
     """
     n_patches = posemb.shape[1] - num_prefix_tokens
     if old_grid is None:
@@ -174,7 +182,8 @@ def resample_pos_embed(
             )
         old_grid = (side, side)
     return resample_abs_pos_embed(
-        posemb, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=num_prefix_tokens
+        posemb, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=num_prefix_tokens,
+        antialias=antialias,
     )
 
 
@@ -195,6 +204,7 @@ def adapt_vit_state_dict(
     has_dist_token: bool,
     head_names: Sequence[str] = HEAD_NAMES,
     strict: bool = True,
+    antialias: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fit a ViT-like checkpoint ``state`` to a model whose state dict is ``target``.
 
@@ -210,6 +220,7 @@ def adapt_vit_state_dict(
             shapes differ from the checkpoint's (another class count).
         strict: when False, unknown, missing and unfixable tensors are skipped and reported
             instead of raising.
+        antialias: how ``pos_embed`` is resized (see :func:`resample_pos_embed`).
 
     Returns:
         ``(state, report)``: the adapted state dict (only keys to load) and a report with
@@ -253,7 +264,7 @@ def adapt_vit_state_dict(
     # 2. Another resolution: same width, another number of patch positions.
     pe, tpe = state.get("pos_embed"), target.get("pos_embed")
     if pe is not None and tpe is not None and pe.shape != tpe.shape and pe.ndim == 3 and pe.shape[-1] == tpe.shape[-1]:
-        state["pos_embed"] = resample_pos_embed(pe, grid_size, pos_embed_prefix_tokens)
+        state["pos_embed"] = resample_pos_embed(pe, grid_size, pos_embed_prefix_tokens, antialias=antialias)
         report["resized"].append("pos_embed")
 
     # 3. Another class count: heads whose shape differs are re-initialised rather than loaded.
@@ -301,6 +312,7 @@ def load_pretrained(
     source: Mapping[str, torch.Tensor] | str | Path,
     *,
     strict: bool = True,
+    antialias: bool = False,
 ) -> dict[str, Any]:
     """Load timm/DeiT ViT weights (a state dict or a file) into ``model``, adapting what can be adapted.
 
@@ -308,7 +320,7 @@ def load_pretrained(
       loaded as is, so the model gives the same logits;
     * another class count: ``head``/``head_dist`` are freshly initialised (listed in ``"reset"``);
     * another resolution: the patch rows of ``pos_embed`` are interpolated bicubically, the
-      class/distillation rows are kept (``"resized"``);
+      class/distillation rows are kept (``"resized"``); ``antialias`` as in :func:`resample_pos_embed`;
     * a checkpoint without distillation token into a DeiT: ``dist_token``, its position row and
       ``head_dist`` start as copies of the class ones (``"copied"``); a DeiT checkpoint into a ViT:
       those are dropped (``"dropped"``);
@@ -329,6 +341,7 @@ def load_pretrained(
         pos_embed_prefix_tokens=model.num_prefix_tokens,
         has_dist_token=model.has_dist_token,
         strict=strict,
+        antialias=antialias,
     )
     model.load_state_dict(state, strict=False)
     # Heads of another class count are re-drawn so "reset" means freshly initialised, whatever

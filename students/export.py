@@ -4,7 +4,8 @@
     model.eval(); joint_logits = model(images)
 
 ``config.json`` holds the builder arguments (``name``, ``num_classes``, ``img_size``, ...) that
-``create_student`` recorded, plus anything the caller adds (class names, mean/std).
+``create_student`` recorded, how eval mode predicts (``eval_head``, ``joint``), plus anything the
+caller adds (class names, mean/std).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def save_student(model: nn.Module, directory: str | Path, **extra) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    config = {"student": args, "eval_head": getattr(model, "eval_head", "joint"), **extra}
+    config = {"student": args, "eval_head": getattr(model, "eval_head", "joint"),
+              "joint": getattr(model, "joint", "logits"), **extra}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=list) + "\n")
     return directory
 
@@ -62,5 +64,7 @@ def load_student(directory: str | Path, map_location: str = "cpu") -> nn.Module:
             f"unexpected {sorted(unexpected)[:5]}; re-export it with the same distill version"
         )
     model.eval_head = config.get("eval_head", "joint")
+    # Exports written before `student.joint` existed fused logits, the official DeiT rule.
+    model.joint = config.get("joint", "logits")
     model.export_config = config
     return model

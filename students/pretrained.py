@@ -2,7 +2,8 @@
 
 ViT/DeiT and CaiT adapt timm and official checkpoints (class count, resolution, a missing
 distillation token); other students (CMT, DHVT, custom ones) load this project's own weights, and
-any mismatch is a one-line error.
+any mismatch is a one-line error. ``source`` may also be one of our export folders
+(``runs/<name>/export``), which is how a trained student is fine-tuned at another resolution.
 """
 from __future__ import annotations
 
@@ -12,13 +13,21 @@ import torch
 from torch import nn
 
 from students import cait, deit
+from students.export import WEIGHTS_NAME
 
 
-def load_pretrained(model: nn.Module, source: dict[str, torch.Tensor] | str | Path, **kwargs):
+def load_pretrained(model: nn.Module, source: dict[str, torch.Tensor] | str | Path, *, antialias: bool = False, **kwargs):
+    """Load ``source`` into ``model``; ``antialias`` picks how a position embedding is resized
+    (``student.pos_embed_antialias``, see :func:`students.deit.resample_pos_embed`)."""
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        if not (Path(source) / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{source} is a folder without {WEIGHTS_NAME}; point student.checkpoint at a "
+                                    "weights file or at an export folder (runs/<name>/export)")
+        source = Path(source) / WEIGHTS_NAME
     if isinstance(model, cait.CaiT):
-        return cait.load_pretrained(model, source)
+        return cait.load_pretrained(model, source, antialias=antialias)
     if isinstance(model, deit.VisionTransformerDistilled):
-        return deit.load_pretrained(model, source, **kwargs)
+        return deit.load_pretrained(model, source, antialias=antialias, **kwargs)
     from distill import weights  # module import only: `distill` imports `students` at package level
 
     state = weights.unwrap_state_dict(source) if isinstance(source, dict) else weights.load_state_dict_file(source)

@@ -41,6 +41,7 @@ def test_print_config_resolves_recipe_and_overrides(capsys):
     (["train", "cifar10_deit_tny"], "did you mean 'cifar10_deit_tiny'"),
     (["train", "cifar10_deit_tiny", "student.name=deit_tinny", "data.source=/nonexistent/data"], "/nonexistent/data"),
     (["eval", "/nonexistent/run"], "neither a run folder nor an exported student"),
+    (["train", "cifar10_deit_tiny", "student.joint=mean"], "'student.joint' must be one of ['logits', 'softmax']"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected, capsys):
     assert cli(args) == 2

@@ -92,7 +92,8 @@ def test_every_shipped_recipe_loads_against_the_schema(name):
 
 def test_expected_recipes_are_shipped():
     expected = {"quickstart", "cifar10_deit_tiny", "imagenet_deit_tiny_distilled", "imagenet_deit_small_distilled",
-                "imagenet_deit_base_distilled", "imagenet_cait_xxs24", "imagenet_cmt_s", "cifar100_dhvt_tiny"}
+                "imagenet_deit_base_distilled", "imagenet_cait_xxs24", "imagenet_cmt_s", "cifar100_dhvt_tiny",
+                "imagenet_deit_base_distilled_384_finetune"}
     assert expected <= set(list_recipes())
 
 
@@ -104,6 +105,21 @@ def test_imagenet_recipes_follow_the_deit_paper():
         assert (cfg.data.auto_augment, cfg.data.mixup, cfg.data.cutmix, cfg.data.reprob) == ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.25)
         assert (cfg.optim.smoothing, cfg.data.repeated_aug, cfg.distill.kind, cfg.distill.alpha) == (0.1, True, "hard", 0.5)
         assert cfg.teacher.name == "regnety_160"
+
+
+def test_finetune_384_recipe_follows_the_official_command():
+    """README_deit.md: --input-size 384 --batch-size 32 (16 GPUs) --lr 5e-6 --min-lr 5e-6 --weight-decay 1e-8
+    --epochs 30; plus what this project adds: the teacher kept (at its own 224) and main.py's pos_embed resizing."""
+    cfg = load_recipe("imagenet_deit_base_distilled_384_finetune")
+    assert (cfg.student.name, cfg.data.img_size, cfg.student.checkpoint) == ("deit_base", 384, "runs/imagenet_deit_base_distilled/export")
+    assert (cfg.train.epochs, cfg.train.batch_size * 16, cfg.optim.lr, cfg.optim.base_lr) == (30, 512, None, 5e-6)
+    assert (cfg.optim.min_lr, cfg.optim.weight_decay, cfg.optim.warmup_epochs) == (5e-6, 1e-8, 5)
+    assert cfg.student.pos_embed_antialias is False and cfg.student.joint == "logits"
+    assert (cfg.teacher.name, cfg.teacher.img_size, cfg.distill.kind) == ("regnety_160", 224, "hard")
+    # Everything the command leaves alone is the 224 recipe's (main.py's defaults).
+    base = load_recipe("imagenet_deit_base_distilled")
+    assert (cfg.data.auto_augment, cfg.data.mixup, cfg.data.repeated_aug, cfg.student.drop_path) == (
+        base.data.auto_augment, base.data.mixup, base.data.repeated_aug, base.student.drop_path)
 
 
 def test_every_key_is_documented():

@@ -41,8 +41,13 @@ def test_every_head_teacher_and_agreement_match_hand_computation():
         return round(100.0 * (logits.topk(k, 1).indices == y[:, None]).any(1).float().mean().item(), 2)
 
     joint = (cls_logits + dist_logits) / 2
+    # The paper's joint classifier: the two heads' softmax outputs added (halved: same ranking).
+    probs = (torch.exp(cls_logits) / torch.exp(cls_logits).sum(1, keepdim=True)
+             + torch.exp(dist_logits) / torch.exp(dist_logits).sum(1, keepdim=True)) / 2
+    assert (probs.argmax(1) != joint.argmax(1)).any()  # the two rules disagree on some samples here
     expected = {"cls_top1": top(cls_logits, 1), "cls_top5": top(cls_logits, 5), "dist_top1": top(dist_logits, 1),
                 "dist_top5": top(dist_logits, 5), "joint_top1": top(joint, 1), "joint_top5": top(joint, 5),
+                "joint_softmax_top1": top(probs, 1), "joint_softmax_top5": top(probs, 5),
                 "teacher_top1": top(teacher_logits, 1), "teacher_top5": top(teacher_logits, 5),
                 "agreement_top1": round(100.0 * (joint.argmax(1) == teacher_logits.argmax(1)).float().mean().item(), 2)}
     assert got == expected
@@ -51,6 +56,27 @@ def test_every_head_teacher_and_agreement_match_hand_computation():
     assert torch.equal(store, teacher_logits.topk(5, 1).indices)
     assert evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, lambda x: 1 / 0, store) == expected
     assert evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, None, store) == expected
+
+
+def test_agreement_follows_the_configured_joint_rule():
+    """A student configured with student.joint=softmax is compared with the teacher through that rule."""
+    torch.manual_seed(1)
+    n, c = 64, 5
+    y = torch.randint(0, c, (n,))
+    cls_logits, dist_logits = torch.randn(n, c) * 3, torch.randn(n, c)
+    probs = (cls_logits.softmax(1) + dist_logits.softmax(1)) / 2
+    joint = (cls_logits + dist_logits) / 2
+    teacher_logits = probs.clone()  # the teacher predicts exactly what the softmax joint head predicts
+    loader = DataLoader(TensorDataset(torch.arange(n).float()[:, None], y), batch_size=16)
+    teacher = lambda x: teacher_logits[x[:, 0].long()]  # noqa: E731
+    model = FixedHeads(cls_logits, dist_logits)
+    model.joint = "softmax"
+    got = evaluate(model, loader, new_accelerator(cpu=True), teacher)
+    assert got["agreement_top1"] == 100.0
+    model.joint = "logits"
+    got = evaluate(model, loader, new_accelerator(cpu=True), teacher)
+    expected = round(100.0 * (joint.argmax(1) == probs.argmax(1)).float().mean().item(), 2)
+    assert got["agreement_top1"] == expected < 100.0
 
 
 def test_plain_classifier_reports_top1_top5():

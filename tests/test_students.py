@@ -39,6 +39,73 @@ def test_eval_head_switch():
     torch.testing.assert_close(model(x), dist_logits)
 
 
+def test_joint_rule_logits_or_softmax_against_hand_computation(tmp_path):
+    """student.joint: `logits` averages logits (official code), `softmax` averages softmax outputs (paper)."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    # Features that vary from image to image and heads of different sharpness, so that the two rules
+    # rank classes differently on some images.
+    features = (torch.randn(64, 32), torch.randn(64, 32))
+    model.forward_features = lambda x: features
+    with torch.no_grad():
+        for head, scale in ((model.head, 3.0), (model.head_dist, 0.5)):
+            head.weight.normal_(0, scale)
+    x = torch.randn(64, 3, 32, 32)
+    c, d = model.forward_heads(x)
+    assert model.joint == "logits"
+    torch.testing.assert_close(model(x), (c + d) / 2)
+    model.joint = "softmax"
+    ec, ed = torch.exp(c - c.max(1, keepdim=True).values), torch.exp(d - d.max(1, keepdim=True).values)
+    averaged = (ec / ec.sum(1, keepdim=True) + ed / ed.sum(1, keepdim=True)) / 2
+    out = model(x)
+    torch.testing.assert_close(out.softmax(1), averaged)  # logits whose softmax is the averaged distribution
+    torch.testing.assert_close(out.exp(), averaged)  # ... and they are its log-probabilities
+    assert torch.equal(out.argmax(1), averaged.argmax(1))
+    assert (averaged.argmax(1) != ((c + d) / 2).argmax(1)).any()  # the rules really differ here
+    # The export records the rule and load_student restores it.
+    save_student(model, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["joint"] == "softmax"
+    loaded = load_student(tmp_path / "export").eval()
+    assert loaded.joint == "softmax"
+    loaded.forward_features = lambda x: features
+    torch.testing.assert_close(loaded(x), out)
+    model.joint = "mean"
+    with pytest.raises(ValueError, match="student.joint=softmax"):
+        model(x)
+
+
+def test_export_without_joint_key_loads_as_logit_average(tmp_path):
+    save_student(tiny(), tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["joint"]  # an export written before student.joint existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert load_student(tmp_path / "old").joint == "logits"
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("deit_tiny", dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)),
+    ("cait_xxs24", dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)),
+])
+@pytest.mark.parametrize("antialias", [False, True])
+def test_load_pretrained_from_an_export_folder_at_another_resolution(tmp_path, name, kw, antialias):
+    """Fine-tuning our own export at another resolution: an export folder is a valid source, and the
+    antialias choice reaches the family's pos_embed resizing."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    small = create_student(name, num_classes=5, img_size=16, **kw)
+    save_student(small, tmp_path / "export")
+    big = create_student(name, num_classes=5, img_size=24, **kw)
+    load_pretrained(big, tmp_path / "export", antialias=antialias)
+    prefix = 2 if name == "deit_tiny" else 0
+    expected = resample_abs_pos_embed(small.pos_embed.detach(), new_size=[6, 6], num_prefix_tokens=prefix,
+                                      antialias=antialias)
+    torch.testing.assert_close(big.pos_embed.detach(), expected, rtol=0, atol=0)
+    assert torch.equal(big.cls_token, small.cls_token) and torch.equal(big.head.weight, small.head.weight)
+    with pytest.raises(FileNotFoundError, match="export folder"):
+        load_pretrained(big, tmp_path)
+
+
 @pytest.mark.parametrize("name, kw", [
     ("deit_tiny", dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)),
     ("cait_xxs24", dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)),

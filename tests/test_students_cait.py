@@ -237,6 +237,23 @@ def test_load_pretrained_interpolates_pos_embed():
     assert model.eval()(torch.randn(1, 3, 48, 48)).shape == (1, 1000)
 
 
+@pytest.mark.parametrize("antialias", [False, True])
+def test_load_pretrained_pos_embed_follows_deit_main_py_or_timm(antialias):
+    """CaiT's pos_embed has no token rows; resized as DeiT's main.py does (default) or as timm does."""
+    from timm.layers import resample_abs_pos_embed
+
+    ref = timm_small(img_size=32)  # 8x8 grid
+    with torch.no_grad():
+        ref.pos_embed.normal_()
+    pe = ref.pos_embed.detach()
+    model = load_pretrained(small(num_classes=1000, img_size=48), ref.state_dict(), antialias=antialias)  # 12x12
+    grid = pe.reshape(1, 8, 8, 192).permute(0, 3, 1, 2)
+    deit_ref = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+    timm_ref = resample_abs_pos_embed(pe, new_size=[12, 12], num_prefix_tokens=0)  # timm's default: antialias
+    assert (deit_ref - timm_ref).abs().max() > 1e-3
+    torch.testing.assert_close(model.pos_embed.detach(), timm_ref if antialias else deit_ref, rtol=0, atol=0)
+
+
 def test_load_pretrained_mismatch_names_first_bad_key():
     state = timm_small().state_dict()
     # Keys are checked in the model's state-dict order, which starts with the tokens.

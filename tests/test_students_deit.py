@@ -166,17 +166,35 @@ def test_other_class_count_resets_both_heads(timm_sd):
         assert head.bias.abs().sum() == 0
 
 
-@pytest.mark.parametrize("img_size, grid", [(160, 10), (112, 7)])
-def test_other_resolution_interpolates_patch_positions_only(timm_sd, img_size, grid):
+def deit_main_py_resize(pos_embed: torch.Tensor, num_extra_tokens: int, new_size: int) -> torch.Tensor:
+    """The reference of DeiT's main.py (--finetune): the token rows kept, the patch rows laid out on
+    their square grid and resized by F.interpolate(bicubic, align_corners=False), no antialiasing."""
+    extra, patches = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
+    side, dim = int(patches.shape[1] ** 0.5), patches.shape[-1]
+    grid = patches.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(new_size, new_size), mode="bicubic", align_corners=False)
+    return torch.cat([extra, grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("img_size, grid", [(384, 24), (160, 10), (112, 7)])
+def test_other_resolution_interpolates_patch_positions_only(timm_sd, img_size, grid, antialias):
+    """pos_embed follows DeiT's main.py (antialias off, the default) or timm (antialias on), exactly."""
     sd = timm_sd
     model = create_student("deit_tiny", img_size=img_size)
-    report = load_pretrained(model, sd)
+    report = load_pretrained(model, sd, antialias=antialias)
     assert report["resized"] == ["pos_embed"]
     pe = model.pos_embed.detach()
     assert pe.shape == (1, grid * grid + 2, 192)
     assert torch.equal(pe[:, :2], sd["pos_embed"][:, :2])  # class and distillation rows kept exactly
-    expected = resample_abs_pos_embed(sd["pos_embed"], new_size=[grid, grid], num_prefix_tokens=2)
-    torch.testing.assert_close(pe, expected, rtol=0, atol=0)
+    deit_ref = deit_main_py_resize(sd["pos_embed"], 2, grid)
+    timm_ref = resample_abs_pos_embed(sd["pos_embed"], new_size=[grid, grid], num_prefix_tokens=2)  # antialias=True
+    assert (deit_ref - timm_ref).abs().max() > 1e-3  # the two references really differ, upsampling included
+    torch.testing.assert_close(pe, timm_ref if antialias else deit_ref, rtol=0, atol=0)
+    if not antialias:  # the default is DeiT's
+        default = create_student("deit_tiny", img_size=img_size)
+        load_pretrained(default, sd)
+        assert torch.equal(default.pos_embed, model.pos_embed)
     assert not torch.equal(pe[:, 2:3], sd["pos_embed"][:, 2:3])  # the grid really was resampled
     for key, value in model.state_dict().items():
         if key != "pos_embed":

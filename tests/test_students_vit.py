@@ -93,8 +93,14 @@ def test_other_class_count_and_resolution():
     assert report["reset"] == ["head.weight", "head.bias"]
     assert report["resized"] == ["pos_embed"]
     assert torch.equal(model.pos_embed[:, :1], sd["pos_embed"][:, :1])  # the class row is kept
-    expected = resample_abs_pos_embed(sd["pos_embed"], new_size=[12, 12], num_prefix_tokens=1)
+    # Default: DeiT main.py's resizing (no antialias; checked against main.py's own code in
+    # test_students_deit.py); student.pos_embed_antialias=true gives timm's default.
+    expected = resample_abs_pos_embed(sd["pos_embed"], new_size=[12, 12], num_prefix_tokens=1, antialias=False)
     torch.testing.assert_close(model.pos_embed.detach(), expected, rtol=0, atol=0)
+    timm_default = small(num_classes=10, img_size=48)
+    load_pretrained(timm_default, sd, antialias=True)
+    expected = resample_abs_pos_embed(sd["pos_embed"], new_size=[12, 12], num_prefix_tokens=1)
+    torch.testing.assert_close(timm_default.pos_embed.detach(), expected, rtol=0, atol=0)
     assert model.head.weight.shape == (10, 192) and model.head.bias.abs().sum() == 0
     for key, value in model.state_dict().items():
         if key not in ("pos_embed", "head.weight", "head.bias"):

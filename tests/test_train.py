@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny image folder: CLI, teacher frozen, exact resume, errors."""
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -283,3 +284,55 @@ def test_two_process_no_teacher_baseline_and_resume(tiny_recipe, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2] and history[-1]["train_distill"] == 0.0
     # 48 images, batch 8: 6 global batches per epoch, 3 per rank.
     assert history[-1]["step"] == 6
+
+
+def test_finetune_at_another_resolution_with_the_teacher_at_its_own(tiny_dataset, tmp_path, teacher_ckpt, monkeypatch):
+    """Train at 16, fine-tune the export at 24 with distillation: the student's pos_embed is resized
+    (student.pos_embed_antialias reaches the loader), the teacher keeps seeing 16x16 batches (the
+    resolution its teacher.json records), and every head and the teacher are evaluated at 24."""
+    first = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)},
+                        train={"epochs": 1, "run_name": "at16"})
+    train(first)
+    export = tmp_path / "at16" / "export"
+
+    seen: list[tuple[int, int]] = []
+    loads: list[dict] = []
+    train_module = importlib.import_module("distill.train")  # `distill.train` is also the function
+    original_build, original_load = train_module.build_teacher, students.load_pretrained
+
+    def build_and_watch(cfg, num_classes, **kwargs):
+        teacher = original_build(cfg, num_classes, **kwargs)
+        convert = teacher._to_teacher_input  # what the (optimised) network is then called on
+
+        def watched(x):
+            out = convert(x)
+            seen.append(tuple(out.shape[-2:]))
+            return out
+
+        teacher._to_teacher_input = watched
+        return teacher
+
+    def load_and_record(model, source, **kwargs):
+        loads.append({"source": str(source), **kwargs})
+        return original_load(model, source, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_teacher", build_and_watch)
+    monkeypatch.setattr(students, "load_pretrained", load_and_record)
+    tuned = make_config(tiny_dataset, tmp_path, data={"img_size": 24}, teacher={"checkpoint": str(teacher_ckpt)},
+                        student={"checkpoint": str(export), "pos_embed_antialias": True, "joint": "softmax"},
+                        train={"epochs": 1, "run_name": "at24"})
+    metrics = train(tuned)
+    assert loads == [{"source": str(export), "antialias": True}]
+    assert seen and set(seen) == {(16, 16)}  # training batches and evaluation batches alike
+    for key in ("cls_top1", "dist_top1", "joint_top1", "joint_softmax_top1", "teacher_top1", "agreement_top1"):
+        assert key in metrics, key
+    model = students.load_student(tmp_path / "at24" / "export")
+    assert model.pos_embed.shape == (1, 6 * 6 + 2, 32) and model.export_config["img_size"] == 24
+    assert model.joint == "softmax"
+    # An explicit teacher.img_size wins: here the teacher is fed the student's 24x24 batches.
+    seen.clear()
+    explicit = make_config(tiny_dataset, tmp_path, data={"img_size": 24},
+                           teacher={"checkpoint": str(teacher_ckpt), "img_size": 24},
+                           train={"epochs": 1, "run_name": "teacher24", "max_steps_per_epoch": 1})
+    train(explicit)
+    assert set(seen) == {(24, 24)}

@@ -6,8 +6,8 @@ For every (student, teacher) pair, four training steps are timed, interleaved bl
 * (a) ``plain``: the student alone (class-head loss), no teacher;
 * (b) ``online``: our distillation step: the optimised ``teachers.Teacher`` (inference mode, the
   run's precision, BatchNorm folded, channels_last, optionally compiled) + ``DistillationLoss``;
-* (c) ``cached``: our distillation step with the teacher's logits read from the replay cache
-  (see :func:`make_cached_step`; skipped until the cache exists);
+* (c) ``cached``: our distillation step with the teacher's logits read from a replay cache on
+  disk (``distill.cache``; see :func:`make_cached_step`);
 * (d) ``timm``: timm's own ``TokenDistillationTask`` (timm >= 1.0.25) training step with the same
   student weights (timm's ``deit_tiny_distilled_patch16_224`` built at our shape, our state dict
   loaded), the same teacher network (plain, as timm runs it) and the same batches.
@@ -36,6 +36,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -52,7 +53,8 @@ import teachers
 from distill.config import load_recipe
 from distill.evaluate import format_table
 from distill.losses import DistillationLoss
-from distill.train import image_dataset, load_data
+from distill.pipeline import image_dataset
+from distill.train import load_data
 from distill.transforms import build_mixup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +67,7 @@ STUDENTS = {
     "deit_96x6": {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3},
 }
 TEACHERS = ("resnet18_cifar", "resnet20_cifar")
+NUM_CLASSES = 10
 VARIANTS = ("plain", "online", "cached", "timm")
 # Optimiser and regularisation of the cifar10_deit_tiny recipe (AdamW, DeiT Table 9: wd 0.05,
 # drop path 0.1); lr is the recipe's project choice for batch 128.
@@ -153,11 +156,16 @@ def distillation_loss(args) -> DistillationLoss:
 
 def make_online_step(student, teacher, args, device) -> Callable:
     """(b) our online distillation step, as distill/train.py runs it: teacher, then student."""
+    return distillation_step(student, teacher, args, device)  # the Teacher runs in its own precision
+
+
+def distillation_step(student, teacher_logits_of: Callable, args, device) -> Callable:
+    """Our distillation training step, with the teacher's logits for batch ``x`` from ``teacher_logits_of(x)``."""
     opt = create_optimizer_v2(student, opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
     loss_fn = distillation_loss(args)
 
     def step(x, y):
-        teacher_logits = teacher(x)  # the Teacher runs in its own precision (args.precision)
+        teacher_logits = teacher_logits_of(x)
         with autocast(device, args.precision):
             cls_logits, dist_logits = student(x)
         loss = loss_fn(cls_logits.float(), dist_logits.float(), y, teacher_logits)
@@ -169,15 +177,38 @@ def make_online_step(student, teacher, args, device) -> Callable:
     return step
 
 
-def make_cached_step(student, teacher, batches, args, device) -> Callable | None:
-    """(c) our distillation step with the teacher's logits read from the replay cache.
+def make_cached_step(student, teacher, batches, args, device, root: Path) -> Callable:
+    """(c) our distillation step with the teacher's logits read from a replay cache on disk.
 
-    TO BE FILLED IN by the teacher-output cache (part 1 of the issue): build the cache of
-    ``teacher``'s outputs for ``batches`` here (untimed), and return ``step(x, y)`` doing exactly
-    what :func:`make_online_step`'s step does, with ``teacher(x)`` replaced by the cache lookup
-    for that batch. Until then this returns None and the benchmark skips (c) with a note.
+    The cache of ``teacher``'s top-10 logits for ``batches`` is written first (untimed) in the layout
+    of ``distill.cache`` (memory-mapped .npy files of one epoch); each step then reads its batch's
+    rows through ``distill.cache.TeacherCache`` and rebuilds the logits, exactly as training with
+    ``teacher.cache`` does. Everything else is :func:`make_online_step`'s step.
     """
-    return None
+    import numpy as np
+
+    from distill.cache import CACHE_FILE, FORMAT, TeacherCache
+
+    k = min(10, NUM_CLASSES)
+    epoch = root / "epoch_0000"
+    epoch.mkdir(parents=True, exist_ok=True)
+    values = np.zeros((len(batches), args.batch_size, k), np.float32)
+    classes = np.zeros((len(batches), args.batch_size, k), np.int16)
+    lse = np.zeros((len(batches), args.batch_size), np.float32)
+    with torch.no_grad():
+        for i, (x, _) in enumerate(batches):
+            logits = teacher(x).float()
+            top = logits.topk(k, dim=1)
+            values[i], classes[i] = top.values.cpu().numpy(), top.indices.cpu().numpy()
+            lse[i] = torch.logsumexp(logits, 1).cpu().numpy()
+    for name, array in (("values", values), ("classes", classes), ("lse", lse)):
+        np.save(epoch / f"{name}.npy", array)
+    for name in ("index", "seed", "digest"):  # not read by a training step
+        np.save(epoch / f"{name}.npy", np.zeros((len(batches), 1), np.int64))
+    (root / CACHE_FILE).write_text(json.dumps({"format": FORMAT, "num_classes": NUM_CLASSES, "topk": k, "epochs": 1}))
+    cache = TeacherCache(root)
+    position = {id(x): i for i, (x, _) in enumerate(batches)}
+    return distillation_step(student, lambda x: cache.teacher_logits(0, position[id(x)], device), args, device)
 
 
 def make_timm_step(student, teacher_network, plain_teacher, args, device) -> Callable:
@@ -283,14 +314,10 @@ def run_pair(student_name, teacher_name, args, batches, device) -> dict:
     row.update(same_work_check(student_b, theirs, plain, fast, timm_step.task, batches[0], args, device))
     steps = {"plain": make_plain_step(student_a, args, device),
              "online": make_online_step(student_b, fast, args, device)}
-    cached = make_cached_step(student_c, fast, batches, args, device)
-    if cached is None:
-        print("  (c) cached: skipped: the teacher-output replay cache is not built yet "
-              "(fill in make_cached_step in benchmarks/throughput.py)", flush=True)
-    else:
-        steps["cached"] = cached
-    steps["timm"] = timm_step
-    rates = time_interleaved(steps, batches, args, device)
+    with tempfile.TemporaryDirectory() as root:
+        steps["cached"] = make_cached_step(student_c, fast, batches, args, device, Path(root))
+        steps["timm"] = timm_step
+        rates = time_interleaved(steps, batches, args, device)
     row["img_s_per_block"] = rates
     med = {name: statistics.median(r) for name, r in rates.items()}
     for name in VARIANTS:
@@ -383,8 +410,6 @@ def main() -> None:
     notes = [results["timing"], f"{results['machine']}; torch {results['torch']}, timm {results['timm']}; "
              f"precision {args.precision}, {args.kind} distillation, batch {args.batch_size}, {args.steps} steps "
              f"after {args.warmup} warm-up, blocks of {args.block}"]
-    if "cached" not in next(iter(results["rows"].values()))["img_s_per_block"]:
-        notes.append("(c) cached: not measured, the teacher-output replay cache is not built yet")
     if random_teachers:
         notes.append(f"random-init teachers (BatchNorm calibrated on the batches): {', '.join(random_teachers)}; "
                      "their agreement figure says little about a trained teacher")

@@ -54,13 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1/top-5 of every head, the teacher and their agreement",
                        description="Evaluate a run folder or an exported student.")
-    p.add_argument("path", help="runs/<name> or an export folder (model.safetensors + config.json)")
-    p.add_argument("--data", help="dataset source (default: the one the run trained on)")
-    p.add_argument("--split", help="split to evaluate (default: validation, val or test)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--teacher-checkpoint", help="teacher weights, if not the run's")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is present")
+    _evaluation_options(p)
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
 
     p = sub.add_parser("export", help="convert a trained student into a timm or 🤗 transformers folder",
@@ -76,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (user/name)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip loading the folder back with the target library to compare logits")
+
     p = sub.add_parser("analyze", help="what the distillation token learned: token cosine by layer, agreement "
                                        "of heads and teacher, confusion matrix (JSON + PNG)",
                        description="DeiT Sec. 4 analysis of a run folder or an exported student: the cosine between "
@@ -83,14 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "top-1 agreement of the class, distillation and joint heads and the teacher, and "
                                    "the joint head's confusion matrix. Writes analysis.json and, with matplotlib, "
                                    "analysis.png.")
-    p.add_argument("path", help="runs/<name> or an export folder (model.safetensors + config.json)")
+    _evaluation_options(p)
     p.add_argument("--out", help="folder for analysis.json / analysis.png (default: <path>/analysis)")
-    p.add_argument("--data", help="dataset source (default: the one the run trained on)")
-    p.add_argument("--split", help="split to analyse (default: validation, val or test)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--teacher-checkpoint", help="teacher weights, if not the run's")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
 
     p = sub.add_parser("quickstart", help="offline demo: teacher, student without teacher, distilled student",
@@ -103,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("teachers", help="list registered teachers")
     sub.add_parser("recipes", help="list built-in recipes")
     return parser
+
+
+def _evaluation_options(p: argparse.ArgumentParser) -> None:
+    """What `eval` and `analyze` share: the run, the data to run it on, the teacher, the device."""
+    p.add_argument("path", help="runs/<name> or an export folder (model.safetensors + config.json)")
+    p.add_argument("--data", help="dataset source (default: the run's own validation split; with --data, every "
+                                  "row of the split below, or of the dataset's only split)")
+    p.add_argument("--split", help="split to use (default: validation, val or test)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--teacher-checkpoint", help="teacher weights, if not the run's")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,9 @@ The batches are real CIFAR-10 training images (``--data``) with the training aug
 mixup/cutmix of the ``cifar10_deit_tiny`` recipe, prepared in memory before any timing: data
 loading is not what is timed. Each variant first runs ``--warmup`` steps; then the variants take
 turns, ``--block`` steps each (the order rotates every round), until each has run ``--steps``;
-img/s is the median over its blocks. Before timing, (b) and (d) compute the loss of the same batch
-from the same weights (same drop-path draws): with the plain fp32 teacher the two must agree to
+img/s is the median over its blocks, each timed after ``--block-warmup`` untimed steps (a training
+loop repeats one kind of step; the first step after another variant runs cold). Before timing, (b)
+and (d) compute the loss of the same batch from the same weights (same drop-path draws): with the plain fp32 teacher the two must agree to
 float rounding, which shows they do the same work. The optimised teacher's top-1 agreement with the
 plain fp32 teacher is measured on all the prepared batches.
 
@@ -281,7 +282,8 @@ def sync(device: torch.device) -> None:
 
 
 def time_interleaved(steps: dict[str, Callable], batches, args, device) -> dict[str, list[float]]:
-    """Warm every variant up, then time ``--block`` steps of each in turn; img/s per block."""
+    """Warm every variant up, then time ``--block`` steps of each in turn (after ``--block-warmup``
+    untimed ones, so each block measures the steady state of a loop that repeats one step); img/s per block."""
     n = len(batches)
     for step in steps.values():
         for i in range(args.warmup):
@@ -293,6 +295,9 @@ def time_interleaved(steps: dict[str, Callable], batches, args, device) -> dict[
     for block in range(max(1, args.steps // args.block)):
         order = names[block % len(names):] + names[:block % len(names)]  # rotate: no fixed position
         for name in order:
+            for _ in range(args.block_warmup):  # untimed: the first step after another variant runs cold
+                steps[name](*batches[cursor % n])
+                cursor += 1
             sync(device)
             start = time.perf_counter()
             for _ in range(args.block):
@@ -338,6 +343,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant and pair (after warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
     p.add_argument("--block", type=int, default=3, help="steps per timed block; variants take turns block by block")
+    p.add_argument("--block-warmup", type=int, default=1,
+                   help="untimed steps at the start of every block: a training loop repeats one kind of step, while "
+                        "the first step after another variant runs cold (measured: timm's step 30%% slower)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--batches", type=int, default=16, help="distinct augmented batches prepared in memory (cycled)")
     p.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
@@ -366,8 +374,8 @@ def main() -> None:
             p.error(f"--teacher-checkpoint {item!r} must be NAME=PATH with NAME one of {', '.join(TEACHERS)}")
         pairs.append((name, path))
     args.teacher_checkpoint = dict(pairs)
-    if args.steps < 1 or args.block < 1 or args.warmup < 0 or args.batches < 1:
-        p.error("--steps, --block and --batches must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.block < 1 or args.warmup < 0 or args.block_warmup < 0 or args.batches < 1:
+        p.error("--steps, --block and --batches must be >= 1 and --warmup, --block-warmup >= 0")
     if args.batch_size < 2 or args.batch_size % 2:
         p.error(f"--batch-size {args.batch_size}: timm's mixup needs an even batch size")
     args.block = min(args.block, args.steps)
@@ -390,7 +398,7 @@ def main() -> None:
                    f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'no GPU'}",
         "torch": torch.__version__, "timm": timm.__version__, "device": str(device), "threads": args.threads,
         "precision": args.precision, "kind": args.kind, "batch_size": args.batch_size, "steps": args.steps,
-        "warmup": args.warmup, "block": args.block, "batches": len(batches),
+        "warmup": args.warmup, "block": args.block, "block_warmup": args.block_warmup, "batches": len(batches),
         "timing": "img/s = median over blocks; variants interleaved block by block in one process; "
                   "batches prepared in memory beforehand (data loading not timed)",
         "rows": {},
@@ -409,7 +417,7 @@ def main() -> None:
     random_teachers = [t for t in args.teachers if t not in args.teacher_checkpoint]
     notes = [results["timing"], f"{results['machine']}; torch {results['torch']}, timm {results['timm']}; "
              f"precision {args.precision}, {args.kind} distillation, batch {args.batch_size}, {args.steps} steps "
-             f"after {args.warmup} warm-up, blocks of {args.block}"]
+             f"after {args.warmup} warm-up, blocks of {args.block} after {args.block_warmup} untimed"]
     if random_teachers:
         notes.append(f"random-init teachers (BatchNorm calibrated on the batches): {', '.join(random_teachers)}; "
                      "their agreement figure says little about a trained teacher")

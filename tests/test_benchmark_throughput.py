@@ -20,7 +20,7 @@ def _args(kind: str, precision: str = "fp32") -> argparse.Namespace:
     data_cfg.img_size = 32
     return argparse.Namespace(kind=kind, tau=3.0, precision=precision, compile=False, no_fold_bn=False,
                               no_channels_last=False, teacher_checkpoint={}, data_cfg=data_cfg,
-                              steps=1, warmup=1, block=1, batch_size=8)
+                              steps=1, warmup=1, block=1, block_warmup=1, batch_size=8)
 
 
 def _batches(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:

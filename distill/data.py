@@ -28,7 +28,7 @@ import torch
 from PIL import Image as PILImage
 from torchvision import transforms as T
 
-from distill.replay import seeded
+from distill.replay import preserved_rngs, seed_all
 
 __all__ = [
     "DataError",
@@ -488,7 +488,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     memory with the very same PIL transform.
 
     An item is asked for by ``index`` or by ``(index, seed)``: with a seed the transform runs with
-    the global generators seeded by it (``distill.replay.seeded``), so the same key always gives the
+    the global generators seeded by it (``distill.replay.seed_all``), so the same key always gives the
     same tensor, whichever worker or process builds it.
     """
 
@@ -520,13 +520,23 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch (what the DataLoader asks for). Seeded keys leave the global generators as
+        they found them, saved and restored once per batch rather than per item."""
+        if not any(isinstance(key, tuple) for key in keys):
+            return [self._item(key) for key in keys]
+        with preserved_rngs():
+            return [self._item(key) for key in keys]
+
+    def _item(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         index = int(index)
         image = self.image(index)
-        if seed is None:
-            return self.transform(image), int(self.labels[index])
-        with seeded(seed):
-            return self.transform(image), int(self.labels[index])
+        if seed is not None:
+            seed_all(seed)  # the transform's every draw now follows from the key
+        return self.transform(image), int(self.labels[index])
 
     def image(self, index: int) -> PILImage.Image:
         """The RGB image of row ``index``, from memory after ``decode_all()``, else decoded now."""

@@ -11,7 +11,7 @@ cache (``distill.cache``) must be able to redo the exact augmentation of any sam
   (the copies of one image under repeated augmentation) land in different batches and, with several
   processes, on different ranks, as DeiT's repeated-augmentation sampler intends.
 * Every position carries its own 64-bit augmentation seed; ``ImageClassificationDataset`` seeds
-  Python's, NumPy's and torch's global generators with it around the transform (``seeded``), so
+  Python's, NumPy's and torch's global generators with it before the transform (``seed_all``), so
   timm's and torchvision's transforms are used unchanged and still replay exactly.
 * Mixup/CutMix (timm, NumPy's global generator) is seeded per global batch the same way.
 
@@ -58,24 +58,37 @@ def mix_seed(seed: int, epoch: int, batch: int) -> int:
     return derive_seed(seed, epoch, batch, STREAM_MIX)
 
 
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Seed Python's ``random``, NumPy's and torch's global CPU generators; restore them afterwards.
-
-    Restoring matters when the dataset runs in the main process (``num_workers=0``): the model's
-    dropout stream must not see the data pipeline's draws.
-    """
+def seed_all(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's and torch's global CPU generators with one 64-bit seed."""
     seed = int(seed) & _MASK64
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
     torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA streams stay untouched
+
+
+@contextlib.contextmanager
+def preserved_rngs():
+    """Restore Python's, NumPy's and torch's global CPU generators on exit.
+
+    This matters when the dataset runs in the main process (``num_workers=0``): the model's drop
+    path must not see the data pipeline's draws. Saving and restoring costs about ten times what
+    seeding does, so a batch does it once around all its items.
+    """
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """``seed_all(seed)`` for the duration of the block, the previous states restored afterwards."""
+    with preserved_rngs():
+        seed_all(seed)
+        yield
 
 
 class ReplayBatchSampler(torch.utils.data.Sampler):

@@ -235,19 +235,24 @@ def source_id(source: str) -> str:
     return str(path.resolve()) if path.exists() else str(source)
 
 
-def prepare_run_dir(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tuple[Path, dict] | None:
+def prepare_run_dir(run_dir: Path, resume: str | Path | bool | None, epochs: int,
+                    create: bool = False) -> tuple[Path, dict] | None:
     """Check the run folder before any work; returns the checkpoint to resume from, if any.
 
+    The folder (or the nearest folder above it that exists) must be writable; ``create`` makes it.
     A new run never writes into a folder that already holds a run (checkpoint, export or
     metrics), and a resumed one must have an intact checkpoint with epochs left to train.
     """
+    where = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path.cwd())
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
+        if where.is_file():
+            raise NotADirectoryError(f"{where} is a file")
+        probe = where / f".distill-write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
+        if create:
+            run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        where = next((p for p in [run_dir, *run_dir.parents] if p.exists()), run_dir)
         what = "is a file" if where.is_file() else f"is not writable ({e.strerror or e})"
         raise ConfigError(f"cannot write the run folder {run_dir}: {where} {what}; set train.output_dir=<a writable folder>") from None
     if not resume:
@@ -273,7 +278,7 @@ def fit(cfg: Config, model: nn.Module, teacher: nn.Module | None, loss_fn: Disti
         run_dir: Path, resume: str | Path | bool | None = None, export_as_teacher: bool = False, cache=None) -> dict:
     """Train ``model`` for ``cfg.train.epochs``; evaluate, checkpoint and log every epoch; export at the end."""
     tc, oc, dc = cfg.train, cfg.optim, cfg.data
-    resume_from = prepare_run_dir(run_dir, resume, tc.epochs)
+    resume_from = prepare_run_dir(run_dir, resume, tc.epochs, create=True)
     # Several processes on a machine without GPUs (torchrun / accelerate launch) train on the CPU
     # with the gloo backend; Accelerate only sets that up when asked for the CPU.
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

@@ -43,10 +43,12 @@ def test_print_config_resolves_recipe_and_overrides(capsys):
     (["eval", "/nonexistent/run"], "neither a run folder nor an exported student"),
     (["train", "cifar10_deit_tiny", "student.joint=mean"], "'student.joint' must be one of ['logits', 'softmax']"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, expected, capsys):
+def test_bad_input_is_one_line_and_exit_2(args, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert cli(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expected in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []  # a run that fails before it starts leaves no folder behind
 
 
 def test_console_script_and_module_entry_point():

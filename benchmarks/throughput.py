@@ -19,12 +19,17 @@ loading is not what is timed. Each variant first runs ``--warmup`` steps; then t
 turns, ``--block`` steps each (the order rotates every round), until each has run ``--steps``;
 img/s is the median over its blocks, each timed after ``--block-warmup`` untimed steps (a training
 loop repeats one kind of step; the first step after another variant runs cold). Before timing, (b)
-and (d) compute the loss of the same batch from the same weights (same drop-path draws): with the plain fp32 teacher the two must agree to
-float rounding, which shows they do the same work. The optimised teacher's top-1 agreement with the
-plain fp32 teacher is measured on all the prepared batches.
+and (d) compute the loss of the same batch from the same weights (same drop-path draws): with the
+plain fp32 teacher the two must agree to float rounding, which shows they do the same work. The
+optimised teacher's top-1 agreement with the plain fp32 teacher is measured on all the prepared
+batches.
 
     python benchmarks/throughput.py --teacher-checkpoint resnet20_cifar=PATH   # all 4 pairs, 30 steps each
     python benchmarks/throughput.py --steps 2 --warmup 1 --block 1               # smoke run
+    python benchmarks/throughput.py --teachers-only --out benchmarks/results/throughput_teachers.json
+
+``--teachers-only`` times the teachers' forward alone: timm's way (the plain network under
+``no_grad`` and the caller's autocast) against our optimised ``Teacher``, interleaved the same way.
 
 Prints a table and writes ``benchmarks/results/throughput.{json,md}`` (``--out``).
 """
@@ -334,6 +339,24 @@ def run_pair(student_name, teacher_name, args, batches, device) -> dict:
     return row
 
 
+def run_teacher(teacher_name, args, batches, device) -> dict:
+    """``--teachers-only``: the teacher's forward alone, as timm's task runs it (the network under
+    ``no_grad`` and the caller's autocast) against our optimised Teacher, interleaved like the steps."""
+    plain, fast = build_teachers(teacher_name, args.teacher_checkpoint.get(teacher_name), args, args.data_cfg, batches, device)
+    net = plain.model
+
+    def timm_way(x, y):
+        with torch.no_grad(), autocast(device, args.precision):
+            return net(x)
+
+    rates = time_interleaved({"plain": timm_way, "optimized": lambda x, y: fast(x)}, batches, args, device)
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    return {"plain_img_s": med["plain"], "optimized_img_s": med["optimized"],
+            "optimized/plain": med["optimized"] / med["plain"], **teacher_agreement(plain, fast, batches),
+            "teacher_optimizations": fast.optimizations, "img_s_per_block": rates}
+
+
+TEACHER_COLUMNS = ["plain_img_s", "optimized_img_s", "optimized/plain", "teacher_agreement_top1"]
 COLUMNS = ["plain_img_s", "online_img_s", "cached_img_s", "timm_img_s", "online/plain", "cached/plain",
            "online/timm", "teacher_agreement_top1"]
 
@@ -360,6 +383,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the optimised teacher (teacher.compile)")
     p.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm (teacher.fold_bn=false)")
     p.add_argument("--no-channels-last", action="store_true", help="teacher.channels_last=false")
+    p.add_argument("--teachers-only", action="store_true",
+                   help="time only the teachers' forward: timm's way (plain network, no_grad) against our optimised one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
@@ -403,7 +428,11 @@ def main() -> None:
                   "batches prepared in memory beforehand (data loading not timed)",
         "rows": {},
     }
-    for student_name in args.students:
+    if args.teachers_only:
+        for teacher_name in args.teachers:
+            print(f"{teacher_name} ...", flush=True)
+            results["rows"][teacher_name] = run_teacher(teacher_name, args, batches, device)
+    for student_name in [] if args.teachers_only else args.students:
         for teacher_name in args.teachers:
             label = f"{student_name} + {teacher_name}"
             print(f"{label} ...", flush=True)
@@ -413,7 +442,8 @@ def main() -> None:
             print(f"  loss |(b)-(d)|: {row['loss_diff_fp32_same_teacher']:.2e} (fp32, same teacher), "
                   f"{row['loss_diff_as_benchmarked']:.2e} (as benchmarked); teacher: {row['teacher_optimizations']}",
                   flush=True)
-    table = format_table(results["rows"], COLUMNS)
+    columns = TEACHER_COLUMNS if args.teachers_only else COLUMNS
+    table = format_table(results["rows"], columns)
     random_teachers = [t for t in args.teachers if t not in args.teacher_checkpoint]
     notes = [results["timing"], f"{results['machine']}; torch {results['torch']}, timm {results['timm']}; "
              f"precision {args.precision}, {args.kind} distillation, batch {args.batch_size}, {args.steps} steps "

@@ -79,3 +79,11 @@ def test_cached_step_does_the_online_steps_work(tmp_path, kind):
         torch.manual_seed(7)
         b = cached(x, y).item()
         assert abs(a - b) < 1e-5, (a, b)
+
+
+def test_teacher_only_timing_compares_the_two_teacher_forwards():
+    args, batches = _args("hard"), _batches()
+    row = throughput.run_teacher("resnet20_cifar", args, batches, torch.device("cpu"))
+    assert set(row["img_s_per_block"]) == {"plain", "optimized"}
+    assert row["optimized/plain"] == row["optimized_img_s"] / row["plain_img_s"]
+    assert row["teacher_agreement_top1"] == 100.0 and row["teacher_optimizations"]["fold_bn"] == 21

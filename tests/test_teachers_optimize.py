@@ -97,14 +97,8 @@ class _SharedConvOutput(nn.Module):
         return self.head((self.bn(y) + y).mean(dim=(2, 3)))
 
 
-class _DataDependent(nn.Module):
-    """Python control flow on tensor values: torch.fx cannot trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
-        self.bn = nn.BatchNorm2d(3)
-        self.head = nn.Linear(3, 4)
+class _DataDependent(_SharedConvOutput):
+    """The same layers, with Python control flow on tensor values: torch.fx cannot trace it."""
 
     def forward(self, x):
         if x.sum() > 0:

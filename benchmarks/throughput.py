@@ -432,16 +432,17 @@ def main() -> None:
         for teacher_name in args.teachers:
             print(f"{teacher_name} ...", flush=True)
             results["rows"][teacher_name] = run_teacher(teacher_name, args, batches, device)
-    for student_name in [] if args.teachers_only else args.students:
-        for teacher_name in args.teachers:
-            label = f"{student_name} + {teacher_name}"
-            print(f"{label} ...", flush=True)
-            row = run_pair(student_name, teacher_name, args, batches, device)
-            results["rows"][label] = row
-            print(format_table({label: row}, COLUMNS), flush=True)
-            print(f"  loss |(b)-(d)|: {row['loss_diff_fp32_same_teacher']:.2e} (fp32, same teacher), "
-                  f"{row['loss_diff_as_benchmarked']:.2e} (as benchmarked); teacher: {row['teacher_optimizations']}",
-                  flush=True)
+    else:
+        for student_name in args.students:
+            for teacher_name in args.teachers:
+                label = f"{student_name} + {teacher_name}"
+                print(f"{label} ...", flush=True)
+                row = run_pair(student_name, teacher_name, args, batches, device)
+                results["rows"][label] = row
+                print(format_table({label: row}, COLUMNS), flush=True)
+                print(f"  loss |(b)-(d)|: {row['loss_diff_fp32_same_teacher']:.2e} (fp32, same teacher), "
+                      f"{row['loss_diff_as_benchmarked']:.2e} (as benchmarked); teacher: {row['teacher_optimizations']}",
+                      flush=True)
     columns = TEACHER_COLUMNS if args.teachers_only else COLUMNS
     table = format_table(results["rows"], columns)
     random_teachers = [t for t in args.teachers if t not in args.teacher_checkpoint]

@@ -193,20 +193,17 @@ def make_cached_step(student, teacher, batches, args, device, root: Path) -> Cal
     """
     import numpy as np
 
-    from distill.cache import CACHE_FILE, FORMAT, TeacherCache
+    from distill.cache import CACHE_FILE, FORMAT, TeacherCache, epoch_dir, top_k_entries
 
     k = min(10, NUM_CLASSES)
-    epoch = root / "epoch_0000"
+    epoch = epoch_dir(root, 0)
     epoch.mkdir(parents=True, exist_ok=True)
     values = np.zeros((len(batches), args.batch_size, k), np.float32)
     classes = np.zeros((len(batches), args.batch_size, k), np.int16)
     lse = np.zeros((len(batches), args.batch_size), np.float32)
     with torch.no_grad():
         for i, (x, _) in enumerate(batches):
-            logits = teacher(x).float()
-            top = logits.topk(k, dim=1)
-            values[i], classes[i] = top.values.cpu().numpy(), top.indices.cpu().numpy()
-            lse[i] = torch.logsumexp(logits, 1).cpu().numpy()
+            values[i], classes[i], lse[i] = top_k_entries(teacher(x), k)
     for name, array in (("values", values), ("classes", classes), ("lse", lse)):
         np.save(epoch / f"{name}.npy", array)
     for name in ("index", "seed", "digest"):  # not read by a training step

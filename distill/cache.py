@@ -57,8 +57,16 @@ def default_dir(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / f"{cfg.train.run_name or cfg.name}-teacher-cache"
 
 
-def _epoch_dir(root: Path, epoch: int) -> Path:
+def epoch_dir(root: Path, epoch: int) -> Path:
     return root / f"epoch_{epoch:04d}"
+
+
+def top_k_entries(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the cache keeps of a batch of teacher logits: the top ``k`` values and their classes, and
+    the log-sum-exp of all of them, from which ``sparse_logits`` rebuilds the probabilities."""
+    logits = logits.float()
+    top = logits.topk(k, dim=1)
+    return top.values.cpu().numpy(), top.indices.cpu().numpy(), torch.logsumexp(logits, dim=1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +174,8 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
     mixup = replay_mixup(dc, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=tc.seed)
     class_dtype = np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32
     for epoch in range(tc.epochs):
-        final, tmp = _epoch_dir(root, epoch), root / f"epoch_{epoch:04d}.tmp"
+        final = epoch_dir(root, epoch)
+        tmp = final.with_suffix(".tmp")
         if final.is_dir():
             continue
         if main:
@@ -182,11 +191,9 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
             index, seed = sampler.global_batch(epoch, batch)
             with torch.inference_mode(), accelerator.autocast():
                 logits = teacher(images).float()
-            top = logits.topk(K, dim=1)
+            values, classes, lse = top_k_entries(logits, K)
             arrays["index"][batch], arrays["seed"][batch] = index, seed
-            arrays["values"][batch] = top.values.cpu().numpy()
-            arrays["classes"][batch] = top.indices.cpu().numpy().astype(class_dtype)
-            arrays["lse"][batch] = torch.logsumexp(logits, dim=1).cpu().numpy()
+            arrays["values"][batch], arrays["classes"][batch], arrays["lse"][batch] = values, classes.astype(class_dtype), lse
             arrays["digest"][batch] = np.frombuffer(image_digest(images), dtype=np.uint8)
         for array in arrays.values():
             array.flush()
@@ -277,7 +284,7 @@ class TeacherCache:
 
     def arrays(self, epoch: int) -> dict[str, np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:
-            folder = _epoch_dir(self.root, epoch)
+            folder = epoch_dir(self.root, epoch)
             if not folder.is_dir():
                 raise CacheError(f"{self.root} has no epoch {epoch + 1} (it covers {self.info['epochs']}); extend it with "
                                  "`distill cache-teacher <recipe>` with this train.epochs")
@@ -371,7 +378,7 @@ def check_cache(cfg: Config, batches: int = 4) -> dict:
     teacher.to(accelerator.device)
     dataset = image_dataset(cfg.data, data, train=True)
     mixup = replay_mixup(cfg.data, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=cfg.train.seed)
-    epochs = [e for e in range(cache.info["epochs"]) if _epoch_dir(root, e).is_dir()]
+    epochs = [e for e in range(cache.info["epochs"]) if epoch_dir(root, e).is_dir()]
     picks = np.random.default_rng(0).choice(len(epochs) * cache.info["num_batches"], size=min(batches, len(epochs) * cache.info["num_batches"]), replace=False)
     identical, max_diff, agree, total = True, 0.0, 0, 0
     for pick in sorted(int(p) for p in picks):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 
 import pytest
@@ -65,8 +66,6 @@ def test_run_pair_measures_every_variant(tmp_path):
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_cached_step_does_the_online_steps_work(tmp_path, kind):
     """(c) reads from disk what (b) computes: the same loss on the same batch from the same weights."""
-    import copy
-
     cpu = torch.device("cpu")
     args, batches = _args(kind), _batches()
     plain, fast = throughput.build_teachers("resnet20_cifar", None, args, args.data_cfg, batches, cpu)

@@ -395,6 +395,8 @@ def apply_override(cfg: Config, item: str) -> None:
         raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-3)")
     key, text = item.split("=", 1)
     value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        value = text.strip()  # YAML 1.1 reads yes/no/on/off as booleans; a string key wants the word
     nested: Any = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
@@ -447,6 +449,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 pass
         raise fail()
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false (`mixed_precision: no`)
+            value = "no"
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

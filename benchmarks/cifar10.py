@@ -1,0 +1,223 @@
+"""CIFAR-10 on a CPU budget, in the form of DeiT's Table 3: does distillation give a better small DeiT?
+
+The full CIFAR-10 training set (50,000 images) and its test set (10,000), in four resumable stages:
+
+1. a CIFAR ResNet teacher trained from scratch (He et al. 2016, Sec. 4.2; no network needed);
+2. the replay cache of its outputs for every epoch the students will see (``distill cache-teacher``),
+   so each student pays only its own step;
+3. one DeiT-style student trained for the same budget three times: without a teacher, with soft
+   distillation (DeiT Sec. 5.2: tau 3, alpha 0.1) and with hard distillation (alpha 0.5);
+4. a table of every head (class, distillation, joint) and the agreement with the teacher, like DeiT's
+   Table 3, plus the time each stage took, and a PNG of validation top-1 by epoch.
+
+    python benchmarks/cifar10.py                 # about 2.5 h on 2 CPU cores; stop it any time
+    python benchmarks/cifar10.py --resume        # continue where it stopped (finished stages are kept)
+    python benchmarks/cifar10.py --gpu-setting   # DeiT-Ti (192 wide, 12 deep), patch 4, DeiT's 300 epochs
+
+Every stage is a `distill` command (printed before it runs), so each can be rerun by hand. Results:
+``benchmarks/results/cifar10{_gpu}.{json,md,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "cifar10_deit_tiny"
+
+# The CPU setting. Every number is a project choice for 2 CPU cores unless a comment cites a paper.
+CPU_SETTING = {
+    "teacher": ["teacher.name=resnet20_cifar",   # He et al. 2016: 0.27M parameters, 8.75% error (Table 6)
+                "teacher_train.epochs=40",        # He et al. train 164 epochs; 40 with a cosine schedule fit the budget
+                "teacher_train.lr=0.1",           # He et al. 2016, Sec. 4.2 (batch 128)
+                "teacher_train.weight_decay=5e-4",
+                "teacher_train.warmup_epochs=1",
+                "teacher_train.light_augment=true"],  # crop + flip, as He et al.
+    # DeiT-Ti's depth and width halved (0.68M parameters): the student of the earlier CIFAR benchmarks.
+    "student": ["student.name=deit_tiny", "student.patch_size=4",
+                "student.kwargs={embed_dim: 96, depth: 6, num_heads: 3}",
+                "train.epochs=12", "optim.lr=1e-3", "optim.warmup_epochs=1"],
+}
+# The GPU setting (not run on this project's machines): full DeiT-Ti at patch 4 for DeiT's 300 epochs
+# (Table 9) from a ResNet-56 teacher trained for He et al.'s ~160 epochs.
+GPU_SETTING = {
+    "teacher": ["teacher.name=resnet56_cifar", "teacher_train.epochs=160", "teacher_train.lr=0.1",
+                "teacher_train.weight_decay=5e-4", "teacher_train.warmup_epochs=1", "teacher_train.light_augment=true"],
+    "student": ["student.name=deit_tiny", "student.patch_size=4", "train.epochs=300", "optim.lr=5e-4",
+                "optim.warmup_epochs=5"],
+}
+# kind -> overrides (DeiT Sec. 5.2: soft with tau 3 and alpha 0.1; hard with alpha 0.5).
+KINDS = {
+    "none": ["distill.kind=none"],
+    "soft": ["distill.kind=soft", "distill.tau=3.0", "distill.alpha=0.1"],
+    "hard": ["distill.kind=hard", "distill.alpha=0.5"],
+}
+STUDENT_COLUMNS = ["cls_top1", "dist_top1", "joint_top1", "agreement_top1"]
+
+
+def distill_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "distill", *args]
+
+
+def run_stage(state: dict, state_file: Path, name: str, cmd: list[str]) -> None:
+    """Run one `distill` command; its wall time is added to the stage's total even if it is interrupted."""
+    print(f"\n[{name}] {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    try:
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    finally:
+        state["seconds"][name] = round(state["seconds"].get(name, 0.0) + time.perf_counter() - start, 1)
+        state_file.write_text(json.dumps(state, indent=1) + "\n")
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def step_speed(model, precision: str, steps: int = 6, batch: int = 128) -> float:
+    """Training images/s of a few SGD steps on random 32x32 batches (for choosing the precision)."""
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    model.train()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x)
+            loss = torch.nn.functional.cross_entropy((out[0] if isinstance(out, tuple) else out).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def choose_precision(setting: dict, gpu: bool) -> dict:
+    """The faster of fp32 and bf16 for the teacher and for the student, measured here (on a GPU: bf16)."""
+    import torch
+
+    import distill
+    import students
+    import teachers
+
+    if gpu or torch.cuda.is_available():
+        return {"teacher": "bf16", "student": "bf16", "measured": None}
+    cfg = distill.load_recipe(RECIPE, setting["teacher"] + setting["student"])
+    builders = {
+        "teacher": lambda: teachers.build_teacher_network(cfg.teacher.name, num_classes=10)[0],
+        "student": lambda: students.create_student(cfg.student.name, num_classes=10, img_size=32,
+                                                   patch_size=cfg.student.patch_size, **cfg.student.kwargs),
+    }
+    chosen, measured = {}, {}
+    for role, build in builders.items():
+        speeds = {p: round(step_speed(build(), p), 1) for p in ("no", "bf16")}
+        measured[role] = speeds
+        chosen[role] = max(speeds, key=speeds.get)
+    return {**chosen, "measured": measured}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="CIFAR-10: Hub id or local folder")
+    p.add_argument("--output-dir", default=None, help="run folders (default runs/bench-cifar10[-gpu])")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--resume", action="store_true", help="continue a stopped benchmark (finished stages are kept)")
+    p.add_argument("--gpu-setting", action="store_true", help="full DeiT-Ti, patch 4, 300 epochs (for a GPU)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per run")
+    p.add_argument("overrides", nargs="*", help="extra section.key=value for every run (e.g. a quick smoke test)")
+    args = p.parse_args()
+
+    setting = GPU_SETTING if args.gpu_setting else CPU_SETTING
+    tag = "cifar10_gpu" if args.gpu_setting else "cifar10"
+    out = Path(args.output_dir or ROOT / "runs" / ("bench-cifar10-gpu" if args.gpu_setting else "bench-cifar10"))
+    state_file = out / "benchmark_state.json"
+    if state_file.is_file() and not args.resume:
+        sys.exit(f"error: {out} holds a benchmark already; pass --resume to continue it, or --output-dir <new folder>")
+    out.mkdir(parents=True, exist_ok=True)
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"seconds": {}}
+    if "precision" not in state:  # chosen once: a resumed stage must keep the precision it started with
+        state["precision"] = choose_precision(setting, args.gpu_setting)
+        state_file.write_text(json.dumps(state, indent=1) + "\n")
+    prec = state["precision"]
+    print(f"precision: teacher {prec['teacher']}, students {prec['student']} (measured img/s: {prec['measured']})")
+
+    common = [f"data.source={args.data}", f"data.num_workers={args.workers}", "train.batch_size=128",
+              "train.progress=false", f"train.output_dir={out}", "teacher.pretrained=false", "train.run_name=cifar10",
+              *setting["teacher"], *setting["student"], *args.overrides]
+    teacher_run = out / "cifar10-teacher"
+    teacher_weights = teacher_run / "export" / "model.safetensors"
+    cache = out / "teacher-cache"
+
+    # 1. The teacher, from scratch.
+    if not teacher_weights.is_file():
+        resume = ["--resume"] if (teacher_run / "checkpoints").is_dir() else []
+        run_stage(state, state_file, "teacher", distill_cmd("train-teacher", RECIPE, *common,
+                                                            f"train.mixed_precision={prec['teacher']}", *resume))
+    # 2. The teacher's outputs for every epoch the students see (also extends a shorter cache).
+    with_teacher = [f"teacher.checkpoint={teacher_weights}", f"teacher.cache={cache}"]
+    cache_info = cache / "cache.json"
+    epochs = [int(o.split("=")[1]) for o in common if o.startswith("train.epochs=")][-1]
+    if not cache_info.is_file() or json.loads(cache_info.read_text()).get("epochs", 0) < epochs \
+            or not (cache / "val_top5.npy").is_file():
+        run_stage(state, state_file, "cache", distill_cmd("cache-teacher", RECIPE, *common, *with_teacher,
+                                                          f"train.mixed_precision={prec['teacher']}"))
+    # 3. The students: same data, augmentation, seed and budget; only the teacher's part differs.
+    for kind in ("hard", "soft", "none"):
+        run = out / f"cifar10-deit-{kind}"
+        if (run / "export" / "model.safetensors").is_file():
+            continue
+        teacher = [] if kind == "none" else with_teacher
+        resume = ["--resume"] if (run / "checkpoints").is_dir() else []
+        run_stage(state, state_file, f"student {kind}", distill_cmd(
+            "train", RECIPE, *common, *KINDS[kind], *teacher, f"train.run_name=cifar10-deit-{kind}",
+            f"train.mixed_precision={prec['student']}", *resume))
+
+    # 4. The table and the figure.
+    teacher_top1 = metrics(teacher_run)[-1]["top1"]
+    rows = {f"teacher ({setting['teacher'][0].split('=')[1]})": {"top1": teacher_top1,
+                                                                 "minutes": round(state["seconds"].get("teacher", 0) / 60, 1)}}
+    rows["teacher cache"] = {"minutes": round(state["seconds"].get("cache", 0) / 60, 1)}
+    for kind in ("none", "soft", "hard"):
+        m = metrics(out / f"cifar10-deit-{kind}")
+        last = m[-1]
+        head = "cls_top1" if kind == "none" else "joint_top1"  # the head each student predicts with
+        rows[f"DeiT student, {kind}"] = {**{k: last[k] for k in STUDENT_COLUMNS if k in last}, "top1": last[head],
+                                         "train_img_s": round(sum(e["images_per_s"] for e in m) / len(m), 1),
+                                         "minutes": round(state["seconds"].get(f"student {kind}", 0) / 60, 1)}
+    from distill.evaluate import format_table
+
+    columns = ["top1", *STUDENT_COLUMNS, "train_img_s", "minutes"]
+    table = format_table(rows, columns)
+    none, soft, hard = (rows[f"DeiT student, {k}"]["top1"] for k in ("none", "soft", "hard"))
+    targets = {"teacher >= 90": teacher_top1 >= 90, "hard >= none + 8": hard >= none + 8,
+               "hard > soft > none": hard > soft > none, "best student >= 70": max(none, soft, hard) >= 70}
+    total = round(sum(state["seconds"].values()) / 60, 1)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    print("\n" + table)
+    print(f"\ntop1: the head each predicts with (cls without a teacher, joint with one); {total} min in all on {machine}")
+    print("targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
+    results = {"machine": machine, "setting": setting, "kinds": KINDS, "precision": prec, "rows": rows,
+               "targets": targets, "total_minutes": total,
+               "curves": {k: [[e["epoch"], e.get("cls_top1" if k == "none" else "joint_top1")] for e in metrics(out / f"cifar10-deit-{k}")]
+                          for k in ("none", "soft", "hard")}}
+    res = Path(args.results)
+    res.mkdir(parents=True, exist_ok=True)
+    (res / f"{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (res / f"{tag}.md").write_text(f"```\n{table}\n```\n\n{total} min in all on {machine}; "
+                                   + ", ".join(f"{k}: {'met' if v else 'not met'}" for k, v in targets.items()) + "\n")
+
+
+if __name__ == "__main__":
+    main()

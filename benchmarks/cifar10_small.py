@@ -27,7 +27,7 @@ import distill
 import students
 from distill.config import apply_override, load_recipe
 from distill.evaluate import format_table
-from distill.train import TEACHER_WEIGHTS, run_dir_of
+from teachers.files import TEACHER_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     if teacher_ckpt is None:
         cfg = copy.deepcopy(base)
         cfg.train.run_name = "teacher"
-        teacher_dir = run_dir_of(cfg, "-teacher")
+        teacher_dir = cfg.run_dir("-teacher")
         if not (teacher_dir / "export" / TEACHER_WEIGHTS).is_file():
             distill.train_teacher(cfg, resume=True if (teacher_dir / "checkpoints").is_dir() else None)
         teacher_ckpt = str(teacher_dir / "export" / TEACHER_WEIGHTS)
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         for item in [f"student.name={name}", *overrides, *KINDS[kind], f"teacher.checkpoint={teacher_ckpt}"]:
             apply_override(cfg, item)
         cfg.train.run_name = f"{args.suite}-{family.lower()}-{kind}"
-        run = run_dir_of(cfg)
+        run = cfg.run_dir()
         if not (run / "export" / "model.safetensors").is_file():  # a finished run is reused, not redone
             distill.train(cfg, resume=True if (run / "checkpoints").is_dir() else None)
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -60,7 +60,8 @@ from distill.config import load_recipe
 from distill.evaluate import format_table
 from distill.losses import DistillationLoss
 from distill.pipeline import image_dataset
-from distill.train import load_data
+from distill.build import load_data, new_accelerator
+from distill.train import distill_step
 from distill.transforms import build_mixup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,58 +139,33 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
-def make_plain_step(student, args, device) -> Callable:
-    """(a) the student alone: class-head loss against the mixed targets."""
-    opt = create_optimizer_v2(student, opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
-    loss_fn = DistillationLoss("none")
-
-    def step(x, y):
-        with autocast(device, args.precision):
-            cls_logits, dist_logits = student(x)
-        loss = loss_fn(cls_logits.float(), dist_logits.float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
-
-
 def distillation_loss(args) -> DistillationLoss:
     # batchmean: timm's normalisation of the soft KL, so that (b) and (d) compute the same loss.
     return DistillationLoss(args.kind, alpha=ALPHA, tau=args.tau, soft_norm="batchmean")
 
 
-def make_online_step(student, teacher, args, device) -> Callable:
-    """(b) our online distillation step, as distill/train.py runs it: teacher, then student."""
-    return distillation_step(student, teacher, args, device)  # the Teacher runs in its own precision
-
-
-def distillation_step(student, teacher_logits_of: Callable, args, device) -> Callable:
-    """Our distillation training step, with the teacher's logits for batch ``x`` from ``teacher_logits_of(x)``."""
+def our_step(student, teacher_logits_of: Callable | None, args) -> Callable:
+    """Our training step as ``distill train`` runs it: ``distill.train.distill_step`` on the student and
+    its optimiser prepared by Accelerate (which runs the student's forward in the run's autocast), with
+    the teacher's logits for batch ``x`` from ``teacher_logits_of(x)``, or none for (a)."""
     opt = create_optimizer_v2(student, opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
-    loss_fn = distillation_loss(args)
+    model, opt = args.accelerator.prepare(student, opt)
+    loss_fn = distillation_loss(args) if teacher_logits_of is not None else DistillationLoss("none")
 
     def step(x, y):
-        teacher_logits = teacher_logits_of(x)
-        with autocast(device, args.precision):
-            cls_logits, dist_logits = student(x)
-        loss = loss_fn(cls_logits.float(), dist_logits.float(), y, teacher_logits)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        teacher_logits = None if teacher_logits_of is None else teacher_logits_of(x)
+        return distill_step(model, x, y, teacher_logits, loss_fn, opt, args.accelerator)[0]
 
     return step
 
 
-def make_cached_step(student, teacher, batches, args, device, root: Path) -> Callable:
+def make_cached_step(student, teacher, batches, args, root: Path) -> Callable:
     """(c) our distillation step with the teacher's logits read from a replay cache on disk.
 
     The cache of ``teacher``'s top-10 logits for ``batches`` is written first (untimed) in the layout
     of ``distill.cache`` (memory-mapped .npy files of one epoch); each step then reads its batch's
     rows through ``distill.cache.TeacherCache`` and rebuilds the logits, exactly as training with
-    ``teacher.cache`` does. Everything else is :func:`make_online_step`'s step.
+    ``teacher.cache`` does. Everything else is the online variant's step.
     """
     import numpy as np
 
@@ -211,7 +187,7 @@ def make_cached_step(student, teacher, batches, args, device, root: Path) -> Cal
     (root / CACHE_FILE).write_text(json.dumps({"format": FORMAT, "num_classes": NUM_CLASSES, "topk": k, "epochs": 1}))
     cache = TeacherCache(root)
     position = {id(x): i for i, (x, _) in enumerate(batches)}
-    return distillation_step(student, lambda x: cache.teacher_logits(0, position[id(x)], device), args, device)
+    return our_step(student, lambda x: cache.logits(0, position[id(x)], x), args)
 
 
 def make_timm_step(student, teacher_network, plain_teacher, args, device) -> Callable:
@@ -319,10 +295,10 @@ def run_pair(student_name, teacher_name, args, batches, device) -> dict:
     row: dict = {"teacher_checkpoint": checkpoint, "teacher_optimizations": fast.optimizations}
     row.update(teacher_agreement(plain, fast, batches))
     row.update(same_work_check(student_b, theirs, plain, fast, timm_step.task, batches[0], args, device))
-    steps = {"plain": make_plain_step(student_a, args, device),
-             "online": make_online_step(student_b, fast, args, device)}
+    # (a) the student alone; (b) the online teacher (it runs in its own precision), then the student.
+    steps = {"plain": our_step(student_a, None, args), "online": our_step(student_b, fast, args)}
     with tempfile.TemporaryDirectory() as root:
-        steps["cached"] = make_cached_step(student_c, fast, batches, args, device, Path(root))
+        steps["cached"] = make_cached_step(student_c, fast, batches, args, Path(root))
         steps["timm"] = timm_step
         rates = time_interleaved(steps, batches, args, device)
     row["img_s_per_block"] = rates
@@ -409,6 +385,7 @@ def main() -> None:
     # mixup 0.8 / cutmix 1.0, label smoothing 0.1, ImageNet mean/std.
     cfg = load_recipe("cifar10_deit_tiny", [f"data.source={args.data}"])
     args.data_cfg = cfg.data
+    args.accelerator = new_accelerator(cpu=device.type == "cpu", mixed_precision={"fp32": "no"}.get(args.precision, args.precision))
 
     start = time.perf_counter()
     batches = prepare_batches(cfg, args, device)

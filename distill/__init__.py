@@ -9,13 +9,54 @@ The Python API the CLI is built on::
     distill.evaluate_run("runs/cifar10_deit_tiny")
     distill.export_student("runs/cifar10_deit_tiny", "timm")   # or "hf": a folder timm/transformers loads
     distill.analyze_run("runs/cifar10_deit_tiny")   # DeiT Sec. 4: token cosines, head agreement, confusion
-"""
-from distill.config import Config, ConfigError, load_recipe, list_recipes
-from distill.losses import DistillationLoss
-from distill.train import train, train_teacher
-from distill.evaluate import evaluate, evaluate_run
-from distill.export import ExportError, export_student
-from distill.analyze import analyze_run
 
-__all__ = ["Config", "ConfigError", "load_recipe", "list_recipes", "DistillationLoss", "train",
-           "train_teacher", "evaluate", "evaluate_run", "export_student", "ExportError", "analyze_run"]
+How the modules layer (imports only run downwards; ``tests/test_imports.py`` checks it):
+
+    cli, quickstart                   the commands
+    train, cache, evaluate, analyze,  what runs: the loop, the teacher cache, evaluation, analysis,
+    export                            conversion to timm / transformers
+    build, rundir                     run set-up: config -> data, Accelerator, student, frozen
+                                      teacher; the run folder, its exports, loading a run back
+    pipeline, data, transforms,       the data path, the objective, checkpoints, the schema
+    replay, losses, checkpoint, config
+    weights                           safe reading of weight files, the one module that the
+                                      `students` and `teachers` packages import from here
+"""
+import importlib
+import sys
+import types
+
+# The public API, imported on first use: `students` and `teachers` import `distill.weights`, which
+# runs this file first, and must not pull in the training code that imports them in turn.
+_API = {
+    "Config": "distill.config", "ConfigError": "distill.config", "load_recipe": "distill.config",
+    "list_recipes": "distill.config", "DistillationLoss": "distill.losses", "train": "distill.train",
+    "train_teacher": "distill.train", "evaluate": "distill.evaluate", "evaluate_run": "distill.evaluate",
+    "export_student": "distill.export", "ExportError": "distill.export", "analyze_run": "distill.analyze",
+}
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'distill' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``distill.train`` binds it as the package attribute ``train``; the API
+    function of that name must win (``distill.train(cfg)``), as when this file imported eagerly."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import plots
-from distill.evaluate import head_logits, load_run, model_joint, model_heads, prepare_eval
+from distill.evaluate import head_logits, model_joint, model_heads
+from distill.rundir import load_run, prepare_eval
 from students import cait, cmt, deit, dhvt
 
 ANALYSIS_JSON = "analysis.json"

@@ -36,9 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill import build
 from distill.config import Config, ConfigError, dump, validate
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
 from distill.replay import ReplayBatchSampler
+from distill.weights import load_state_dict_file
 
 FORMAT = 1
 CACHE_FILE = "cache.json"
@@ -54,7 +56,7 @@ class CacheError(ConfigError):
 
 
 def default_dir(cfg: Config) -> Path:
-    return Path(cfg.train.output_dir) / f"{cfg.train.run_name or cfg.name}-teacher-cache"
+    return cfg.run_dir("-teacher-cache")
 
 
 def epoch_dir(root: Path, epoch: int) -> Path:
@@ -146,16 +148,15 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
     Completed epochs are kept, so an interrupted build continues, and a larger ``train.epochs``
     extends a cache. Every process builds the global batches ``b % processes == rank``.
     """
-    from distill.train import load_data, new_accelerator, resolve_teacher
-
     validate(cfg)
     if cfg.teacher.name is None:
         raise ConfigError("cache-teacher needs teacher.name (see `distill teachers`)")
     root = Path(out or cfg.teacher.cache or default_dir(cfg))
-    data = load_data(cfg.data)
-    cfg, teacher = resolve_teacher(cfg, data)
+    data = build.load_data(cfg.data)
+    cfg = build.with_teacher_weights(cfg)
+    teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
     tc, dc = cfg.train, cfg.data
-    accelerator = new_accelerator(cpu=tc.cpu or _multi_process_cpu(), mixed_precision=tc.mixed_precision)
+    accelerator = build.new_accelerator(cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=tc.mixed_precision)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     record = made_from(cfg, data, teacher_weights_sha256(cfg))
     K = min(cfg.teacher.cache_topk, data.num_classes)
@@ -211,11 +212,6 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
         (root / "recipe.yaml").write_text(dump(cfg))
     accelerator.wait_for_everyone()
     return root
-
-
-def _multi_process_cpu() -> bool:
-    import os
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_classes: int, precision: str) -> None:
@@ -281,6 +277,7 @@ class TeacherCache:
         self.info = _read_info(self.root)
         self.num_classes, self.topk = self.info["num_classes"], self.info["topk"]
         self._epoch: tuple[int, dict[str, np.ndarray]] | None = None
+        self._val: torch.Tensor | None = None
 
     def arrays(self, epoch: int) -> dict[str, np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:
@@ -294,6 +291,13 @@ class TeacherCache:
                 raise CacheError(f"{folder} is damaged ({e}); delete it and run `distill cache-teacher <recipe>` again") from None
         return self._epoch[1]
 
+    def logits(self, epoch: int, batch: int, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for global batch ``batch`` of ``epoch`` (``images`` only names the device)."""
+        return self.teacher_logits(epoch, batch, images.device)
+
+    def to(self, device) -> "TeacherCache":
+        return self  # read from disk, moved per batch
+
     def teacher_logits(self, epoch: int, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, C) logits: the cached top K exactly, the rest of the probability mass spread evenly."""
         a = self.arrays(epoch)
@@ -302,11 +306,17 @@ class TeacherCache:
         lse = torch.from_numpy(np.array(a["lse"][batch])).to(device)
         return sparse_logits(values, classes, lse, self.num_classes)
 
-    def val_top5(self) -> torch.Tensor:
-        file = self.root / VAL_FILE
-        if not file.is_file():
-            raise CacheError(f"{self.root} has no validation predictions; finish it with `distill cache-teacher <recipe>`")
-        return torch.from_numpy(np.load(file).astype(np.int64))
+    def val_predictions(self) -> torch.Tensor:
+        """The teacher's top-5 classes for every validation image (its accuracy, the agreement)."""
+        if self._val is None:
+            file = self.root / VAL_FILE
+            if not file.is_file():
+                raise CacheError(f"{self.root} has no validation predictions; finish it with `distill cache-teacher <recipe>`")
+            self._val = torch.from_numpy(np.load(file).astype(np.int64))
+        return self._val
+
+    def val_top5(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return self.val_predictions()[indices].to(images.device)
 
 
 def sparse_logits(values: torch.Tensor, classes: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -345,13 +355,7 @@ def open_cache(cfg: Config, data) -> TeacherCache:
 def teacher_weights_sha256(cfg: Config) -> str | None:
     """The hash of the weights file the recipe's teacher loads, when it is on this machine, else None
     (timm's pretrained weights are named by the teacher's name and kwargs)."""
-    from distill.train import TEACHER_WEIGHTS, run_dir_of
-    from distill.weights import load_state_dict_file
-
-    checkpoint = cfg.teacher.checkpoint
-    if checkpoint is None and cfg.teacher_train.epochs > 0:
-        exported = run_dir_of(cfg, "-teacher") / "export" / TEACHER_WEIGHTS
-        checkpoint = str(exported) if exported.is_file() else None
+    checkpoint = build.teacher_checkpoint(cfg)
     if checkpoint is None or not Path(checkpoint).is_file():
         return None
     return weights_sha256(load_state_dict_file(checkpoint))
@@ -365,16 +369,15 @@ def check_cache(cfg: Config, batches: int = 4) -> dict:
     """``cache-teacher --check``: replay ``batches`` cached batches (spread over the epochs) from their
     seeds, compare the images bit for bit with the cached digests, rerun the teacher and report the
     largest difference from the cached logits."""
-    from distill.train import load_data, new_accelerator, resolve_teacher
-
     validate(cfg)
     root = Path(cfg.teacher.cache or default_dir(cfg))
     cache = TeacherCache(root)
-    data = load_data(cfg.data)
+    data = build.load_data(cfg.data)
     cfg.teacher.cache = str(root)
     open_cache(cfg, data)
-    cfg, teacher = resolve_teacher(cfg, data)
-    accelerator = new_accelerator(cpu=cfg.train.cpu, mixed_precision=cache.info["mixed_precision"])
+    cfg = build.with_teacher_weights(cfg)
+    teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
+    accelerator = build.new_accelerator(cpu=cfg.train.cpu, mixed_precision=cache.info["mixed_precision"])
     teacher.to(accelerator.device)
     dataset = image_dataset(cfg.data, data, train=True)
     mixup = replay_mixup(cfg.data, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=cfg.train.seed)

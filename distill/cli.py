@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(e: Exception) -> bool:
     from distill.checkpoint import CheckpointError
     from distill.data import DataError
-    from distill.train import NonFiniteLossError, RunExistsError
+    from distill.rundir import RunExistsError
+    from distill.train import NonFiniteLossError
     from distill.weights import WeightsError
 
     return isinstance(e, (ConfigError, DataError, WeightsError, NonFiniteLossError, RunExistsError, CheckpointError,
@@ -169,6 +170,9 @@ def _run(args: argparse.Namespace) -> int:
                 raise CacheError(f"replayed images differ from the cached ones in {report['batches']} checked batches; "
                                  "the cache does not belong to this data or code: build it again")
         else:
+            if cfg.teacher.name is not None:
+                from distill.train import ensure_teacher_stage
+                cfg = ensure_teacher_stage(cfg)  # fine-tunes the teacher first when the recipe asks for it
             root = build_cache(cfg)
             print(f"teacher cache in {root}; train from it with: distill train {args.recipe} teacher.cache={root}")
     elif args.command == "eval":

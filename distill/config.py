@@ -306,6 +306,10 @@ class Config:
     name: str = "run"
     """Recipe name (the file's stem unless set)."""
 
+    def run_dir(self, suffix: str = "") -> Path:
+        """The run folder, ``<train.output_dir>/<train.run_name or name><suffix>`` (``-teacher``: its teacher stage)."""
+        return Path(self.train.output_dir) / ((self.train.run_name or self.name) + suffix)
+
 
 # ----------------------------------------------------------------------------------------------
 # Recipes on disk

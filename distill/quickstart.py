@@ -14,7 +14,8 @@ from pathlib import Path
 
 from distill.config import apply_override, load_recipe
 from distill.evaluate import format_table
-from distill.train import TEACHER_WEIGHTS, run_dir_of, train, train_teacher
+from distill.train import train, train_teacher
+from teachers.files import TEACHER_WEIGHTS
 
 COLUMNS = ["cls_top1", "dist_top1", "joint_top1", "top1", "agreement_top1"]
 
@@ -28,7 +29,7 @@ def run_quickstart(output_dir: str = "runs", overrides: list[str] | None = None,
     start = time.perf_counter()
 
     teacher_metrics = train_teacher(base)
-    teacher_ckpt = run_dir_of(base, "-teacher") / "export" / TEACHER_WEIGHTS
+    teacher_ckpt = base.run_dir("-teacher") / "export" / TEACHER_WEIGHTS
 
     rows = {f"teacher ({base.teacher.name})": {"top1": teacher_metrics["top1"]}}
     for kind in ("none", base.distill.kind if base.distill.kind != "none" else "hard"):

@@ -8,6 +8,7 @@ from teachers.registry import (
     register_teacher,
 )
 from teachers.teacher import Teacher
+from teachers.files import TEACHER_CONFIG, TEACHER_WEIGHTS, read_teacher_meta, save_teacher
 
 __all__ = [
     "Teacher",
@@ -17,4 +18,8 @@ __all__ = [
     "list_teachers",
     "load_teacher_checkpoint",
     "register_teacher",
+    "save_teacher",
+    "read_teacher_meta",
+    "TEACHER_WEIGHTS",
+    "TEACHER_CONFIG",
 ]

@@ -4,9 +4,6 @@ A registered builder is ``builder(num_classes: int, pretrained: bool, **kwargs) 
 returns a plain trainable classifier. ``build_teacher_network`` gives that network (``distill
 train-teacher`` fine-tunes it); ``create_teacher`` loads weights into it and freezes it as a
 :class:`teachers.teacher.Teacher`. The registry is an explicit dict; nothing is imported from a string.
-
-Note: ``distill/__init__.py`` imports ``teachers``, so ``distill.weights`` is imported inside the
-function that needs it; a module-level import would make ``import teachers`` (first) circular.
 """
 from __future__ import annotations
 
@@ -20,6 +17,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from distill.weights import load_state_dict_file
 from teachers.teacher import Teacher
 
 TRAIN_TEACHER_HINT = "fine-tune the teacher on this dataset first: `distill train-teacher <recipe>`"
@@ -240,8 +238,6 @@ def create_teacher(name: str, num_classes: int = 1000, checkpoint: str | Path | 
 
 def load_teacher_checkpoint(model: nn.Module, checkpoint: str | Path, num_classes: int) -> None:
     """Load ``checkpoint`` into ``model`` strictly, with one-line errors that say what to do."""
-    from distill.weights import load_state_dict_file  # lazy: see the module docstring
-
     state = load_state_dict_file(checkpoint)
     own = model.state_dict()
     head = _classifier_weight_key(model)

@@ -13,7 +13,7 @@ import torch
 
 from distill.config import load_recipe
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader
-from distill.train import load_data, new_accelerator
+from distill.build import load_data, new_accelerator
 
 
 def main(recipe: str, out_dir: str) -> None:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distill.analyze import analyze, analyze_run, token_probes
 from distill.cli import main as cli
-from distill.train import new_accelerator
+from distill.build import new_accelerator
 from students import create_student
 
 from conftest import tiny_config

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from distill.cache import CacheError, TeacherCache, build_cache, check_cache, image_digest, replay_batch, sparse_logits
 from distill.cli import main as cli
 from distill.pipeline import image_dataset, replay_mixup
-from distill.train import load_data, train
+from distill.build import load_data
+from distill.train import train
 
 from conftest import REPO, make_config, read_metrics, tiny_config
 

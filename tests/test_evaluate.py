@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from distill.evaluate import evaluate, format_table, new_teacher_store
-from distill.train import new_accelerator
+from distill.build import OnlineTeacher, new_accelerator
+from distill.evaluate import evaluate, format_table
 
 
 class FixedHeads(nn.Module):
@@ -34,8 +34,8 @@ def test_every_head_teacher_and_agreement_match_hand_computation():
     loader = DataLoader(TensorDataset(torch.arange(n).float()[:, None], y, torch.arange(n)), batch_size=8)
     teacher = lambda x: teacher_logits[x[:, 0].long()]  # noqa: E731
     accelerator = new_accelerator(cpu=True)
-    store = new_teacher_store(n, c)
-    got = evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, teacher, store)
+    targets = OnlineTeacher(teacher, n, c)
+    got = evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, targets)
 
     def top(logits, k):
         return round(100.0 * (logits.topk(k, 1).indices == y[:, None]).any(1).float().mean().item(), 2)
@@ -53,9 +53,15 @@ def test_every_head_teacher_and_agreement_match_hand_computation():
     assert got == expected
     # The teacher's top-5 are kept per sample and reused: a second pass gives the same numbers
     # without calling the teacher, and a store filled by a teacher cache needs no teacher at all.
-    assert torch.equal(store, teacher_logits.topk(5, 1).indices)
-    assert evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, lambda x: 1 / 0, store) == expected
-    assert evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, None, store) == expected
+    assert torch.equal(targets.top5, teacher_logits.topk(5, 1).indices)
+    targets.teacher = lambda x: 1 / 0
+    assert evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, targets) == expected
+
+    class Stored:  # what a teacher cache gives: the stored predictions, no teacher network
+        def val_top5(self, indices, images):
+            return teacher_logits.topk(5, 1).indices[indices]
+
+    assert evaluate(FixedHeads(cls_logits, dist_logits), loader, accelerator, Stored()) == expected
 
 
 def test_agreement_follows_the_configured_joint_rule():
@@ -71,10 +77,10 @@ def test_agreement_follows_the_configured_joint_rule():
     teacher = lambda x: teacher_logits[x[:, 0].long()]  # noqa: E731
     model = FixedHeads(cls_logits, dist_logits)
     model.joint = "softmax"
-    got = evaluate(model, loader, new_accelerator(cpu=True), teacher)
+    got = evaluate(model, loader, new_accelerator(cpu=True), OnlineTeacher(teacher, n, c))
     assert got["agreement_top1"] == 100.0
     model.joint = "logits"
-    got = evaluate(model, loader, new_accelerator(cpu=True), teacher)
+    got = evaluate(model, loader, new_accelerator(cpu=True), OnlineTeacher(teacher, n, c))
     expected = round(100.0 * (joint.argmax(1) == probs.argmax(1)).float().mean().item(), 2)
     assert got["agreement_top1"] == expected < 100.0
 

@@ -1,8 +1,92 @@
-"""Each package imports on its own, in any order (distill imports teachers and students)."""
+"""The import structure: each package imports on its own, in any order, and the project's imports
+form no circle (function-level imports included, so none can exist to dodge one)."""
+from __future__ import annotations
+
+import ast
 import subprocess
 import sys
 
 import pytest
+
+from conftest import REPO
+
+PACKAGES = ("distill", "students", "teachers")
+# The one `distill` module the model packages may use: reading weight files safely.
+SHARED = {"distill", "distill.weights"}
+
+
+def project_modules() -> dict[str, ast.Module]:
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).glob("*.py")):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            modules[name] = ast.parse(path.read_text(), filename=str(path))
+    return modules
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> project modules it imports anywhere in its file. Importing ``a.b`` from another
+    package also runs ``a/__init__``, so that counts as importing ``a`` too."""
+    modules = project_modules()
+    graph: dict[str, set[str]] = {}
+    for name, tree in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                # `from a import b` imports the module a.b if there is one, else a name of a.
+                for alias in node.names:
+                    found.add(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module)
+        edges = {m for m in found if m in modules}
+        own = name.split(".")[0]
+        edges |= {m.split(".")[0] for m in edges if m.split(".")[0] != own}
+        graph[name] = edges - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [])):
+            return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert {"distill.train", "distill.build", "students.deit", "teachers.registry"} <= set(graph)
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_students_and_teachers_use_only_the_shared_low_level_module():
+    for name, edges in import_graph().items():
+        if name.split(".")[0] in ("students", "teachers"):
+            assert {e for e in edges if e.split(".")[0] == "distill"} <= SHARED, name
+
+
+def test_run_set_up_never_imports_what_runs():
+    """cache, evaluate, analyze, export and quickstart build on build/rundir, never on train."""
+    graph = import_graph()
+    for name in ("distill.build", "distill.rundir", "distill.cache", "distill.evaluate", "distill.analyze",
+                 "distill.export"):
+        assert "distill.train" not in graph[name], name
 
 
 @pytest.mark.parametrize("order", [["teachers"], ["students", "teachers"], ["distill"]])
@@ -11,3 +95,10 @@ def test_import_order(order):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "train"
+
+
+def test_the_model_packages_do_not_load_the_training_code():
+    code = "import students, teachers, sys; print(sorted(m for m in sys.modules if m.startswith('distill')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['distill', 'distill.weights']"

@@ -17,7 +17,7 @@ from torch import nn
 import teachers.teacher as teacher_module
 from distill.config import Config
 from distill.losses import DistillationLoss
-from distill.train import build_teacher
+from distill.build import build_teacher
 from teachers import Teacher, build_teacher_network, create_teacher
 from teachers.optimize import fold_batchnorm
 

@@ -16,7 +16,9 @@ import distill
 import students
 import teachers
 from distill.cli import main as cli
-from distill.train import NonFiniteLossError, RunExistsError, build_teacher, fit, load_data, train, train_teacher
+from distill.build import OnlineTeacher, build_teacher, load_data
+from distill.rundir import RunExistsError
+from distill.train import NonFiniteLossError, fit, train, train_teacher
 
 from conftest import REPO, make_config, read_metrics, tiny_config
 
@@ -82,7 +84,8 @@ def test_teacher_weights_and_bn_stats_unchanged_by_training(tiny_dataset, tmp_pa
     student = students.create_student("deit_tiny", num_classes=4, img_size=16, patch_size=4,
                                       embed_dim=32, depth=1, num_heads=2)
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
-    fit(cfg, student, teacher, distill.DistillationLoss("hard"), data, tmp_path / "run")
+    fit(cfg, student, distill.DistillationLoss("hard"), data, tmp_path / "run",
+        targets=OnlineTeacher(teacher, len(data.val), data.num_classes))
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the teacher changed during training"
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -297,8 +300,8 @@ def test_finetune_at_another_resolution_with_the_teacher_at_its_own(tiny_dataset
 
     seen: list[tuple[int, int]] = []
     loads: list[dict] = []
-    train_module = importlib.import_module("distill.train")  # `distill.train` is also the function
-    original_build, original_load = train_module.build_teacher, students.load_pretrained
+    build_module = importlib.import_module("distill.build")
+    original_build, original_load = build_module.build_teacher, students.load_pretrained
 
     def build_and_watch(cfg, num_classes, **kwargs):
         teacher = original_build(cfg, num_classes, **kwargs)
@@ -316,7 +319,7 @@ def test_finetune_at_another_resolution_with_the_teacher_at_its_own(tiny_dataset
         loads.append({"source": str(source), **kwargs})
         return original_load(model, source, **kwargs)
 
-    monkeypatch.setattr(train_module, "build_teacher", build_and_watch)
+    monkeypatch.setattr(build_module, "build_teacher", build_and_watch)
     monkeypatch.setattr(students, "load_pretrained", load_and_record)
     tuned = make_config(tiny_dataset, tmp_path, data={"img_size": 24}, teacher={"checkpoint": str(teacher_ckpt)},
                         student={"checkpoint": str(export), "pos_embed_antialias": True, "joint": "softmax"},

@@ -1,0 +1,221 @@
+"""The run folder: its rules, its metrics log, its exports, and loading a finished run back.
+
+    runs/<name>/
+      config.yaml          the resolved config (written once the run has started)
+      metrics.jsonl        one line per epoch, never ahead of the checkpoints
+      checkpoints/         last/ and previous/ (distill.checkpoint)
+      export/              the final student (or teacher), written when the last epoch is done
+      export_ema/          the EMA student (train.ema)
+
+A new run never writes into a folder that holds a run; a resumed one needs an intact checkpoint.
+``load_run`` turns a run folder (or an export folder) back into what ``eval``/``analyze`` need.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from safetensors import SafetensorError
+from torch import nn
+
+import students
+from distill import build
+from distill import checkpoint as ckpt
+from distill.config import Config, ConfigError, from_dict
+from distill.data import load_eval_split
+from distill.pipeline import image_dataset, val_loader
+
+
+class RunExistsError(RuntimeError):
+    """The run folder already holds a run and --resume was not given."""
+
+
+def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tuple[Path, dict] | None:
+    """Check the run folder before any work; returns the checkpoint to resume from, if any.
+
+    The folder (or the nearest folder above it that exists) must be writable; nothing is created
+    here, so a run that fails before it starts leaves no folder behind. A new run never writes into
+    a folder that already holds a run (checkpoint, export or metrics), and a resumed one must have an
+    intact checkpoint with epochs left to train.
+    """
+    where = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path.cwd())
+    try:
+        if where.is_file():
+            raise NotADirectoryError(f"{where} is a file")
+        probe = where / f".distill-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        what = "is a file" if where.is_file() else f"is not writable ({e.strerror or e})"
+        raise ConfigError(f"cannot write the run folder {run_dir}: {where} {what}; set train.output_dir=<a writable folder>") from None
+    if not resume:
+        held = [name for name in ("export", "export_ema", "metrics.jsonl") if (run_dir / name).exists()]
+        if ckpt.find_checkpoint(run_dir) is not None:
+            held.insert(0, "a checkpoint")
+        if held:
+            raise RunExistsError(
+                f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, or set "
+                "train.run_name=<new name> to start a new run (nothing was overwritten)")
+        return None
+    folder, state = ckpt.select(run_dir if resume is True else Path(resume))
+    if state["epoch"] >= epochs and (run_dir / "export").exists():
+        raise ConfigError(f"{folder} has finished all {state['epoch']} epochs; raise train.epochs to train longer, "
+                          "or evaluate it with `distill eval`")
+    return folder, state
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics log
+
+def truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop log lines of epochs after the checkpoint a run resumes from (they will be redone)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+
+
+def append_metrics(path: Path, metrics: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Exports
+
+def export_info(cfg: Config, data) -> dict:
+    """What an export records about the data it was trained on and how it sees images."""
+    return {"class_names": list(data.class_names), "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+            "img_size": cfg.data.img_size, "transform": cfg.data.transform, "crop_pct": cfg.data.crop_pct,
+            "data_source": build.source_id(cfg.data.source)}
+
+
+def write_student_exports(cfg: Config, data, run_dir: Path, model: nn.Module, ema=None) -> None:
+    """``export/`` (and ``export_ema/`` with an EMA), each swapped in whole."""
+    info = {**export_info(cfg, data), "distill": cfg.distill.kind}
+    write_atomically(run_dir / "export", lambda folder: students.save_student(model, folder, **info))
+    if ema is not None:
+        ema_model = ema.module
+        ema_model.student_args = model.student_args
+        ema_model.eval_head = model.eval_head
+        write_atomically(run_dir / "export_ema", lambda folder: students.save_student(ema_model, folder, **info))
+
+
+def write_atomically(target: Path, write) -> None:
+    """``write(folder)`` into ``<target>.tmp``, then rename it to ``target``; a failure leaves no half export."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch's and safetensors' writers wrap OS errors
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason, fix = ckpt.write_error(e, target.parent)
+        raise ckpt.CheckpointError(f"{reason} while writing {target}; the last checkpoint is intact: {fix}, "
+                                   "then continue with --resume") from None
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a run back (distill eval / analyze)
+
+# How data errors name their options for `distill eval` (see distill.data.load_image_dataset).
+EVAL_OPTIONS = {"source": "--data <dataset>", "val_split": "--split <split>",
+                "image_column": "--data <a dataset with the run's image column>",
+                "label_column": "--data <a dataset with the run's label column>",
+                "train_split": "--data <a dataset laid out like the run's>", "val_fraction": "--split <split>",
+                "train_subset": "--data <dataset>", "val_subset": "--data <dataset>"}
+
+
+@dataclass
+class LoadedRun:
+    """Everything ``distill eval`` and ``distill analyze`` need from a run or export folder."""
+
+    cfg: Config  # data settings (and teacher) the student is evaluated with
+    export: Path  # the export folder (model.safetensors + config.json)
+    info: dict  # the export's config.json
+    splits: object  # distill.data dataset splits
+    teacher: nn.Module | None  # frozen teacher (None when the run had none or no weights are given)
+
+
+def load_run(path: str | Path, data: str | None = None, split: str | None = None,
+             teacher_checkpoint: str | None = None) -> LoadedRun:
+    """Resolve a run folder (``runs/<name>``) or an export folder into its config, data and teacher.
+
+    Without ``data``, a run folder is evaluated on exactly its own validation split (its
+    ``config.yaml`` names the data and the teacher; an export folder alone brings the data settings
+    it was saved with and no teacher). ``data`` evaluates every row of one split of another dataset
+    (``split``, else validation/val/test, else its only split).
+    """
+    path = Path(path)
+    export = path / "export" if (path / "export").is_dir() else path
+    if not (export / "config.json").is_file():
+        if (path / "config.yaml").is_file():  # a run folder whose run has not finished
+            found = ckpt.find_checkpoint(path)
+            done = f"stopped after epoch {json.loads((found / ckpt.STATE_FILE).read_text())['epoch']}" if found else "has no checkpoint"
+            raise FileNotFoundError(f"{path} has no export yet: the run {done}; continue it with "
+                                    f"`distill train <recipe> --resume`, then evaluate it")
+        raise FileNotFoundError(f"{path} is neither a run folder nor an exported student (no config.json); "
+                                "pass runs/<name> or runs/<name>/export")
+    info = students.load_student(export).export_config  # also checks that the export is readable
+    if (path / "config.yaml").is_file():
+        try:
+            cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{path / 'config.yaml'} is damaged ({str(e).splitlines()[0]}); evaluate the export "
+                              f"folder {export} instead") from None
+    else:
+        cfg = Config()
+        cfg.teacher.name = None
+        cfg.data.img_size, cfg.data.mean, cfg.data.std = info["img_size"], tuple(info["mean"]), tuple(info["std"])
+        cfg.data.source = info.get("data_source", cfg.data.source)
+        cfg.data.transform = info.get("transform", cfg.data.transform)
+        cfg.data.crop_pct = info.get("crop_pct", cfg.data.crop_pct)
+    if teacher_checkpoint is not None:
+        cfg.teacher.checkpoint = teacher_checkpoint
+    if data is not None:
+        cfg.data.source = data
+        splits = load_eval_split(data, split=split, option_names=EVAL_OPTIONS)
+    else:
+        if split is not None:
+            cfg.data.val_split = split
+        splits = build.load_data(cfg.data, option_names=EVAL_OPTIONS)
+    check_classes(info.get("class_names"), splits, cfg.data.source)
+    teacher = None
+    if cfg.teacher.name is not None and info.get("distill") != "none" and (cfg.teacher.checkpoint or cfg.teacher.pretrained):
+        teacher = build.build_teacher(cfg, splits.num_classes)
+    return LoadedRun(cfg=cfg, export=export, info=info, splits=splits, teacher=teacher)
+
+
+def check_classes(trained: list[str] | None, splits, source: str) -> None:
+    """The data must label the classes the student predicts: the same names, or plain label ids
+    within its range."""
+    if trained is None:
+        return
+    ids = [str(i) for i in range(splits.num_classes)]
+    same = splits.class_names == trained or (splits.class_names == ids and splits.num_classes <= len(trained))
+    if not same:
+        raise ConfigError(f"the student predicts {len(trained)} classes ({', '.join(trained[:3])}, ...) but {source} "
+                          f"labels {splits.num_classes} ({', '.join(splits.class_names[:3])}, ...); evaluate on data "
+                          "with the classes it was trained on (--data)")
+
+
+def prepare_eval(run: LoadedRun, batch_size: int = 256, num_workers: int = 2, cpu: bool = False):
+    """``(accelerator, student, loader)``: the exported student and the validation loader of
+    ``(images, labels, indices)``, prepared by Accelerate (sharded over processes), with the teacher
+    moved to the device."""
+    accelerator = build.new_accelerator(cpu=cpu)
+    dataset = image_dataset(run.cfg.data, run.splits, train=False, num_workers=num_workers)
+    model, loader = accelerator.prepare(students.load_student(run.export),
+                                        val_loader(run.cfg.data, dataset, batch_size, num_workers=num_workers))
+    if run.teacher is not None:
+        run.teacher.to(accelerator.device)
+    return accelerator, model, loader

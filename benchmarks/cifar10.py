@@ -170,7 +170,7 @@ def main() -> None:
     cache_info = cache / "cache.json"
     epochs = [int(o.split("=")[1]) for o in common if o.startswith("train.epochs=")][-1]
     if not cache_info.is_file() or json.loads(cache_info.read_text()).get("epochs", 0) < epochs \
-            or not (cache / "val_top5.npy").is_file():
+            or not (cache / "val").is_dir():
         run_stage(state, state_file, "cache", distill_cmd("cache-teacher", RECIPE, *common, *with_teacher,
                                                           f"train.mixed_precision={prec['teacher']}"))
     # 3. The students: same data, augmentation, seed and budget; only the teacher's part differs.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +47,17 @@ def multi_process_cpu() -> bool:
     """Several processes (torchrun / accelerate launch) on a machine without GPUs: they train on the
     CPU with the gloo backend, which Accelerate only sets up when asked for the CPU."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def run_precision(requested: str, cpu: bool = False, warn: bool = False) -> str:
+    """The mixed precision a run really uses: fp16 needs a GPU (CPU autocast in fp16 is slow and
+    unscaled), so without one it runs in bf16 (``warn``: with one line saying so)."""
+    if requested == "fp16" and (cpu or not torch.cuda.is_available()):
+        if warn:
+            warnings.warn("train.mixed_precision=fp16 needs a GPU; this run uses bf16 on the CPU (set "
+                          "train.mixed_precision=bf16 or no to choose)", stacklevel=2)
+        return "bf16"
+    return requested
 
 
 def new_accelerator(kwargs_handlers=None, **kwargs) -> Accelerator:
@@ -112,11 +124,14 @@ def with_teacher_weights(cfg: Config) -> Config:
     return cfg
 
 
-def build_teacher(cfg: Config, num_classes: int, class_names: list[str] | None = None) -> teachers.Teacher:
+def build_teacher(cfg: Config, num_classes: int, class_names: list[str] | None = None,
+                  other_data_ok: bool = False) -> teachers.Teacher:
     """The frozen teacher, converting the student's batches to its normalisation (and resolution).
 
     A teacher exported by ``train-teacher`` records what it learned (``teacher.json``): a teacher of
-    another dataset or class list is refused, since its predictions would not mean the student's classes.
+    another dataset or class list is refused, since its predictions would not mean the student's
+    classes. ``other_data_ok`` (evaluation on a second test set with the same classes) only warns
+    that the teacher's figures are then on data it was not trained on.
     """
     t = cfg.teacher
     given: dict = {}
@@ -124,11 +139,12 @@ def build_teacher(cfg: Config, num_classes: int, class_names: list[str] | None =
         meta_file = teacher_meta_file(t.checkpoint)
         if meta_file.is_file():
             meta = read_teacher_meta(meta_file)
-            check_teacher_meta(meta, meta_file, cfg, class_names)
+            check_teacher_meta(meta, meta_file, cfg, class_names, other_data_ok)
             given = meta.get("teacher_input", {})
     if t.img_size is not None:
         given["input_size"] = (3, t.img_size, t.img_size)
-    precision = cfg.train.mixed_precision if t.precision == "auto" else t.precision  # "no" means fp32
+    run = run_precision(cfg.train.mixed_precision, cpu=cfg.train.cpu)
+    precision = run if t.precision == "auto" else t.precision  # "no" means fp32
     teacher = teachers.create_teacher(t.name, num_classes=num_classes, checkpoint=t.checkpoint,
                                       pretrained=t.pretrained, **given, **t.kwargs, precision=precision,
                                       fold_bn=t.fold_bn, channels_last=t.channels_last, compile=t.compile)
@@ -140,7 +156,8 @@ def build_teacher(cfg: Config, num_classes: int, class_names: list[str] | None =
     return teacher
 
 
-def check_teacher_meta(meta: dict, meta_file: Path, cfg: Config, class_names: list[str] | None) -> None:
+def check_teacher_meta(meta: dict, meta_file: Path, cfg: Config, class_names: list[str] | None,
+                       other_data_ok: bool = False) -> None:
     """Refuse a teacher export of another teacher, class list or dataset than the recipe's."""
     if meta.get("name") not in (None, cfg.teacher.name):
         raise ConfigError(f"{meta_file.parent} holds a {meta['name']!r} teacher but teacher.name is {cfg.teacher.name!r}; "
@@ -151,7 +168,10 @@ def check_teacher_meta(meta: dict, meta_file: Path, cfg: Config, class_names: li
         diff = next((f"{a!r} vs {b!r}" for a, b in zip(theirs, ours) if a != b), f"{len(theirs)} vs {len(ours)} classes")
         raise ConfigError(f"teacher {meta_file.parent} was fine-tuned on other classes than {cfg.data.source} has ({diff}); {hint}")
     source = meta.get("data_source")
-    if source is not None and same_source(source, cfg.data.source) is False:
+    if source is not None and same_source(source, cfg.data.source) is False and other_data_ok:
+        warnings.warn(f"the teacher was fine-tuned on {source}: its figures on {cfg.data.source} are on data it was not "
+                      "trained on", stacklevel=2)
+    elif source is not None and same_source(source, cfg.data.source) is False:
         raise ConfigError(f"teacher {meta_file.parent} was fine-tuned on {source}, but data.source is {cfg.data.source}; "
                           f"{hint} (if it is the same data moved, edit data_source in {meta_file})")
 

@@ -16,7 +16,13 @@ and keeps, per sample::
       classes.npy (NB, B, K)  their classes (int16)
       lse.npy     (NB, B)     log-sum-exp of all C logits: the mass outside the top K
       digest.npy  (NB, 16)    BLAKE2b of each batch's images as the teacher saw them
-    val_top5.npy            the teacher's top-5 on the validation split (its accuracy, agreement)
+      checksums.json          size and SHA-256 of each file above, written last
+    val/top5.npy            the teacher's top-5 on the validation split (its accuracy, agreement),
+    val/checksums.json      sealed the same way
+
+The cache is a correctness artefact like a checkpoint: a training run verifies each folder it reads
+(once per run; about 10 ms for a CIFAR-10 epoch) and ``--check`` verifies them all, so a damaged
+file is one line naming it, never a student trained against garbage.
 
 Reading rebuilds logits: the top K exactly, the remaining probability mass spread uniformly over
 the other classes (TinyViT's sparse labels). Hard distillation needs only the argmax, so it is
@@ -37,14 +43,16 @@ import numpy as np
 import torch
 
 from distill import build
+from distill.checkpoint import describe_file
 from distill.config import Config, ConfigError, dump, validate
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
 from distill.replay import ReplayBatchSampler
 from distill.weights import load_state_dict_file
 
-FORMAT = 1
+FORMAT = 2  # 1 had no checksums: refused, built again
 CACHE_FILE = "cache.json"
-VAL_FILE = "val_top5.npy"
+CHECKSUMS = "checksums.json"
+VAL_DIR, VAL_FILE = "val", "top5.npy"
 ARRAYS = ("index", "seed", "values", "classes", "lse", "digest")
 # Recipe keys whose values change what the teacher sees; a cache made with others is refused.
 DATA_KEYS = ("img_size", "transform", "mean", "std", "auto_augment", "reprob", "hflip", "crop_padding", "crop_pct",
@@ -156,7 +164,8 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
     cfg = build.with_teacher_weights(cfg)
     teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
     tc, dc = cfg.train, cfg.data
-    accelerator = build.new_accelerator(cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=tc.mixed_precision)
+    precision = build.run_precision(tc.mixed_precision, cpu=tc.cpu, warn=True)
+    accelerator = build.new_accelerator(cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=precision)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     record = made_from(cfg, data, teacher_weights_sha256(cfg))
     K = min(cfg.teacher.cache_topk, data.num_classes)
@@ -166,7 +175,7 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
     if nb == 0:
         raise ConfigError(f"train.batch_size={B} is larger than the {len(train_set)} training images; lower it")
     if main:
-        _start_cache_file(root, record, K, nb, B, data.num_classes, tc.mixed_precision)
+        _start_cache_file(root, record, K, nb, B, data.num_classes, precision)
     accelerator.wait_for_everyone()
 
     teacher.to(accelerator.device)
@@ -201,9 +210,10 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
         del arrays
         accelerator.wait_for_everyone()
         if main:
+            seal(tmp)
             tmp.rename(final)
             accelerator.print(f"cached epoch {epoch + 1}/{tc.epochs} in {final}")
-    if main and not (root / VAL_FILE).is_file():
+    if main and not (root / VAL_DIR).is_dir():
         _cache_val_predictions(cfg, data, teacher, accelerator, root)
     if main:
         info = json.loads((root / CACHE_FILE).read_text())
@@ -238,9 +248,33 @@ def _cache_val_predictions(cfg, data, teacher, accelerator, root: Path) -> None:
     for images, _, index in loader:
         with torch.inference_mode(), accelerator.autocast():
             preds[index.numpy()] = teacher(images.to(accelerator.device)).float().topk(k, dim=1).indices.cpu().numpy()
-    tmp = root / (VAL_FILE + ".tmp.npy")
-    np.save(tmp, preds)
-    tmp.rename(root / VAL_FILE)
+    tmp = root / (VAL_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    np.save(tmp / VAL_FILE, preds)
+    seal(tmp)
+    tmp.rename(root / VAL_DIR)
+
+
+def seal(folder: Path) -> None:
+    """Record the size and SHA-256 of every array in ``folder`` (read back by ``verify``)."""
+    sums = {f.name: describe_file(f) for f in sorted(folder.glob("*.npy"))}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
+
+
+def verify(folder: Path) -> None:
+    """Check every array of a sealed folder against its checksums; one line naming a damaged file."""
+    again = f"delete {folder} and run `distill cache-teacher <recipe>` again (finished epochs are kept)"
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+        if not isinstance(sums, dict) or not sums:
+            raise ValueError("no files listed")
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{folder / CHECKSUMS} is missing or damaged ({e}); {again}") from None
+    for name, expected in sums.items():
+        file = folder / name
+        if not file.is_file() or describe_file(file) != expected:
+            raise CacheError(f"{file} is damaged (its size or checksum differs from {CHECKSUMS}); {again}")
 
 
 def image_digest(images: torch.Tensor) -> bytes:
@@ -257,12 +291,17 @@ def _write_json(path: Path, value: dict) -> None:
 def _read_info(root: Path) -> dict:
     try:
         info = json.loads((root / CACHE_FILE).read_text())
-        if info.get("format") != FORMAT:
-            raise ValueError(f"format {info.get('format')}, this version reads {FORMAT}")
-        return info
+        version = info.get("format")
     except (OSError, ValueError, AttributeError) as e:
         raise CacheError(f"{root / CACHE_FILE} is not a readable teacher cache ({e}); build one with "
                          "`distill cache-teacher <recipe>`") from None
+    if version == 1:
+        raise CacheError(f"{root} was built by an earlier deit-distill, without checksums; build it again with "
+                         "`distill cache-teacher <recipe> teacher.cache=<new folder>`")
+    if version != FORMAT:
+        raise CacheError(f"{root / CACHE_FILE} is not a readable teacher cache (format {version}, this version reads "
+                         f"{FORMAT}); build one with `distill cache-teacher <recipe>`")
+    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,18 +317,32 @@ class TeacherCache:
         self.num_classes, self.topk = self.info["num_classes"], self.info["topk"]
         self._epoch: tuple[int, dict[str, np.ndarray]] | None = None
         self._val: torch.Tensor | None = None
+        self._verified: set[int] = set()
 
     def arrays(self, epoch: int) -> dict[str, np.ndarray]:
+        """Epoch ``epoch``'s arrays, memory-mapped; its files are verified the first time it is read."""
         if self._epoch is None or self._epoch[0] != epoch:
             folder = epoch_dir(self.root, epoch)
             if not folder.is_dir():
                 raise CacheError(f"{self.root} has no epoch {epoch + 1} (it covers {self.info['epochs']}); extend it with "
                                  "`distill cache-teacher <recipe>` with this train.epochs")
+            if epoch not in self._verified:
+                verify(folder)
             try:
-                self._epoch = (epoch, {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS})
+                arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
             except (OSError, ValueError) as e:
                 raise CacheError(f"{folder} is damaged ({e}); delete it and run `distill cache-teacher <recipe>` again") from None
+            if epoch not in self._verified:
+                self._check_classes(arrays["classes"], folder / "classes.npy")
+                self._verified.add(epoch)
+            self._epoch = (epoch, arrays)
         return self._epoch[1]
+
+    def _check_classes(self, classes: np.ndarray, file: Path) -> None:
+        low, high = (int(classes.min()), int(classes.max())) if classes.size else (0, 0)
+        if low < 0 or high >= self.num_classes:
+            raise CacheError(f"{file} holds class {low if low < 0 else high}, outside the {self.num_classes} classes of "
+                             f"{self.root / CACHE_FILE}; build the cache again with `distill cache-teacher <recipe>`")
 
     def logits(self, epoch: int, batch: int, images: torch.Tensor) -> torch.Tensor:
         """The teacher's logits for global batch ``batch`` of ``epoch`` (``images`` only names the device)."""
@@ -309,10 +362,13 @@ class TeacherCache:
     def val_predictions(self) -> torch.Tensor:
         """The teacher's top-5 classes for every validation image (its accuracy, the agreement)."""
         if self._val is None:
-            file = self.root / VAL_FILE
-            if not file.is_file():
+            folder = self.root / VAL_DIR
+            if not folder.is_dir():
                 raise CacheError(f"{self.root} has no validation predictions; finish it with `distill cache-teacher <recipe>`")
-            self._val = torch.from_numpy(np.load(file).astype(np.int64))
+            verify(folder)
+            top5 = np.load(folder / VAL_FILE)
+            self._check_classes(top5, folder / VAL_FILE)
+            self._val = torch.from_numpy(top5.astype(np.int64))
         return self._val
 
     def val_top5(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -375,13 +431,16 @@ def check_cache(cfg: Config, batches: int = 4) -> dict:
     data = build.load_data(cfg.data)
     cfg.teacher.cache = str(root)
     open_cache(cfg, data)
+    epochs = [e for e in range(cache.info["epochs"]) if epoch_dir(root, e).is_dir()]
+    for epoch in epochs:  # every file against its checksum, before anything is replayed
+        cache.arrays(epoch)
+    cache.val_predictions()
     cfg = build.with_teacher_weights(cfg)
     teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
     accelerator = build.new_accelerator(cpu=cfg.train.cpu, mixed_precision=cache.info["mixed_precision"])
     teacher.to(accelerator.device)
     dataset = image_dataset(cfg.data, data, train=True)
     mixup = replay_mixup(cfg.data, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=cfg.train.seed)
-    epochs = [e for e in range(cache.info["epochs"]) if epoch_dir(root, e).is_dir()]
     picks = np.random.default_rng(0).choice(len(epochs) * cache.info["num_batches"], size=min(batches, len(epochs) * cache.info["num_batches"]), replace=False)
     identical, max_diff, agree, total = True, 0.0, 0, 0
     for pick in sorted(int(p) for p in picks):
@@ -396,8 +455,8 @@ def check_cache(cfg: Config, batches: int = 4) -> dict:
         max_diff = max(max_diff, float((logits.gather(1, classes) - stored).abs().max()))
         agree += int((logits.argmax(1) == classes[:, 0]).sum())
         total += len(classes)
-    return {"batches": len(picks), "images_identical": bool(identical), "max_abs_logit_diff": max_diff,
-            "top1_agreement": round(100.0 * agree / max(1, total), 2)}
+    return {"epochs_verified": len(epochs), "batches": len(picks), "images_identical": bool(identical),
+            "max_abs_logit_diff": max_diff, "top1_agreement": round(100.0 * agree / max(1, total), 2)}
 
 
 def replay_batch(dataset, cache: TeacherCache, mixup, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,8 @@ A checkpoint folder holds only tensors and numbers::
     scaler.pt               the fp16 GradScaler state (mixed_precision=fp16)
     rng_state_<rank>.pt     each process's Python, NumPy, torch (and CUDA) generator states
     trainer_state.json      written last: epoch, step, processes, the model's builder arguments,
-                            and the size and SHA-256 of every file above
+                            the size and SHA-256 of every file above, and the SHA-256 of itself
+                            (``digest``), so that an edit of any file, this one included, is found
 
 Accelerate's ``save_state`` is not used: its ``load_state`` unpickles registered objects (the EMA)
 with ``weights_only=False``, so a crafted checkpoint would run code.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import pickle
 import random
@@ -36,7 +38,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
-FORMAT = 2  # 1 was Accelerate's save_state folder (pickled EMA and RNG states): refused
+# 1 was Accelerate's save_state folder (pickled EMA and RNG states): refused. 2 had no digest of its
+# own trainer state, so an edit of trainer_state.json went unnoticed: refused with its own message.
+FORMAT = 3
 
 
 class CheckpointError(ValueError):
@@ -48,8 +52,11 @@ class CheckpointError(ValueError):
 
 
 def save_training_state(accelerator, run_dir: Path, *, model: torch.nn.Module, optimizer, ema=None,
-                        epoch: int, global_step: int, model_args: dict | None = None) -> Path:
-    """Write the full training state after ``epoch`` epochs; every process must call this."""
+                        epoch: int, global_step: int, model_args: dict | None = None, metrics: dict | None = None) -> Path:
+    """Write the full training state after ``epoch`` epochs; every process must call this.
+
+    ``metrics`` (the epoch's log line) is kept in the state too: a run stopped between the checkpoint
+    and its log line gets the line back when it resumes."""
     root = Path(run_dir) / "checkpoints"
     tmp, last, previous = root / "last.tmp", root / "last", root / "previous"
     main = accelerator.is_main_process
@@ -65,12 +72,12 @@ def save_training_state(accelerator, run_dir: Path, *, model: torch.nn.Module, o
         try:
             if main:
                 _save_tensors(accelerator.unwrap_model(model).state_dict(), tmp / "model.safetensors")
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
                 if ema is not None:
                     _save_tensors(ema.module.state_dict(), tmp / "ema.safetensors")
                 if accelerator.scaler is not None:
-                    torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-            torch.save(_rng_states(), tmp / f"rng_state_{accelerator.process_index}.pt")
+                    _save_torch(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            _save_torch(_rng_states(), tmp / f"rng_state_{accelerator.process_index}.pt")
         except (OSError, RuntimeError, SafetensorError) as e:  # torch's and safetensors' writers wrap OS errors
             failure = e
     # Every process learns whether any failed, so none waits forever for a save that will not come.
@@ -81,10 +88,11 @@ def save_training_state(accelerator, run_dir: Path, *, model: torch.nn.Module, o
         raise CheckpointError(_save_failed_message(failure, root, epoch, last))
     if main:
         try:
-            manifest = {f.name: _describe(f) for f in sorted(tmp.iterdir())}
+            manifest = {f.name: describe_file(f) for f in sorted(tmp.iterdir())}
             state = {"format": FORMAT, "epoch": epoch, "global_step": global_step,
-                     "num_processes": accelerator.num_processes, "model": model_args, "files": manifest}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+                     "num_processes": accelerator.num_processes, "model": model_args, "metrics": metrics,
+                     "files": manifest}
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "digest": state_digest(state)}, indent=1) + "\n")
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(_save_failed_message(e, root, epoch, last)) from None
@@ -98,6 +106,20 @@ def save_training_state(accelerator, run_dir: Path, *, model: torch.nn.Module, o
 
 def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` through memory: torch's zip writer reports a failed write without its errno
+    ("unexpected pos"), Python's file write says which it was (disk full, file-size limit)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 of a trainer state (without its own digest), key order and spacing aside."""
+    body = {k: v for k, v in state.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _save_failed_message(error: Exception | None, root: Path, epoch: int, last: Path) -> str:
@@ -119,11 +141,24 @@ def write_error(error: Exception, where: Path) -> tuple[str, str]:
             code = errno.ENOSPC if shutil.disk_usage(where if where.exists() else where.parent).free < 2**20 else None
         except OSError:
             pass
+    if code is None and _file_size_limited():
+        code = errno.EFBIG
     if code in (errno.ENOSPC, errno.EDQUOT):
         return "no space left on the device", "free some space"
     if code == errno.EFBIG:
         return "a file grew past the file-size limit", "raise the limit (ulimit -f)"
     return f"a write failed ({_first_line(error)})", "fix that"
+
+
+def _file_size_limited() -> bool:
+    """Whether this process runs under a file-size limit (``ulimit -f``), the other cause of a write
+    that fails for want of room."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        return soft != resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):
+        return False
 
 
 def _first_line(error: Exception) -> str:
@@ -143,7 +178,8 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def _describe(path: Path) -> dict[str, Any]:
+def describe_file(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a file: what a manifest records and a reader checks."""
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
@@ -187,6 +223,11 @@ def _read_state(folder: Path) -> dict:
 def verify(folder: Path) -> dict:
     """The checkpoint's state after checking every listed file's size and SHA-256."""
     state = _read_state(folder)
+    if state.get("format") == 2:
+        raise CheckpointError(f"{folder} was written by an earlier deit-distill (checkpoint format 2); resume it with "
+                              "that version, or start a new run with train.run_name=<new name>")
+    if state.get("format") == FORMAT and "files" in state and state.get("digest") != state_digest(state):
+        raise CheckpointError(f"{folder / STATE_FILE} was edited or is damaged (its digest does not match its contents)")
     if state.get("format") != FORMAT or "files" not in state:
         raise CheckpointError(
             f"{folder} is not a checkpoint of this deit-distill version (it looks like Accelerate's save_state "

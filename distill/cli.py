@@ -15,8 +15,10 @@ one-line ``error: ...`` and exit status 2; nothing on disk is overwritten.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from distill.config import ConfigError, describe, list_recipes, load_recipe
@@ -123,17 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         # Progress bars are for a terminal; in a log they bury the one line that matters.
         import datasets
         datasets.disable_progress_bars()
+    # A warning is one line too (Python's format adds the file, the line and its source).
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print("interrupted; the last complete checkpoint is kept (continue with --resume)", file=sys.stderr)
-        return 130
+        pass
     except Exception as e:  # user-facing errors: one line, non-zero exit, nothing overwritten
         if not _is_user_error(e):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
         print(f"error: {message}", file=sys.stderr)
         return 2
+    # Out of the except block the interrupted run's frames are released: collect them now, so its
+    # DataLoader workers are shut down in order rather than cut off (and complaining) at exit.
+    gc.collect()
+    print("interrupted; the last complete checkpoint is kept (continue with --resume)", file=sys.stderr)
+    return 130
 
 
 def _is_user_error(e: Exception) -> bool:

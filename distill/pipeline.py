@@ -7,6 +7,7 @@ sees: same samples, same augmentation seeds, same Mixup/CutMix draw.
 """
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import torch
@@ -51,8 +52,14 @@ def train_loader(dc: DataConfig, dataset: ImageClassificationDataset, *, batch_s
                                  num_repeats=dc.num_repeats if dc.repeated_aug else 1)
     generator = torch.Generator().manual_seed(derive_seed(seed, rank, STREAM_LOADER) & (2**63 - 1))
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers, pin_memory=pin_memory,
-                        persistent_workers=dc.num_workers > 0, generator=generator)
+                        persistent_workers=dc.num_workers > 0, generator=generator, worker_init_fn=ignore_interrupt)
     return loader, sampler
+
+
+def ignore_interrupt(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process: a worker killed by it would turn the
+    interrupt into a "worker exited unexpectedly" traceback; the main process shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class WithIndex(torch.utils.data.Dataset):
@@ -72,7 +79,7 @@ def val_loader(dc: DataConfig, dataset: ImageClassificationDataset, batch_size: 
     """Deterministic, unshuffled evaluation batches of ``(images, labels, indices)``."""
     return DataLoader(WithIndex(dataset), batch_size=batch_size, shuffle=False,
                       num_workers=dc.num_workers if num_workers is None else num_workers,
-                      generator=torch.Generator())
+                      generator=torch.Generator(), worker_init_fn=ignore_interrupt)
 
 
 def replay_mixup(dc: DataConfig, *, smoothing: float, num_classes: int, seed: int) -> ReplayMixup | None:

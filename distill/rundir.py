@@ -62,6 +62,7 @@ def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tup
                 "train.run_name=<new name> to start a new run (nothing was overwritten)")
         return None
     folder, state = ckpt.select(run_dir if resume is True else Path(resume))
+    logged_epochs(run_dir / "metrics.jsonl")  # a damaged log is found now, not after the set-up
     if state["epoch"] >= epochs and (run_dir / "export").exists():
         raise ConfigError(f"{folder} has finished all {state['epoch']} epochs; raise train.epochs to train longer, "
                           "or evaluate it with `distill eval`")
@@ -71,16 +72,35 @@ def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tup
 # ----------------------------------------------------------------------------------------------
 # The metrics log
 
-def truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop log lines of epochs after the checkpoint a run resumes from (they will be redone)."""
+def logged_epochs(path: Path) -> list[tuple[int, str]]:
+    """``(epoch, line)`` of every record in the log; one line naming the file and line if one is damaged."""
     if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done]
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(path)
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            epoch = json.loads(line).get("epoch", 0)
+            if not isinstance(epoch, int):
+                raise ValueError(f"epoch is {epoch!r}")
+        except (ValueError, AttributeError) as e:
+            raise ConfigError(f"{path} line {number} is not a metrics record ({str(e).splitlines()[0]}); delete that "
+                              "line (the checkpoints are intact), then resume again") from None
+        records.append((epoch, line))
+    return records
+
+
+def truncate_metrics(path: Path, epochs_done: int, saved: dict | None = None) -> None:
+    """Make the log end with the epoch a run resumes from: drop the lines of later epochs (they will
+    be redone), and put back that epoch's line from its checkpoint (``saved``) if the run stopped
+    between writing the checkpoint and the line."""
+    records = logged_epochs(path)
+    keep = [line for epoch, line in records if epoch <= epochs_done]
+    if saved is not None and saved.get("epoch") == epochs_done and all(epoch != epochs_done for epoch, _ in records):
+        keep.append(json.dumps(saved))
+    if keep != [line for _, line in records]:
+        write_text_atomically(path, "".join(line + "\n" for line in keep))
 
 
 def append_metrics(path: Path, metrics: dict) -> None:
@@ -107,6 +127,13 @@ def write_student_exports(cfg: Config, data, run_dir: Path, model: nn.Module, em
         ema_model.student_args = model.student_args
         ema_model.eval_head = model.eval_head
         write_atomically(run_dir / "export_ema", lambda folder: students.save_student(ema_model, folder, **info))
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step: a reader sees the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def write_atomically(target: Path, write) -> None:
@@ -191,7 +218,7 @@ def load_run(path: str | Path, data: str | None = None, split: str | None = None
     check_classes(info.get("class_names"), splits, cfg.data.source)
     teacher = None
     if cfg.teacher.name is not None and info.get("distill") != "none" and (cfg.teacher.checkpoint or cfg.teacher.pretrained):
-        teacher = build.build_teacher(cfg, splits.num_classes)
+        teacher = build.build_teacher(cfg, splits.num_classes, other_data_ok=True)
     return LoadedRun(cfg=cfg, export=export, info=info, splits=splits, teacher=teacher)
 
 
@@ -201,7 +228,7 @@ def check_classes(trained: list[str] | None, splits, source: str) -> None:
     if trained is None:
         return
     ids = [str(i) for i in range(splits.num_classes)]
-    same = splits.class_names == trained or (splits.class_names == ids and splits.num_classes <= len(trained))
+    same = splits.class_names == trained or (splits.class_names == ids and splits.num_classes == len(trained))
     if not same:
         raise ConfigError(f"the student predicts {len(trained)} classes ({', '.join(trained[:3])}, ...) but {source} "
                           f"labels {splits.num_classes} ({', '.join(splits.class_names[:3])}, ...); evaluate on data "

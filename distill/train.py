@@ -143,14 +143,10 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
     ``on_finish(model, ema)`` once the last epoch is done (an early stop is resumed, never exported)."""
     tc, oc, dc = cfg.train, cfg.optim, cfg.data
     run_dir.mkdir(parents=True, exist_ok=True)
+    precision = build.run_precision(tc.mixed_precision, cpu=tc.cpu, warn=True)
     # Without a teacher the distillation head gets no gradient, which DDP must be told about.
     unused = loss_fn.kind == "none" and getattr(model, "has_dist_token", False)
-    accelerator = build.new_accelerator(
-        cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.grad_accum_steps, log_with="tensorboard" if tc.tensorboard else None,
-        project_dir=str(run_dir),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else None,
-    )
+    accelerator = _accelerator(tc, precision, run_dir, find_unused_parameters=unused)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(tc.seed)
 
@@ -172,20 +168,10 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=tc.ema_decay) if tc.ema else None
     model_args = getattr(accelerator.unwrap_model(model), "student_args", None)
 
-    start_epoch, global_step = 0, 0
-    if resume_from is not None:
-        folder, state = resume_from
-        start_epoch, global_step = ckpt.load_training_state(accelerator, folder, state, model=model, optimizer=optimizer,
-                                                            ema=ema, model_args=model_args)
-        accelerator.print(f"resumed from {folder} after epoch {start_epoch} (step {global_step})")
-    else:
-        # Identical weights on every rank, but each rank's drop path draws its own stream
-        # (the official DeiT seeds seed + rank).
-        torch.manual_seed(derive_seed(tc.seed, rank, STREAM_MODEL) & (2**63 - 1))
+    start_epoch, global_step = _resume_or_seed(accelerator, resume_from, tc.seed, model, optimizer, ema, model_args)
     scheduler.step_update(global_step)
     if accelerator.is_main_process:
-        (run_dir / "config.yaml").write_text(dump(cfg))
-        rundir.truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
+        rundir.truncate_metrics(run_dir / "metrics.jsonl", start_epoch, resume_from and resume_from[1].get("metrics"))
     if tc.tensorboard:
         accelerator.init_trackers("tb")
 
@@ -199,6 +185,7 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
             scheduler=scheduler, ema=ema, accelerator=accelerator, global_step=global_step, clip_grad=oc.clip_grad,
             max_batches=updates * tc.grad_accum_steps, log_every=tc.log_every, checkpoints=run_dir / "checkpoints",
             progress=tc.progress and accelerator.is_main_process, desc=f"epoch {epoch + 1}/{tc.epochs}")
+        metrics["precision"] = precision
         finished = epoch + 1 == tc.epochs
         if (epoch + 1) % tc.eval_every == 0 or finished:
             metrics.update(evaluate(model, vloader, accelerator, targets))
@@ -207,7 +194,9 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
         # The checkpoint first, then the log line: the log never runs ahead of what can be resumed.
         if (epoch + 1) % tc.save_every == 0 or finished:
             ckpt.save_training_state(accelerator, run_dir, model=model, optimizer=optimizer, ema=ema, epoch=epoch + 1,
-                                     global_step=global_step, model_args=model_args)
+                                     global_step=global_step, model_args=model_args, metrics=metrics)
+            if accelerator.is_main_process:  # the config that wrote these checkpoints, not a failed attempt's
+                rundir.write_text_atomically(run_dir / "config.yaml", dump(cfg))
         if accelerator.is_main_process:
             rundir.append_metrics(run_dir / "metrics.jsonl", metrics)
             accelerator.print(" ".join(f"{k}={v}" for k, v in metrics.items()))
@@ -224,6 +213,27 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
     for tracker in accelerator.trackers:
         tracker.finish()
     return metrics
+
+
+def _accelerator(tc, precision: str, run_dir: Path, find_unused_parameters: bool) -> Accelerator:
+    return build.new_accelerator(
+        cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum_steps,
+        log_with="tensorboard" if tc.tensorboard else None, project_dir=str(run_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None)
+
+
+def _resume_or_seed(accelerator: Accelerator, resume_from, seed: int, model, optimizer, ema, model_args) -> tuple[int, int]:
+    """``(epochs done, global step)``: restored from the checkpoint, or (0, 0) with the model's own
+    generator seeded: identical weights on every rank, but each rank's drop path draws its own
+    stream (the official DeiT seeds seed + rank)."""
+    if resume_from is None:
+        torch.manual_seed(derive_seed(seed, accelerator.process_index, STREAM_MODEL) & (2**63 - 1))
+        return 0, 0
+    folder, state = resume_from
+    epoch, step = ckpt.load_training_state(accelerator, folder, state, model=model, optimizer=optimizer, ema=ema,
+                                           model_args=model_args)
+    accelerator.print(f"resumed from {folder} after epoch {epoch} (step {step})")
+    return epoch, step
 
 
 def _updates_per_epoch(batches: int, accum: int, cap: int | None) -> int:

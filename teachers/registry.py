@@ -8,16 +8,19 @@ train-teacher`` fine-tunes it); ``create_teacher`` loads weights into it and fre
 from __future__ import annotations
 
 import difflib
+import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import timm
+import torch
 from timm.models.resnet import BasicBlock, ResNet
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from distill.weights import load_state_dict_file
+from distill.weights import WeightsError, load_state_dict_file
 from teachers.teacher import Teacher
 
 TRAIN_TEACHER_HINT = "fine-tune the teacher on this dataset first: `distill train-teacher <recipe>`"
@@ -188,13 +191,18 @@ def build_teacher_network(name: str, num_classes: int, pretrained: bool = False,
     entry = _TEACHERS[name]
     try:
         model = entry.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        unknown = _unexpected_keyword(e)
+        if unknown is None or unknown not in kwargs:
+            raise
+        raise WeightsError(f"teacher {name!r} does not take {unknown!r} (teacher.kwargs); it takes: "
+                           f"{_accepted_arguments(entry.builder)}") from None
     except (OSError, RuntimeError) as e:  # what failed downloads raise (HF Hub / urllib errors are OSErrors)
         if not pretrained:
             raise
-        raise RuntimeError(
-            f"could not get the pretrained weights of teacher {name!r} ({type(e).__name__}: {e}); "
-            "this needs the network; offline, pass a local file with checkpoint=... instead"
-        ) from e
+        raise WeightsError(
+            f"could not get the pretrained weights of teacher {name!r} ({type(e).__name__}); this needs "
+            "the network: connect, or pass a local weights file with teacher.checkpoint=<file>") from None
     cfg = getattr(model, "pretrained_cfg", None) or {}
     meta = TeacherMeta(
         mean=_floats(mean) or entry.mean or _floats(cfg.get("mean")) or tuple(IMAGENET_DEFAULT_MEAN),
@@ -256,6 +264,21 @@ def load_teacher_checkpoint(model: nn.Module, checkpoint: str | Path, num_classe
         raise ValueError(f"teacher checkpoint {checkpoint} has unexpected key {extra[0]!r} "
                          f"({len(extra)} in all); was it saved from a different architecture?")
     model.load_state_dict(state, strict=True)
+
+
+def _unexpected_keyword(error: TypeError) -> str | None:
+    found = re.search(r"unexpected keyword argument '([^']+)'", str(error))
+    return found.group(1) if found else None
+
+
+def _accepted_arguments(builder: Callable[..., nn.Module]) -> str:
+    """The keyword arguments a teacher's network takes, read off a default instance built on the
+    meta device (no memory, no weights), for the one-line error about an unknown one."""
+    with torch.device("meta"):
+        model = builder(num_classes=10, pretrained=False)
+    names = [p.name for p in inspect.signature(type(model).__init__).parameters.values()
+             if p.name not in ("self", "num_classes") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return ", ".join(names)
 
 
 def _classifier_weight_key(model: nn.Module) -> str | None:

@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 
 import teachers
+from distill import checkpoint as ckpt
 from distill.cli import build_parser, main as cli
 from distill.config import Config, all_keys
 from distill.train import train
@@ -210,6 +211,12 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
      r"holds a 'resnet20_cifar' teacher but teacher.name is 'resnet56_cifar'; set teacher.name=resnet20_cifar"),
     ("teacher_name_typo", lambda w: T + [str(w.recipe), "teacher.name=resnet20_cifra", "teacher.checkpoint=null"],
      r"unknown teacher 'resnet20_cifra'; did you mean 'resnet20_cifar'\?"),
+    ("teacher_bad_kwarg", lambda w: T + [str(w.recipe), "teacher.kwargs={wings: 2}"],
+     r"teacher 'resnet20_cifar' does not take 'wings' \(teacher.kwargs\); it takes: .*drop_rate"),
+    ("teacher_pretrained_offline", lambda w: T + [str(w.recipe), "teacher.name=resnet18", "teacher.checkpoint=null",
+                                                  "teacher.pretrained=true", "teacher_train.epochs=0"],
+     r"could not get the pretrained weights of teacher 'resnet18' .*connect, or pass a local weights file with "
+     r"teacher.checkpoint=<file>"),
     ("student_name_typo", lambda w: T + [str(w.recipe), "student.name=deit_tinny"], r"unknown student 'deit_tinny'; did you mean 'deit_tiny'\?"),
     ("student_bad_kwarg", lambda w: T + [str(w.recipe), "student.kwargs={wings: 2}"], r"does not take 'wings'"),
     # --- run folders and checkpoints ---------------------------------------------------------------
@@ -225,6 +232,9 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("resume_truncated_checkpoint", _truncated_only_checkpoint, r"model.safetensors is damaged .*no intact checkpoint is left"),
     ("resume_more_processes_than_saved", lambda w: T + [str(w.recipe), "train.run_name=" + _two_process_checkpoint(w), "train.epochs=2", "--resume"],
      r"written by 2 process\(es\) but this run has 1"),
+    ("resume_with_garbage_in_metrics", lambda w: T + [str(w.recipe), "train.run_name=" + _garbage_metrics(w), "train.epochs=2",
+                                                      "--resume"],
+     r"metrics.jsonl line 2 is not a metrics record .*delete that line"),
     # --- eval -------------------------------------------------------------------------------------------
     ("eval_stopped_run", lambda w: ["eval", str(w.stopped)], r"has no export yet: the run stopped after epoch 1; .*--resume"),
     ("eval_broken_config", lambda w: ["eval", str(_broken_export(w, "config"))], r"config.json is damaged"),
@@ -238,7 +248,24 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("cache_not_a_cache", lambda w: T + [str(w.recipe), f"teacher.cache={_bad_cache(w)}"], r"is not a readable teacher cache"),
     ("cache_check_missing", lambda w: ["cache-teacher", str(w.recipe), "--check", f"teacher.cache={_bad_cache(w)}"],
      r"is not a readable teacher cache"),
+    ("cache_garbage_epoch_train", lambda w: T + [str(w.recipe), f"teacher.cache={_garbage_cache(w)}", "train.run_name=from_garbage"],
+     r"epoch_0000/values.npy is damaged \(its size or checksum differs from checksums.json\)"),
+    ("cache_garbage_epoch_check", lambda w: ["cache-teacher", str(w.recipe), "--check", f"teacher.cache={_garbage_cache(w)}"],
+     r"epoch_0000/values.npy is damaged"),
 ]
+
+
+def _garbage_cache(w: World) -> Path:
+    """A one-epoch cache of the world's recipe whose stored logits were then overwritten with garbage."""
+    root = w.root / "garbage_cache"
+    if not root.exists():
+        from distill.cache import build_cache
+        from distill.config import load_recipe
+        build_cache(load_recipe(str(w.recipe), [f"teacher.cache={root}"]))
+        values = root / "epoch_0000" / "values.npy"
+        array = np.load(values)
+        np.save(values, np.random.default_rng(0).normal(size=array.shape).astype(array.dtype) * 100)
+    return root
 
 
 def _metrics_only(w: World) -> str:
@@ -248,10 +275,18 @@ def _metrics_only(w: World) -> str:
     return "metrics_only"
 
 
+def _garbage_metrics(w: World) -> str:
+    run = _copy_run(w, "stopped", "garbage_metrics")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("{this is no json\n")
+    return "garbage_metrics"
+
+
 def _two_process_checkpoint(w: World) -> str:
     run = _copy_run(w, "stopped", "two_process")
     state_file = run / "checkpoints" / "last" / "trainer_state.json"
-    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "num_processes": 2}))
+    state = {**json.loads(state_file.read_text()), "num_processes": 2}
+    state_file.write_text(json.dumps({**state, "digest": ckpt.state_digest(state)}))  # as 2 processes write it
     return "two_process"
 
 

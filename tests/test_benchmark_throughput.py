@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO
+from distill.train import distill_step
+from distill.build import new_accelerator
 from distill.config import Config
 
 spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
@@ -19,9 +21,10 @@ spec.loader.exec_module(throughput)
 def _args(kind: str, precision: str = "fp32") -> argparse.Namespace:
     data_cfg = Config().data
     data_cfg.img_size = 32
+    accelerator = new_accelerator(cpu=True, mixed_precision={"fp32": "no"}.get(precision, precision))
     return argparse.Namespace(kind=kind, tau=3.0, precision=precision, compile=False, no_fold_bn=False,
                               no_channels_last=False, teacher_checkpoint={}, data_cfg=data_cfg,
-                              steps=1, warmup=1, block=1, block_warmup=1, batch_size=8)
+                              steps=1, warmup=1, block=1, block_warmup=1, batch_size=8, accelerator=accelerator)
 
 
 def _batches(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -54,9 +57,18 @@ def test_online_step_and_timm_task_compute_the_same_loss(kind):
     assert moved["loss_diff_fp32_same_teacher"] > 1e-3
 
 
-def test_run_pair_measures_every_variant(tmp_path):
+def test_run_pair_measures_every_variant(tmp_path, monkeypatch):
     args, batches = _args("hard"), _batches()
+    calls = []
+
+    def counted(*a, **kw):
+        calls.append(a[3] is not None)  # with teacher logits or without
+        return distill_step(*a, **kw)
+
+    # Our variants time the training code itself: distill.train.distill_step.
+    monkeypatch.setattr(throughput, "distill_step", counted)
     row = throughput.run_pair("deit_96x6", "resnet20_cifar", args, batches, torch.device("cpu"))
+    assert calls.count(False) >= 2 and calls.count(True) >= 4  # plain; online and cached
     assert set(row["img_s_per_block"]) == {"plain", "online", "cached", "timm"}
     assert row["cached_img_s"] > 0 and row["cached/plain"] == row["cached_img_s"] / row["plain_img_s"]
     assert row["plain_img_s"] > 0 and row["online/timm"] == row["online_img_s"] / row["timm_img_s"]
@@ -70,8 +82,8 @@ def test_cached_step_does_the_online_steps_work(tmp_path, kind):
     args, batches = _args(kind), _batches()
     plain, fast = throughput.build_teachers("resnet20_cifar", None, args, args.data_cfg, batches, cpu)
     ours, _ = throughput.build_students("deit_96x6", cpu)
-    online = throughput.make_online_step(copy.deepcopy(ours), fast, args, cpu)
-    cached = throughput.make_cached_step(copy.deepcopy(ours), fast, batches, args, cpu, tmp_path)
+    online = throughput.our_step(copy.deepcopy(ours), fast, args)
+    cached = throughput.make_cached_step(copy.deepcopy(ours), fast, batches, args, tmp_path)
     for x, y in batches[:2]:
         torch.manual_seed(7)
         a = online(x, y).item()

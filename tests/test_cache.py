@@ -49,7 +49,9 @@ def test_cache_layout(cache_dir, tiny_dataset):
         assert len(np.unique(a["seed"])) == 48
         assert np.all(np.diff(a["values"], axis=2) <= 0)  # top-K in descending order
     assert not list(cache_dir.glob("*.tmp"))
-    assert np.load(cache_dir / "val_top5.npy").shape == (16, 4)
+    assert np.load(cache_dir / "val" / "top5.npy").shape == (16, 4)
+    for folder in (cache_dir / "epoch_0000", cache_dir / "val"):  # every array is sealed by a checksum
+        assert set(json.loads((folder / "checksums.json").read_text())) == {p.name for p in folder.glob("*.npy")}
 
 
 def test_replayed_images_are_bit_identical_to_the_cached_ones(cache_dir, tiny_dataset, trained_teacher, tmp_path):
@@ -63,7 +65,8 @@ def test_replayed_images_are_bit_identical_to_the_cached_ones(cache_dir, tiny_da
             images, _ = replay_batch(dataset, cache, mixup, epoch, batch)
             assert image_digest(images) == bytes(cache.arrays(epoch)["digest"][batch])
     report = check_cache(cfg, batches=5)
-    assert report == {"batches": 5, "images_identical": True, "max_abs_logit_diff": 0.0, "top1_agreement": 100.0}
+    assert report == {"epochs_verified": 2, "batches": 5, "images_identical": True, "max_abs_logit_diff": 0.0,
+                      "top1_agreement": 100.0}
 
 
 def test_cached_hard_run_equals_the_online_run(cache_dir, tiny_dataset, trained_teacher, tmp_path):
@@ -143,6 +146,48 @@ def test_an_interrupted_build_keeps_finished_epochs(cache_dir, tiny_dataset, tra
     assert (root / "epoch_0000" / "values.npy").stat().st_mtime_ns == stamp  # not redone
     for name in ("index", "seed", "values", "classes", "digest"):
         assert np.array_equal(np.load(root / "epoch_0001" / f"{name}.npy"), np.load(cache_dir / "epoch_0001" / f"{name}.npy"))
+
+
+def _garbage_epoch(cache_dir, tmp_path):
+    """A copy of the cache whose epoch 2 logits are overwritten with garbage of the same size."""
+    root = tmp_path / "garbage"
+    shutil.copytree(cache_dir, root)
+    values = root / "epoch_0001" / "values.npy"
+    array = np.load(values)
+    np.save(values, np.random.default_rng(0).normal(size=array.shape).astype(array.dtype) * 100)
+    assert values.stat().st_size == (cache_dir / "epoch_0001" / "values.npy").stat().st_size
+    return root
+
+
+def test_a_damaged_cache_epoch_is_refused_when_read(cache_dir, tiny_dataset, trained_teacher, tmp_path):
+    root = _garbage_epoch(cache_dir, tmp_path)
+    cfg = cached_config(tiny_dataset, tmp_path, trained_teacher, root)
+    with pytest.raises(CacheError, match=r"epoch_0001/values\.npy is damaged \(its size or checksum differs"):
+        train(cfg)
+    assert not (tmp_path / "tiny" / "export").exists()
+    with pytest.raises(CacheError, match=r"epoch_0001/values\.npy is damaged"):
+        check_cache(cfg, batches=1)  # --check verifies every file, not only the batches it replays
+
+
+def test_class_indices_outside_the_class_count_are_one_line(cache_dir, tiny_dataset, trained_teacher, tmp_path):
+    from distill.cache import seal
+    root = tmp_path / "wrong_classes"
+    shutil.copytree(cache_dir, root)
+    classes = np.load(root / "epoch_0000" / "classes.npy")
+    classes[0, 0, 0] = 23
+    np.save(root / "epoch_0000" / "classes.npy", classes)
+    seal(root / "epoch_0000")  # the checksums fit: the values themselves are wrong
+    with pytest.raises(CacheError, match=r"classes\.npy holds class 23, outside the 4 classes"):
+        train(cached_config(tiny_dataset, tmp_path, trained_teacher, root))
+
+
+def test_a_cache_of_the_earlier_format_is_refused(cache_dir, tiny_dataset, trained_teacher, tmp_path):
+    root = tmp_path / "old"
+    shutil.copytree(cache_dir, root)
+    info = json.loads((root / "cache.json").read_text())
+    (root / "cache.json").write_text(json.dumps({**info, "format": 1}))
+    with pytest.raises(CacheError, match="built by an earlier deit-distill, without checksums; build it again"):
+        train(cached_config(tiny_dataset, tmp_path, trained_teacher, root))
 
 
 def test_cli_builds_checks_and_trains_from_a_cache(tiny_dataset, trained_teacher, tmp_path, capsys):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from distill import checkpoint as ckpt
 from distill.checkpoint import CheckpointError
+from distill.config import dump as ckpt_dump
 from distill.train import train
 
 from conftest import REPO, make_config, read_metrics, tiny_config
@@ -39,8 +40,8 @@ def write_payload(file, marker) -> None:
 def reseal(folder) -> None:
     """Rewrite the manifest for the files as they are now, as anyone handing over a folder could."""
     state = json.loads((folder / ckpt.STATE_FILE).read_text())
-    state["files"] = {f.name: ckpt._describe(f) for f in sorted(folder.iterdir()) if f.name != ckpt.STATE_FILE}
-    (folder / ckpt.STATE_FILE).write_text(json.dumps(state))
+    state["files"] = {f.name: ckpt.describe_file(f) for f in sorted(folder.iterdir()) if f.name != ckpt.STATE_FILE}
+    (folder / ckpt.STATE_FILE).write_text(json.dumps({**state, "digest": ckpt.state_digest(state)}))
 
 
 @pytest.fixture
@@ -108,6 +109,60 @@ def test_damaged_last_checkpoint_falls_back_to_previous_exactly(stopped_run, tin
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_fallback_warning_is_one_line_once_on_the_command_line(stopped_run, tmp_path):
+    cfg, run = stopped_run
+    optimizer = run / "checkpoints" / "last" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    recipe = tmp_path / "stopped.yaml"
+    recipe.write_text(ckpt_dump(cfg))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "distill", "train", str(recipe), "--resume"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "resuming from the previous checkpoint" in lines[0], lines
+
+
+def test_an_edited_trainer_state_is_detected_and_previous_is_used(stopped_run):
+    """The manifest protects the other files and its own digest protects it: a hand-edited epoch in
+    `last` is found, and the run resumes from `previous` (epoch 1), redoing epochs 2 and 3."""
+    cfg, run = stopped_run
+    state_file = run / "checkpoints" / "last" / "trainer_state.json"
+    state_file.write_text(state_file.read_text().replace('"epoch": 2', '"epoch": 1'))
+    with pytest.warns(UserWarning, match=r"trainer_state\.json was edited or is damaged.*previous checkpoint .*epoch 1"):
+        train(cfg, resume=True)
+    assert [h["epoch"] for h in read_metrics(run)] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_the_earlier_format_is_refused_with_its_own_message(stopped_run):
+    cfg, run = stopped_run
+    for folder in (run / "checkpoints" / "last", run / "checkpoints" / "previous"):
+        state = json.loads((folder / "trainer_state.json").read_text())
+        del state["digest"]
+        (folder / "trainer_state.json").write_text(json.dumps({**state, "format": 2}))
+    with pytest.raises(CheckpointError, match="earlier deit-distill .checkpoint format 2.; resume it with that version"):
+        train(cfg, resume=True)
+
+
+def test_a_failed_torch_save_under_a_file_size_limit_says_so(tmp_path):
+    """torch's zip writer reports a short write as "unexpected pos" without an errno; the state is
+    serialised in memory and written by Python, whose error names the limit."""
+    import resource
+    import signal
+
+    code = ("import sys, torch; from pathlib import Path; from distill import checkpoint as c\n"
+            "try:\n    c._save_torch({'w': torch.zeros(100_000)}, Path(sys.argv[1]))\n"
+            "except Exception as e:\n    print(c.write_error(e, Path(sys.argv[1]).parent)[0])")
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o.pt")], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, preexec_fn=limit)
+    assert result.stdout.strip() == "a file grew past the file-size limit", result.stdout + result.stderr[-2000:]
+
+
 def test_damaged_only_checkpoint_names_the_file(tiny_dataset, tmp_path, trained_teacher):
     cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(trained_teacher)}, train={"stop_after": 1})
     train(cfg)
@@ -127,8 +182,9 @@ def test_resume_into_another_architecture_says_what_differs(stopped_run):
 def test_resume_with_another_process_count_is_refused(stopped_run):
     cfg, run = stopped_run
     for folder in (run / "checkpoints" / "last", run / "checkpoints" / "previous"):
-        state = json.loads((folder / "trainer_state.json").read_text())
-        (folder / "trainer_state.json").write_text(json.dumps({**state, "num_processes": 2}))
+        state = {**json.loads((folder / "trainer_state.json").read_text()), "num_processes": 2}
+        # As a 2-process run writes it (its digest matches): what is refused is the process count.
+        (folder / "trainer_state.json").write_text(json.dumps({**state, "digest": ckpt.state_digest(state)}))
     with pytest.raises(CheckpointError, match="written by 2 process.*same number of processes"):
         train(cfg, resume=True)
 

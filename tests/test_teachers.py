@@ -103,7 +103,8 @@ def test_custom_teacher_meta_and_caller_override():
 
 
 def test_pretrained_download_failure_says_use_checkpoint():
-    with pytest.raises(RuntimeError, match="checkpoint="):
+    # A user error (one line on the command line), not a crash: what to pass instead, or to connect.
+    with pytest.raises(WeightsError, match=r"needs the network: connect, or pass a local weights file with teacher.checkpoint="):
         create_teacher("tiny_test_cnn", num_classes=3, pretrained=True)
 
 

@@ -119,6 +119,19 @@ def test_resumed_run_equals_uninterrupted_run(tiny_dataset, tmp_path, teacher_ck
     assert full_hist[-1]["step"] == part_hist[-1]["step"]
 
 
+def test_a_run_stopped_between_checkpoint_and_log_line_gets_the_line_back(tiny_dataset, tmp_path, teacher_ckpt):
+    """Ctrl-C (or a kill) after the checkpoint of epoch 1 and before its log line: the resumed run
+    does not redo epoch 1, so the line comes back from the checkpoint, which keeps it."""
+    cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)}, train={"stop_after": 1})
+    train(cfg)
+    written = read_metrics(tmp_path / "tiny")
+    (tmp_path / "tiny" / "metrics.jsonl").write_text("")  # the line that was never written
+    cfg.train.stop_after = None
+    train(cfg, resume=True)
+    history = read_metrics(tmp_path / "tiny")
+    assert [h["epoch"] for h in history] == [1, 2] and history[0] == written[0]
+
+
 def test_existing_run_is_never_overwritten(tiny_dataset, tmp_path, teacher_ckpt):
     cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)}, train={"epochs": 1})
     train(cfg)
@@ -175,6 +188,45 @@ def test_tensorboard_tracker(tiny_dataset, tmp_path, teacher_ckpt):
     train(cfg)
     events = list((tmp_path / "tiny").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_fp16_without_a_gpu_runs_in_bf16_and_says_so_once(tiny_recipe, tmp_path, teacher_ckpt):
+    """No silent precision: one warning line, and every metrics line records what the run used."""
+    import os
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "distill", "train", str(tiny_recipe), "train.mixed_precision=fp16",
+           f"teacher.checkpoint={teacher_ckpt}", "train.epochs=1"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        "warning: train.mixed_precision=fp16 needs a GPU; this run uses bf16 on the CPU (set "
+        "train.mixed_precision=bf16 or no to choose)"]
+    assert [h["precision"] for h in read_metrics(tmp_path / "runs" / "tiny")] == ["bf16"]
+
+
+def test_a_run_in_fp32_records_it(tiny_dataset, tmp_path, teacher_ckpt):
+    cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)}, train={"epochs": 1})
+    assert train(cfg)["precision"] == "no"
+
+
+def test_a_failed_resume_keeps_the_config_that_matches_the_checkpoints(tiny_dataset, tmp_path, teacher_ckpt):
+    """`--resume optim.lr=1e30` dies of a non-finite loss: config.yaml still holds the settings
+    that wrote the checkpoints, and it is written with the checkpoint, not before."""
+    cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)},
+                      train={"epochs": 3, "stop_after": 1})
+    train(cfg)
+    saved = (tmp_path / "tiny" / "config.yaml").read_text()
+    assert yaml.safe_load(saved)["optim"]["lr"] == 1.0e-3
+    cfg.train.stop_after = None
+    cfg.optim.lr, cfg.optim.warmup_epochs = 1.0e30, 0
+    with pytest.raises(NonFiniteLossError):
+        train(cfg, resume=True)
+    assert (tmp_path / "tiny" / "config.yaml").read_text() == saved
+    # A run that fails in its first epoch leaves no config.yaml to mistake for a run's.
+    cfg.train.run_name = "dies_at_once"
+    with pytest.raises(NonFiniteLossError):
+        train(cfg)
+    assert not (tmp_path / "dies_at_once" / "config.yaml").exists()
 
 
 def test_teacher_class_count_mismatch_is_a_one_line_error(tiny_recipe, tmp_path, capsys):
@@ -238,7 +290,7 @@ def test_ctrl_c_then_resume_equals_uninterrupted_run(tiny_dataset, tmp_path, tea
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "distill", "train", str(recipe)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     state = tmp_path / "cut" / "recipe" / "checkpoints" / "last" / "trainer_state.json"
     deadline = time.time() + 300
     while not state.is_file() and proc.poll() is None and time.time() < deadline:
@@ -257,6 +309,51 @@ def test_ctrl_c_then_resume_equals_uninterrupted_run(tiny_dataset, tmp_path, tea
     b = load_file(str(tmp_path / "cut" / "recipe" / "export" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after Ctrl-C and --resume"
     assert [h["epoch"] for h in read_metrics(tmp_path / "cut" / "recipe")] == [1, 2, 3, 4, 5]
+
+
+def default_sigint() -> None:
+    """A shell that starts jobs in the background (`nohup pytest &`, some CI runners) starts them with
+    SIGINT ignored, which children inherit: the run under test must see Ctrl-C as a terminal sends it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["group", "main"])
+def test_ctrl_c_mid_epoch_with_workers_is_one_line(tiny_dataset, tmp_path, teacher_ckpt, target):
+    """Ctrl-C in the middle of an epoch while 2 DataLoader workers decode images: to the whole process
+    group (a terminal's Ctrl-C) or to the main process alone (`kill -INT`). Either way: exit 130, the
+    one `interrupted` line and nothing else, and the checkpoint on disk intact."""
+    import os
+    import signal
+    import time
+
+    raw = tiny_config(tiny_dataset, tmp_path / "runs")
+    raw["teacher"]["checkpoint"] = str(teacher_ckpt)
+    raw["data"].update(num_workers=2, in_memory=False)  # the workers decode: they are busy mid-epoch
+    raw["train"].update(epochs=50, batch_size=4)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "train", str(recipe)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
+    state = tmp_path / "runs" / "r" / "checkpoints" / "last" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not state.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the next epoch
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    if target == "group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == ["interrupted; the last complete checkpoint is kept (continue with --resume)"]
+    from distill.checkpoint import verify
+    assert verify(state.parent)["epoch"] >= 1
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ The Python API the CLI is built on::
     distill.export_student("runs/cifar10_deit_tiny", "timm")   # or "hf": a folder timm/transformers loads
     distill.analyze_run("runs/cifar10_deit_tiny")   # DeiT Sec. 4: token cosines, head agreement, confusion
 """
-from distill.config import Config, ConfigError, load_recipe, list_recipes
+from distill.config import Config, ConfigError
+from distill.recipes import load_recipe, list_recipes
 from distill.losses import DistillationLoss
 from distill.train import train, train_teacher
 from distill.evaluate import evaluate, evaluate_run

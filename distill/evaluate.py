@@ -113,14 +113,6 @@ def format_table(rows: dict[str, dict[str, float]], columns: list[str] | None = 
     return "\n".join(lines)
 
 
-# How data errors name their options for `distill eval` (see distill.data.load_image_dataset).
-EVAL_OPTIONS = {"source": "--data <dataset>", "val_split": "--split <split>",
-                "image_column": "--data <a dataset with the run's image column>",
-                "label_column": "--data <a dataset with the run's label column>",
-                "train_split": "--data <a dataset laid out like the run's>", "val_fraction": "--split <split>",
-                "train_subset": "--data <dataset>", "val_subset": "--data <dataset>"}
-
-
 @dataclass
 class LoadedRun:
     """Everything ``distill eval`` and ``distill analyze`` need from a run or export folder."""
@@ -128,7 +120,7 @@ class LoadedRun:
     cfg: object  # distill.config.Config: data settings (and teacher) the student is evaluated with
     export: Path  # the export folder (model.safetensors + config.json)
     info: dict  # the export's config.json
-    splits: object  # distill.data dataset splits
+    splits: object  # distill.sources.ImageDatasetSplits
     teacher: nn.Module | None  # frozen teacher (None when the run had none or no weights are given)
 
 
@@ -145,7 +137,7 @@ def load_run(path: str | Path, data: str | None = None, split: str | None = None
 
     import students
     from distill.config import Config, ConfigError, from_dict
-    from distill.data import load_eval_split
+    from distill.sources import load_eval_split
     from distill.train import build_teacher, load_data
 
     path = Path(path)
@@ -177,11 +169,11 @@ def load_run(path: str | Path, data: str | None = None, split: str | None = None
         cfg.teacher.checkpoint = teacher_checkpoint
     if data is not None:
         cfg.data.source = data
-        splits = load_eval_split(data, split=split, option_names=EVAL_OPTIONS)
+        splits = load_eval_split(data, split=split)
     else:
         if split is not None:
             cfg.data.val_split = split
-        splits = load_data(cfg.data, option_names=EVAL_OPTIONS)
+        splits = load_data(cfg.data)
     _check_classes(info.get("class_names"), splits, cfg.data.source)
     teacher = None
     if cfg.teacher.name is not None and info.get("distill") != "none" and (cfg.teacher.checkpoint or cfg.teacher.pretrained):

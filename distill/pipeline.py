@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.config import DataConfig
-from distill.data import ImageClassificationDataset, ImageDatasetSplits
+from distill.images import ImageClassificationDataset
+from distill.sources import ImageDatasetSplits
 from distill.replay import STREAM_LOADER, ReplayBatchSampler, ReplayMixup, derive_seed
 from distill.transforms import build_mixup, build_transform
 

@@ -12,8 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from distill.config import apply_override, load_recipe
 from distill.evaluate import format_table
+from distill.recipes import apply_override, load_recipe
 from distill.train import TEACHER_WEIGHTS, run_dir_of, train, train_teacher
 
 COLUMNS = ["cls_top1", "dist_top1", "joint_top1", "top1", "agreement_top1"]

@@ -37,17 +37,14 @@ from distill import checkpoint as ckpt
 from distill import plots
 from distill.builtin_data import BUILTIN_DATASETS
 from distill.config import Config, ConfigError, DataConfig, DistillConfig, OptimConfig, dump, validate
-from distill.data import load_image_dataset
 from distill.evaluate import evaluate, new_teacher_store
 from distill.losses import DistillationLoss
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
 from distill.replay import STREAM_MODEL, derive_seed
+from distill.sources import load_image_dataset
 
 TEACHER_WEIGHTS = "model.safetensors"
 TEACHER_CONFIG = "teacher.json"
-# How data errors name their options for a recipe user (see distill.data.load_image_dataset).
-DATA_OPTIONS = {key: f"data.{key}=<{key}>" for key in (
-    "source", "image_column", "label_column", "train_split", "val_split", "val_fraction", "train_subset", "val_subset")}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,7 +59,7 @@ def run_dir_of(cfg: Config, suffix: str = "") -> Path:
     return Path(cfg.train.output_dir) / ((cfg.train.run_name or cfg.name) + suffix)
 
 
-def load_data(data_cfg: DataConfig, option_names: dict | None = None):
+def load_data(data_cfg: DataConfig):
     """The dataset splits named by ``data.source`` (built-ins first, then Hub id / local path)."""
     source = data_cfg.source
     if source in BUILTIN_DATASETS:
@@ -71,7 +68,6 @@ def load_data(data_cfg: DataConfig, option_names: dict | None = None):
         source, image_column=data_cfg.image_column, label_column=data_cfg.label_column,
         train_split=data_cfg.train_split, val_split=data_cfg.val_split, val_fraction=data_cfg.val_fraction,
         seed=data_cfg.split_seed, train_subset=data_cfg.train_subset, val_subset=data_cfg.val_subset,
-        option_names=DATA_OPTIONS if option_names is None else option_names,
     )
 
 

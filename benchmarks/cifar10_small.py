@@ -25,8 +25,8 @@ import torch
 
 import distill
 import students
-from distill.config import apply_override, load_recipe
 from distill.evaluate import format_table
+from distill.recipes import apply_override, load_recipe
 from teachers.files import TEACHER_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]

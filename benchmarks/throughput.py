@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader
 
 import students
 import teachers
-from distill.config import load_recipe
+from distill.recipes import load_recipe
 from distill.evaluate import format_table
 from distill.losses import DistillationLoss
 from distill.pipeline import image_dataset

@@ -18,7 +18,8 @@ How the modules layer (imports only run downwards; ``tests/test_imports.py`` che
     build, rundir                     run set-up: config -> data, Accelerator, student, frozen
                                       teacher; the run folder, its exports, loading a run back
     pipeline, data, transforms,       the data path, the objective, checkpoints, the schema
-    replay, losses, checkpoint, config
+    replay, losses, checkpoint, config,
+    sources, images, recipes
     weights                           safe reading of weight files, the one module that the
                                       `students` and `teachers` packages import from here
 """
@@ -29,8 +30,8 @@ import types
 # The public API, imported on first use: `students` and `teachers` import `distill.weights`, which
 # runs this file first, and must not pull in the training code that imports them in turn.
 _API = {
-    "Config": "distill.config", "ConfigError": "distill.config", "load_recipe": "distill.config",
-    "list_recipes": "distill.config", "DistillationLoss": "distill.losses", "train": "distill.train",
+    "Config": "distill.config", "ConfigError": "distill.config", "load_recipe": "distill.recipes",
+    "list_recipes": "distill.recipes", "DistillationLoss": "distill.losses", "train": "distill.train",
     "train_teacher": "distill.train", "evaluate": "distill.evaluate", "evaluate_run": "distill.evaluate",
     "export_student": "distill.export", "ExportError": "distill.export", "analyze_run": "distill.analyze",
 }

@@ -21,16 +21,11 @@ import students
 import teachers
 from distill.builtin_data import BUILTIN_DATASETS
 from distill.config import Config, ConfigError, DataConfig
-from distill.data import load_image_dataset
+from distill.sources import load_image_dataset
 from distill.losses import DistillationLoss
 from teachers.files import TEACHER_WEIGHTS, read_teacher_meta, teacher_meta_file
 
-# How data errors name their options for a recipe user (see distill.data.load_image_dataset).
-DATA_OPTIONS = {key: f"data.{key}=<{key}>" for key in (
-    "source", "image_column", "label_column", "train_split", "val_split", "val_fraction", "train_subset", "val_subset")}
-
-
-def load_data(data_cfg: DataConfig, option_names: dict | None = None):
+def load_data(data_cfg: DataConfig):
     """The dataset splits named by ``data.source`` (built-ins first, then Hub id / local path)."""
     source = data_cfg.source
     if source in BUILTIN_DATASETS:
@@ -39,7 +34,6 @@ def load_data(data_cfg: DataConfig, option_names: dict | None = None):
         source, image_column=data_cfg.image_column, label_column=data_cfg.label_column,
         train_split=data_cfg.train_split, val_split=data_cfg.val_split, val_fraction=data_cfg.val_fraction,
         seed=data_cfg.split_seed, train_subset=data_cfg.train_subset, val_subset=data_cfg.val_subset,
-        option_names=DATA_OPTIONS if option_names is None else option_names,
     )
 
 

@@ -21,7 +21,23 @@ import sys
 import warnings
 from pathlib import Path
 
-from distill.config import ConfigError, describe, list_recipes, load_recipe
+from distill.config import ConfigError
+from distill.recipes import describe, list_recipes, load_recipe
+
+# How each command spells the data option a DataError's hint is about (``DataError.option``): the
+# recipe commands name the config key, `eval` and `analyze` their own flags (and --data for what a
+# run fixes, such as its columns). The Python API spells the keyword argument (``val_split=``).
+DATA_OPTION_SPELLING = {  # key: (train, train-teacher, cache-teacher, quickstart; eval, analyze)
+    "source": ("data.source=<source>", "--data <dataset>"),
+    "image_column": ("data.image_column=<image_column>", "--data <a dataset with the run's image column>"),
+    "label_column": ("data.label_column=<label_column>", "--data <a dataset with the run's label column>"),
+    "train_split": ("data.train_split=<train_split>", "--data <a dataset laid out like the run's>"),
+    "val_split": ("data.val_split=<val_split>", "--split <split>"),
+    "val_fraction": ("data.val_fraction=<val_fraction>", "--split <split>"),
+    "train_subset": ("data.train_subset=<train_subset>", "--data <dataset>"),
+    "val_subset": ("data.val_subset=<val_subset>", "--data <dataset>"),
+}
+EVAL_COMMANDS = ("eval", "analyze")
 
 EPILOG_KEYS = "config keys (override as section.key=value):\n" + "\n".join(
     f"  {key:<28} {default:<26} {doc}" for key, default, doc in describe()
@@ -134,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # user-facing errors: one line, non-zero exit, nothing overwritten
         if not _is_user_error(e):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_message(e, args.command)}", file=sys.stderr)
         return 2
     # Out of the except block the interrupted run's frames are released: collect them now, so its
     # DataLoader workers are shut down in order rather than cut off (and complaining) at exit.
@@ -144,10 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     return 130
 
 
+def _message(e: Exception, command: str) -> str:
+    """The error's one line, with a data option spelled as ``command`` takes it."""
+    from distill.sources import DataError
+
+    if isinstance(e, DataError) and e.option in DATA_OPTION_SPELLING:
+        return e.spelled(DATA_OPTION_SPELLING[e.option][command in EVAL_COMMANDS])
+    return str(e.args[0] if isinstance(e, KeyError) and e.args else e)  # str(KeyError) adds quotes
+
+
 def _is_user_error(e: Exception) -> bool:
     from distill.checkpoint import CheckpointError
-    from distill.data import DataError
     from distill.rundir import RunExistsError
+    from distill.sources import DataError
     from distill.train import NonFiniteLossError
     from distill.weights import WeightsError
 

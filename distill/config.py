@@ -1,25 +1,19 @@
 """The config schema: typed dataclasses whose docstrings and field comments are the documentation.
 
-A recipe is a short YAML file that overrides these defaults, section by section::
-
-    base: cifar10_deit_tiny        # optional: start from another recipe
-    data: {source: uoft-cs/cifar10, img_size: 32}
-    optim: {lr: 1.0e-3}
-
-Command-line overrides use dotted keys on top (``optim.lr=1e-3``). Unknown keys and values of the
-wrong type are errors that name the closest valid key. Defaults are DeiT's ImageNet recipe
-(Touvron et al. 2021, Table 9 and the official main.py) unless a comment says otherwise.
+Recipes (YAML files) and dotted command-line overrides set these fields (``distill.recipes``);
+``update`` checks every key and value on the way in, ``validate`` a whole config before any work.
+Unknown keys and values of the wrong type are one-line errors that name the closest valid key.
+Defaults are DeiT's ImageNet recipe (Touvron et al. 2021, Table 9 and the official main.py) unless a
+comment says otherwise.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Iterable, Literal, Union
 
 import yaml
 
@@ -31,13 +25,9 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the schema; the message names the closest valid key."""
 
 
-class _OutOfRange(ConfigError):
-    """A value of the right type outside its Range."""
-
-
 @dataclass(frozen=True)
 class Range:
-    """Bounds of a number in the schema (``Annotated[int, Range(min=1)]``), checked with its type,
+    """Bounds of a number in the schema (``Annotated[int, Range(min=1)]``), checked after its type,
     so that a value that cannot give a meaningful run (0 epochs, alpha 2) is refused before any work."""
 
     min: float | None = None
@@ -312,70 +302,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Recipes on disk
-
-def recipe_dirs() -> list[Path]:
-    """The top-level recipes/ of a source checkout, then <prefix>/share/deit-distill/recipes (wheels)."""
-    return [Path(__file__).resolve().parents[1] / "recipes", Path(sys.prefix) / "share" / "deit-distill" / "recipes"]
-
-
-def list_recipes() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for d in recipe_dirs():
-        for p in sorted(d.glob("*.yaml")) if d.is_dir() else []:
-            found.setdefault(p.stem, p)
-    return found
-
-
-def find_recipe(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"recipe file {path} does not exist")
-        return path
-    recipes = list_recipes()
-    if str(name_or_path) not in recipes:
-        close = difflib.get_close_matches(str(name_or_path), list(recipes), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown recipe {str(name_or_path)!r}{hint} (`distill recipes` lists them)")
-    return recipes[str(name_or_path)]
-
-
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Defaults <- base recipe(s) <- this recipe <- ``key=value`` overrides."""
-    path = find_recipe(name_or_path)
-    raw = _read_yaml(path)
-    cfg = Config(name=path.stem)
-    _apply_recipe(cfg, raw, source=str(path), seen={path.resolve()})
-    for item in overrides or []:
-        apply_override(cfg, item)
-    return validate(cfg)
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must be a mapping of sections (data:, student:, ...), not {type(raw).__name__}")
-    return raw
-
-
-def _apply_recipe(cfg: Config, raw: dict, source: str, seen: set[Path]) -> None:
-    raw = dict(raw)
-    base = raw.pop("base", None)
-    if base is not None:
-        if not isinstance(base, str):
-            raise ConfigError(f"{source}: 'base' must be a recipe name or a path, got {base!r}")
-        # A path is relative to the recipe that names it, so a recipe folder works from anywhere.
-        is_path = base.endswith((".yaml", ".yml")) or "/" in base or "\\" in base
-        base_path = find_recipe(Path(source).parent / base if is_path else base)
-        if base_path.resolve() in seen:
-            raise ConfigError(f"{source}: recipe base chain loops back to {base_path}")
-        _apply_recipe(cfg, _read_yaml(base_path), str(base_path), seen | {base_path.resolve()})
-    update(cfg, raw, source=source)
-
+# Checking values against the schema
 
 def update(cfg: Any, values: dict, source: str = "config", prefix: str = "") -> None:
     """Set ``values`` (nested dicts) on the dataclass ``cfg``, checking every key and type."""
@@ -383,7 +310,7 @@ def update(cfg: Any, values: dict, source: str = "config", prefix: str = "") -> 
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(f"{source}: unknown key {dotted!r}{_closest(dotted, cfg, prefix)}")
+            raise ConfigError(f"{source}: unknown key {dotted!r}{_closest_key(dotted, cfg, prefix)}")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -393,30 +320,23 @@ def update(cfg: Any, values: dict, source: str = "config", prefix: str = "") -> 
             setattr(cfg, key, _coerce(value, hints[key], dotted, source))
 
 
-def apply_override(cfg: Config, item: str) -> None:
-    """``section.key=value`` with a YAML value (``1e-3`` is read as a number where a number is due)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-3)")
-    key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text.strip() else None
-    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
-        value = text.strip()  # YAML 1.1 reads yes/no/on/off as booleans; a string key wants the word
-    nested: Any = value
-    for part in reversed(key.strip().split(".")):
-        nested = {part: nested}
-    update(cfg, nested, source="command line")
+def closest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The choice most like ``name`` (difflib's ratio at least ``cutoff``), for a "did you mean" hint."""
+    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
+    return found[0] if found else None
 
 
-def _closest(dotted: str, cfg: Any, prefix: str) -> str:
+def _closest_key(dotted: str, cfg: Any, prefix: str) -> str:
     """A sibling key first (a typo), else any key of the schema (a key put in the wrong section)."""
     last = dotted.rsplit(".", 1)[-1]
-    close = [f"{prefix}{m}" for m in difflib.get_close_matches(last, [f.name for f in dataclasses.fields(cfg)], n=1, cutoff=0.6)]
-    if not close:
+    sibling = closest(last, [f.name for f in dataclasses.fields(cfg)])
+    if sibling:
+        match = f"{prefix}{sibling}"
+    else:
         keys = all_keys(Config())
         by_last = {k.rsplit(".", 1)[-1]: k for k in keys}
-        close = [by_last[m] for m in difflib.get_close_matches(last, list(by_last), n=1)]
-        close = close or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
+        match = by_last.get(closest(last, by_last)) or closest(dotted, keys, cutoff=0.5)
+    return f"; did you mean {match!r}?" if match else ""
 
 
 def all_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -431,24 +351,34 @@ def all_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """``value`` as the schema type ``tp``, then checked against the type's ``Range``."""
+    value = _convert(value, tp, key, source)
+    bound = _range(tp)
+    if value is not None and bound is not None and not bound.contains(value):
+        raise ConfigError(f"{source}: {key!r} must be {bound}, got {value!r}")
+    return value
+
+
+def _range(tp: Any) -> Range | None:
+    """The Range of ``Annotated[..., Range(...)]``, also as the arm of ``... | None``."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return next((r for r in map(_range, typing.get_args(tp)) if r is not None), None)
+    return next((m for m in getattr(tp, "__metadata__", ()) if isinstance(m, Range)), None)
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     def fail() -> ConfigError:
         return ConfigError(f"{source}: {key!r} must be {_type_name(tp)}, got {value!r}")
 
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Annotated:
-        value = _coerce(value, args[0], key, source)
-        for bound in (a for a in tp.__metadata__ if isinstance(a, Range)):
-            if not bound.contains(value):
-                raise _OutOfRange(f"{source}: {key!r} must be {bound}, got {value!r}")
-        return value
+        return _convert(value, args[0], key, source)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, key, source)
-            except _OutOfRange:
-                raise  # the type fits, the value does not: say why
+                return _convert(value, arg, key, source)
             except ConfigError:
                 pass
         raise fail()
@@ -456,8 +386,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false (`mixed_precision: no`)
             value = "no"
         if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            close = closest(str(value), [str(a) for a in args])
+            hint = f"; did you mean {close!r}?" if close else ""
             raise ConfigError(f"{source}: {key!r} must be one of {list(args)}, got {value!r}{hint}")
         return value
     if tp is bool:
@@ -486,7 +416,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise fail()
-        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+        return tuple(_convert(v, a, key, source) for v, a in zip(value, args))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise fail()
@@ -512,16 +442,7 @@ def _type_name(tp: Any) -> str:
 def validate(cfg: Config) -> Config:
     """Check a whole config before any work: every value against the schema (also those set from
     Python rather than through a recipe), then the rules that tie keys together."""
-    def check(obj: Any, prefix: str) -> None:
-        hints = typing.get_type_hints(type(obj), include_extras=True)
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                check(value, f"{prefix}{f.name}.")
-            else:
-                _coerce(value, hints[f.name], f"{prefix}{f.name}", "config")
-
-    check(cfg, "")
+    update(Config(), dataclasses.asdict(cfg), source="config")
     d, t = cfg.data, cfg.train
     if (d.mixup > 0 or d.cutmix > 0) and d.mixup_prob > 0 and t.batch_size % 2:
         raise ConfigError(f"config: train.batch_size={t.batch_size} is odd, but mixup/cutmix pair the images of a batch; "
@@ -552,25 +473,3 @@ def from_dict(values: dict) -> Config:
 
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, doc) rows for `--help`: the field docstrings are read from the source."""
-    import ast
-    import inspect
-
-    rows = []
-    docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    inst = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(inst, f.name)
-        if dataclasses.is_dataclass(value):
-            rows += describe(type(value), f"{prefix}{f.name}.")
-        else:
-            rows.append((f"{prefix}{f.name}", repr(value), docs.get(f.name, "")))
-    return rows

@@ -7,14 +7,14 @@ sees: same samples, same augmentation seeds, same Mixup/CutMix draw.
 """
 from __future__ import annotations
 
-import signal
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from distill.config import DataConfig
-from distill.data import ImageClassificationDataset, ImageDatasetSplits
+from distill.images import ImageClassificationDataset, ignore_interrupt
+from distill.sources import ImageDatasetSplits
 from distill.replay import STREAM_LOADER, ReplayBatchSampler, ReplayMixup, derive_seed
 from distill.transforms import build_mixup, build_transform
 
@@ -54,12 +54,6 @@ def train_loader(dc: DataConfig, dataset: ImageClassificationDataset, *, batch_s
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers, pin_memory=pin_memory,
                         persistent_workers=dc.num_workers > 0, generator=generator, worker_init_fn=ignore_interrupt)
     return loader, sampler
-
-
-def ignore_interrupt(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process: a worker killed by it would turn the
-    interrupt into a "worker exited unexpectedly" traceback; the main process shuts them down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class WithIndex(torch.utils.data.Dataset):

@@ -12,8 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from distill.config import apply_override, load_recipe
 from distill.evaluate import format_table
+from distill.recipes import apply_override, load_recipe
 from distill.train import train, train_teacher
 from teachers.files import TEACHER_WEIGHTS
 

@@ -26,7 +26,7 @@ import students
 from distill import build
 from distill import checkpoint as ckpt
 from distill.config import Config, ConfigError, from_dict
-from distill.data import load_eval_split
+from distill.sources import load_eval_split
 from distill.pipeline import image_dataset, val_loader
 
 
@@ -154,14 +154,6 @@ def write_atomically(target: Path, write) -> None:
 # ----------------------------------------------------------------------------------------------
 # Loading a run back (distill eval / analyze)
 
-# How data errors name their options for `distill eval` (see distill.data.load_image_dataset).
-EVAL_OPTIONS = {"source": "--data <dataset>", "val_split": "--split <split>",
-                "image_column": "--data <a dataset with the run's image column>",
-                "label_column": "--data <a dataset with the run's label column>",
-                "train_split": "--data <a dataset laid out like the run's>", "val_fraction": "--split <split>",
-                "train_subset": "--data <dataset>", "val_subset": "--data <dataset>"}
-
-
 @dataclass
 class LoadedRun:
     """Everything ``distill eval`` and ``distill analyze`` need from a run or export folder."""
@@ -169,7 +161,7 @@ class LoadedRun:
     cfg: Config  # data settings (and teacher) the student is evaluated with
     export: Path  # the export folder (model.safetensors + config.json)
     info: dict  # the export's config.json
-    splits: object  # distill.data dataset splits
+    splits: object  # distill.sources.ImageDatasetSplits
     teacher: nn.Module | None  # frozen teacher (None when the run had none or no weights are given)
 
 
@@ -210,11 +202,11 @@ def load_run(path: str | Path, data: str | None = None, split: str | None = None
         cfg.teacher.checkpoint = teacher_checkpoint
     if data is not None:
         cfg.data.source = data
-        splits = load_eval_split(data, split=split, option_names=EVAL_OPTIONS)
+        splits = load_eval_split(data, split=split)
     else:
         if split is not None:
             cfg.data.val_split = split
-        splits = build.load_data(cfg.data, option_names=EVAL_OPTIONS)
+        splits = build.load_data(cfg.data)
     check_classes(info.get("class_names"), splits, cfg.data.source)
     teacher = None
     if cfg.teacher.name is not None and info.get("distill") != "none" and (cfg.teacher.checkpoint or cfg.teacher.pretrained):

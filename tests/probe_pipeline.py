@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import load_recipe
+from distill.recipes import load_recipe
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader
 from distill.build import load_data, new_accelerator
 

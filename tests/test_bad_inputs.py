@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -144,6 +148,27 @@ def _truncated_only_checkpoint(w: World) -> list[str]:
     return ["train", str(w.recipe), "train.run_name=truncated", "train.epochs=2", "--resume"]
 
 
+def _hub_parquet(w: World, extra: bool = False) -> Path:
+    """A Hub-layout folder of parquet shards (train and test), plus a file named for no split."""
+    folder = w.root / ("hub_parquet_extra" if extra else "hub_parquet")
+    if not folder.exists():
+        import datasets
+        folder.mkdir()
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+        names = ["train-00000-of-00001", "test-00000-of-00001"] + (["extra"] if extra else [])
+        for i, name in enumerate(names):
+            images = [Image.fromarray(np.full((16, 16, 3), 40 * i + k, dtype=np.uint8)) for k in range(8)]
+            datasets.Dataset.from_dict({"image": images, "label": [k % 4 for k in range(8)]},
+                                       features=features).to_parquet(str(folder / f"{name}.parquet"))
+    return folder
+
+
+def _text_parquet(w: World) -> Path:
+    path = w.root / "text.parquet"
+    path.write_text("image,label\nnot a parquet file,0\n")
+    return path
+
+
 def _bad_cache(w: World) -> Path:
     folder = w.root / "not_a_cache"
     folder.mkdir(exist_ok=True)
@@ -176,6 +201,8 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
      r"unknown key 'studnet'; did you mean 'student'\?"),
     ("recipe_missing_base", lambda w: T + [str(_recipe_file(w, "child.yaml", "base: ./missing.yaml\n"))],
      r"recipe file .*recipes/missing.yaml does not exist"),
+    ("override_python_tag", lambda w: T + [str(w.recipe), f'train.run_name=!!python/object/apply:os.system ["touch {w.root / "marker"}"]'],
+     r"override 'train.run_name=!!python.*' is not valid YAML: could not determine a constructor for the tag"),
     # --- data ----------------------------------------------------------------------------------
     ("missing_label_column", lambda w: T + [str(w.recipe), "data.label_column=target"],
      r"no label column 'target' .*set data.label_column=<label_column>"),
@@ -187,6 +214,12 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
      r"holds images without labels: an image folder needs one sub-folder per class, at least 2"),
     ("single_class_table", lambda w: T + [str(w.recipe), f"data.source={_single_class_parquet(w)}"],
      r"holds a single class \('0' in 'label'\); a classifier needs at least 2"),
+    ("parquet_glob_of_split_and_unnamed_files", lambda w: T + [str(w.recipe), f"data.source={_hub_parquet(w, extra=True)}/*.parquet"],
+     r"test-00000-of-00001.parquet is named for split 'test' but .*extra.parquet for none.*set data.source=<source>"),
+    ("parquet_test_file_as_source", lambda w: T + [str(w.recipe), f"data.source={_hub_parquet(w)}/test-00000-of-00001.parquet"],
+     r"no split named 'train' \(splits: test\); set data.train_split=<train_split>"),
+    ("parquet_that_is_text", lambda w: T + [str(w.recipe), f"data.source={_text_parquet(w)}"],
+     r"text.parquet: could not be read as parquet \(ArrowInvalid: .*\); check the file\(s\)$"),
     ("empty_folder", lambda w: T + [str(w.recipe), f"data.source={(w.root / 'empty').mkdir(exist_ok=True) or w.root / 'empty'}"],
      r"folder holds no images"),
     ("corrupt_image_workers_in_memory", lambda w: T + [str(w.recipe), f"data.source={_corrupt_folder(w)}", "data.num_workers=2",
@@ -260,7 +293,7 @@ def _garbage_cache(w: World) -> Path:
     root = w.root / "garbage_cache"
     if not root.exists():
         from distill.cache import build_cache
-        from distill.config import load_recipe
+        from distill.recipes import load_recipe
         build_cache(load_recipe(str(w.recipe), [f"teacher.cache={root}"]))
         values = root / "epoch_0000" / "values.npy"
         array = np.load(values)
@@ -342,7 +375,8 @@ def test_bad_input_is_one_line_and_changes_nothing(world, capfd, name, argv, pat
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
-    from distill.data import ImageClassificationDataset, load_image_dataset
+    from distill.images import ImageClassificationDataset
+    from distill.sources import load_image_dataset
 
     for c, top in enumerate((65535, 30000)):
         d = tmp_path / "train" / f"c{c}"
@@ -363,7 +397,7 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
 
 
 def test_relative_base_resolves_against_the_recipe_folder(tmp_path, monkeypatch):
-    from distill.config import load_recipe
+    from distill.recipes import load_recipe
 
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "parent.yaml").write_text("optim: {lr: 0.123}\n")
@@ -377,3 +411,57 @@ def test_relative_base_resolves_against_the_recipe_folder(tmp_path, monkeypatch)
     assert load_recipe(str(tmp_path / "recipes" / "nested.yaml")).optim.lr == 0.123
     (tmp_path / "recipes" / "builtin.yaml").write_text("base: quickstart\n")
     assert load_recipe(str(tmp_path / "recipes" / "builtin.yaml")).data.source == "digits"
+
+
+def test_python_tag_runs_nothing_and_reads_as_in_a_recipe_file(tmp_path, tiny_recipe, capfd):
+    """`yaml.safe_load` never builds the object; the override's error is the recipe file's line."""
+    marker = tmp_path / "marker"
+    tag = f'!!python/object/apply:os.system ["touch {marker}"]'
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text(f"train: {{run_name: {tag}}}\n")
+    lines = []
+    for argv in (["train", str(tiny_recipe), f"train.run_name={tag}"], ["train", str(tagged)]):
+        capfd.readouterr()
+        assert cli(argv) == 2
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        lines.append(err[0])
+    assert not marker.exists()
+    why = "is not valid YAML: could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"
+    assert lines[0].startswith(f"error: override 'train.run_name={tag}' {why}")
+    assert lines[1].startswith(f"error: {tagged} {why}")
+
+
+def _cli_in_subprocess(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`distill <args>` in a fresh interpreter, whose stderr holds what the libraries' own log
+    handlers write (in-process, pytest's capture does not see them). Retries do not wait."""
+    from conftest import REPO
+
+    code = "import sys, time; time.sleep = lambda s: None; from distill.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_unreadable_parquet_is_one_line(tmp_path, tiny_recipe):
+    """datasets logs its parquet reader's failure before raising; only the error line may show."""
+    text = tmp_path / "text.parquet"
+    text.write_text("image,label\nnot a parquet file,0\n")
+    result = _cli_in_subprocess(["train", str(tiny_recipe), f"data.source={text}"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert re.match(r"error: .*text.parquet: could not be read as parquet \(ArrowInvalid: .*\); check the file\(s\)$",
+                    result.stderr.strip())
+
+
+def test_unreachable_hub_is_one_line(tmp_path, tiny_recipe):
+    """No network (and no offline flag): huggingface_hub logs every retry; none of it may surround the
+    error line. The Hub is a local port that refuses connections."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound but not listening: connections are refused
+        result = _cli_in_subprocess(["train", str(tiny_recipe), "data.source=nobody/no-such-dataset"],
+                                    HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0",
+                                    HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert re.match(r"error: 'nobody/no-such-dataset' could not be loaded from the Hugging Face Hub \(.*\); "
+                    r"set data.source=<source> to a local folder or parquet file$", result.stderr.strip())

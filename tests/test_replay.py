@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import ImageClassificationDataset, load_image_dataset
+from distill.images import ImageClassificationDataset
+from distill.sources import load_image_dataset
 from distill.replay import ReplayBatchSampler, ReplayMixup, position_seeds, seeded
 from distill.transforms import build_mixup, build_transform
 

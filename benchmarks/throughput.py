@@ -169,21 +169,18 @@ def make_cached_step(student, teacher, batches, args, root: Path) -> Callable:
     """
     import numpy as np
 
-    from distill.cache import CACHE_FILE, FORMAT, TeacherCache, epoch_dir, top_k_entries
+    from distill.cache import CACHE_FILE, FORMAT, TeacherCache, top_k_entries, write_epoch
 
     k = min(10, NUM_CLASSES)
-    epoch = epoch_dir(root, 0)
-    epoch.mkdir(parents=True, exist_ok=True)
-    values = np.zeros((len(batches), args.batch_size, k), np.float32)
-    classes = np.zeros((len(batches), args.batch_size, k), np.int16)
-    lse = np.zeros((len(batches), args.batch_size), np.float32)
+    arrays = {"values": np.zeros((len(batches), args.batch_size, k), np.float32),
+              "classes": np.zeros((len(batches), args.batch_size, k), np.int16),
+              "lse": np.zeros((len(batches), args.batch_size), np.float32)}
     with torch.no_grad():
         for i, (x, _) in enumerate(batches):
-            values[i], classes[i], lse[i] = top_k_entries(teacher(x), k)
-    for name, array in (("values", values), ("classes", classes), ("lse", lse)):
-        np.save(epoch / f"{name}.npy", array)
+            arrays["values"][i], arrays["classes"][i], arrays["lse"][i] = top_k_entries(teacher(x), k)
     for name in ("index", "seed", "digest"):  # not read by a training step
-        np.save(epoch / f"{name}.npy", np.zeros((len(batches), 1), np.int64))
+        arrays[name] = np.zeros((len(batches), 1), np.int64)
+    write_epoch(root, 0, arrays)
     (root / CACHE_FILE).write_text(json.dumps({"format": FORMAT, "num_classes": NUM_CLASSES, "topk": k, "epochs": 1}))
     cache = TeacherCache(root)
     position = {id(x): i for i, (x, _) in enumerate(batches)}

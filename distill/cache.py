@@ -256,6 +256,20 @@ def _cache_val_predictions(cfg, data, teacher, accelerator, root: Path) -> None:
     tmp.rename(root / VAL_DIR)
 
 
+def write_epoch(root: Path, epoch: int, arrays: dict[str, np.ndarray]) -> Path:
+    """Write one epoch's arrays (``ARRAYS``) in memory into place, sealed: for tools that compute the
+    teacher's outputs themselves (``benchmarks/throughput.py``) rather than through ``build_cache``."""
+    final = epoch_dir(root, epoch)
+    tmp = final.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ARRAYS:
+        np.save(tmp / f"{name}.npy", arrays[name])
+    seal(tmp)
+    tmp.rename(final)
+    return final
+
+
 def seal(folder: Path) -> None:
     """Record the size and SHA-256 of every array in ``folder`` (read back by ``verify``)."""
     sums = {f.name: describe_file(f) for f in sorted(folder.glob("*.npy"))}

@@ -13,6 +13,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Union
 
 import yaml

@@ -264,24 +264,25 @@ def train_one_epoch(model: nn.Module, loader, sampler, mixup, epoch: int, *, los
                     max_batches: int, log_every: int, checkpoints: Path, progress: bool = False,
                     desc: str = "") -> tuple[dict, int]:
     """One epoch of (mixed) batches; returns its metrics (mean losses over every process, lr,
-    images/s) and the global step after it."""
+    images/s) and the global step after it.
+
+    Nothing here waits for the device step by step: the losses add up on the device, and whether one
+    was not finite is read every ``log_every`` steps and at the end (before anything is saved).
+    """
     model.train()
     world = accelerator.num_processes
     bar = _progress_bar(max_batches, desc) if progress else None
     start, seen = time.perf_counter(), 0
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, base, distill, batches
+    first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=accelerator.device)  # step, loss
+    counter = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # the step, on the device
     for step, (batch, images, labels) in enumerate(epoch_batches(loader, sampler, mixup, epoch, accelerator.device, max_batches)):
         with accelerator.accumulate(model):
             teacher_logits = None
             if targets is not None:
                 with accelerator.autocast():
                     teacher_logits = targets.logits(epoch, batch, images)
-            try:
-                loss, parts = distill_step(model, images, labels, teacher_logits, loss_fn, optimizer, accelerator, clip_grad)
-            except NonFiniteLossError as e:
-                raise NonFiniteLossError(
-                    f"{e} at epoch {epoch + 1}, step {step}; lower optim.lr or set optim.clip_grad (nothing was saved "
-                    f"for this epoch; the last checkpoint in {checkpoints} is intact)") from None
+            loss, parts = distill_step(model, images, labels, teacher_logits, loss_fn, optimizer, accelerator, clip_grad)
         if accelerator.sync_gradients:
             global_step += 1
             scheduler.step_update(global_step)
@@ -289,11 +290,17 @@ def train_one_epoch(model: nn.Module, loader, sampler, mixup, epoch: int, *, los
                 ema.update(accelerator.unwrap_model(model), step=global_step)
         seen += images.shape[0] * world
         sums += torch.stack([loss.detach(), parts["base"], parts["distill"], torch.ones_like(loss)]).double()
-        if bar is not None:
-            bar.update(1)
-            if step % log_every == 0:
+        new_bad = (first_bad[0] < 0) & ~torch.isfinite(loss.detach())
+        first_bad = torch.where(new_bad, torch.stack([counter, loss.detach().double()]), first_bad)
+        counter += 1
+        if (step + 1) % log_every == 0:
+            _stop_if_not_finite(first_bad, epoch, checkpoints)
+            if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if bar is not None:
+            bar.update(1)
+    _stop_if_not_finite(first_bad, epoch, checkpoints)
     if bar is not None:
         bar.close()
     metrics = {"epoch": epoch + 1, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
@@ -316,14 +323,20 @@ def distill_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
     out = model(images)
     cls_logits, dist_logits = out if isinstance(out, tuple) else (out, None)
     loss = loss_fn(cls_logits.float(), None if dist_logits is None else dist_logits.float(), labels, teacher_logits)
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"loss is {loss.item()}")
     accelerator.backward(loss)
     if accelerator.sync_gradients and clip_grad:
         accelerator.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, dict(loss_fn.components)
+
+
+def _stop_if_not_finite(first_bad: torch.Tensor, epoch: int, checkpoints: Path) -> None:
+    step, value = first_bad.tolist()  # the one read of the device: at log intervals, not every step
+    if step >= 0:
+        raise NonFiniteLossError(
+            f"loss is {value} at epoch {epoch + 1}, step {int(step)}; lower optim.lr or set optim.clip_grad (nothing "
+            f"was saved for this epoch; the last checkpoint in {checkpoints} is intact)")
 
 
 def _progress_bar(total: int, desc: str):

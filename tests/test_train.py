@@ -132,6 +132,47 @@ def test_a_run_stopped_between_checkpoint_and_log_line_gets_the_line_back(tiny_d
     assert [h["epoch"] for h in history] == [1, 2] and history[0] == written[0]
 
 
+def test_the_loop_reads_no_value_off_the_device_per_step(tiny_dataset, tmp_path, teacher_ckpt, monkeypatch):
+    """GPU readiness: a value read off a tensor (item, bool, float, int, tolist, numpy, cpu) makes the
+    host wait for the device. In the training loop such reads happen per epoch and per log interval,
+    so an epoch of 12 steps makes as many as one of 6 (the workers decode and augment elsewhere).
+    torch's AdamW reads its step count every step, but keeps that count on the CPU whatever the
+    device (it is not `capturable`), so those reads never wait for a GPU and are not counted."""
+    import traceback
+
+    train_module = importlib.import_module("distill.train")
+    counts: list[int] = []
+    real = train_module.train_one_epoch
+
+    def counted(*args, **kwargs):
+        reads = [0]
+        originals = {name: getattr(torch.Tensor, name) for name in
+                     ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu")}
+
+        def wrap(fn):
+            def read(self, *a, **kw):
+                caller = traceback.extract_stack(limit=2)[0].filename.replace("\\", "/")
+                reads[0] += "/torch/optim/" not in caller
+                return fn(self, *a, **kw)
+            return read
+
+        for name, fn in originals.items():
+            monkeypatch.setattr(torch.Tensor, name, wrap(fn))
+        try:
+            return real(*args, **kwargs)
+        finally:
+            for name, fn in originals.items():
+                monkeypatch.setattr(torch.Tensor, name, fn)
+            counts.append(reads[0])
+
+    monkeypatch.setattr(train_module, "train_one_epoch", counted)
+    for batch, name in ((8, "six_steps"), (4, "twelve_steps")):
+        cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)}, data={"num_workers": 2},
+                          train={"epochs": 1, "batch_size": batch, "log_every": 100, "run_name": name})
+        assert train(cfg)["step"] == 48 // batch
+    assert counts[0] == counts[1] and counts[0] <= 10, counts
+
+
 def test_existing_run_is_never_overwritten(tiny_dataset, tmp_path, teacher_ckpt):
     cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)}, train={"epochs": 1})
     train(cfg)

@@ -102,7 +102,7 @@ def train(cfg: Config, resume: str | Path | bool | None = None) -> dict:
         **({"patch_size": cfg.student.patch_size} if cfg.student.patch_size else {}), **cfg.student.kwargs,
     )
     if cfg.student.checkpoint:
-        students.load_pretrained(student, cfg.student.checkpoint, antialias=cfg.student.pos_embed_antialias)
+        student.load_pretrained(cfg.student.checkpoint, antialias=cfg.student.pos_embed_antialias)
     student.joint = cfg.student.joint  # the eval-mode joint head: logit or softmax average
     if cfg.distill.kind == "none" and student.has_dist_token:
         # Without a teacher the distillation head gets no loss (DeiT's `none`), so predict with the class head.

@@ -13,9 +13,10 @@ trained student, plus how its heads and the teacher agree:
 * ``top1``: each head's accuracy, the joint head under both rules (logits and softmax);
 * ``confusion``: the joint head's confusion matrix (rows: true class, columns: prediction).
 
-Where the tokens live differs by student family, so :func:`token_probes` lists, per family, the
-modules whose outputs hold the class token at position 0 and the distillation token at position 1.
-A student without two tokens reports the cosine as not applicable, with the reason.
+Where the tokens live differs by student family, so each family's ``token_probes()``
+(``students.base.DistilledStudent``) lists the modules whose outputs hold the class token at
+position 0 and the distillation token at position 1. A student without two tokens reports the
+cosine as not applicable, with the reason.
 
 The result is written as ``analysis.json`` and, with matplotlib, ``analysis.png`` (``distill.plots``).
 """
@@ -29,38 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill import plots
-from distill.evaluate import head_logits, model_joint, model_heads
+from distill.evaluate import model_joint
 from distill.rundir import load_run, prepare_eval
-from students import cait, cmt, deit, dhvt
+from students.base import DistilledStudent
 
 ANALYSIS_JSON = "analysis.json"
-
-
-def token_probes(model: nn.Module) -> tuple[list[tuple[str, nn.Module]] | None, str]:
-    """``(probes, reason)``: the (name, module) pairs whose output is ``[B, N, D]`` with the class
-    token at index 0 and the distillation token at index 1, from the input to the head inputs;
-    ``None`` and the reason where the cosine does not apply.
-    """
-    if isinstance(model, deit.VisionTransformerDistilled):
-        if not model.has_dist_token:
-            return None, ("ViT has a single (class) token; with a teacher the distillation loss acts on that "
-                          "token itself, so there is no second token to compare")
-        # pos_drop's output is the input sequence: [cls + pos_0, dist + pos_1, patches + pos].
-        return ([("input", model.pos_drop)] + [(f"block {i + 1}", b) for i, b in enumerate(model.blocks)]
-                + [("norm (heads)", model.norm)]), ""
-    if isinstance(model, cait.CaiT):
-        # The tokens join only in the class-attention stage (CaiT Sec. 3): the self-attention layers
-        # see the patches alone. Each class-attention block returns the [B, 2, D] tokens.
-        return ([(f"class-attn {i + 1}", b) for i, b in enumerate(model.blocks_token_only)]
-                + [("norm (heads)", model.norm)]), ""
-    if isinstance(model, dhvt.DHVT):
-        # No position embedding: pos_drop's output starts with the learned tokens themselves.
-        return ([("input", model.pos_drop)] + [(f"block {i + 1}", b) for i, b in enumerate(model.blocks)]
-                + [("norm (heads)", model.norm)]), ""
-    if isinstance(model, cmt.CMT):
-        return None, ("CMT has no class or distillation token: it distils through a second head on the same "
-                      "pooled feature (students/cmt.py)")
-    return None, f"no token probes are listed for {type(model).__name__} (see distill.analyze.token_probes)"
+# What the DeiT paper reports for its distilled model (Touvron et al. 2021, Sec. 4): the learned class
+# and distillation tokens have cosine 0.06; their outputs grow more similar layer by layer, up to 0.93
+# at the last layer.
+PAPER_LEARNED_TOKEN_COSINE = 0.06
+PAPER_LAST_LAYER_COSINE = 0.93
 
 
 def learned_token_cosine(model: nn.Module) -> float:
@@ -81,13 +60,14 @@ def analyze(model: nn.Module, loader, accelerator, teacher: nn.Module | None = N
             class_names: list[str] | None = None) -> dict:
     """Token cosines, head/teacher agreement, accuracies and the joint confusion matrix over ``loader``."""
     inner = accelerator.unwrap_model(model)
-    if not hasattr(inner, "forward_heads"):
+    if not isinstance(inner, DistilledStudent):
         raise ValueError(f"{type(inner).__name__} has no class and distillation heads; `distill analyze` needs a student")
     joint = model_joint(inner)
     joint_key = "joint_softmax" if joint == "softmax" else "joint"
-    probes, reason = token_probes(inner)
+    probes, reason = inner.token_probes()
+    hooked = [(name, module) for name, module in probes or [] if module is not None]  # None: the learned tokens
     cosines: dict[str, torch.Tensor] = {}
-    handles = [module.register_forward_hook(_gather_tokens(cosines)(name)) for name, module in probes or []]
+    handles = [module.register_forward_hook(_gather_tokens(cosines)(name)) for name, module in hooked]
     model.eval()
     names = ["cls", "dist", "joint"] + (["teacher"] if teacher is not None else [])
     preds: dict[str, list[torch.Tensor]] = {k: [] for k in names + ["joint_softmax", "joint_logits"]}
@@ -95,13 +75,13 @@ def analyze(model: nn.Module, loader, accelerator, teacher: nn.Module | None = N
     try:
         for x, y, *_ in loader:
             with accelerator.autocast():
-                heads = head_logits(*(h.float() for h in model_heads(model, x)))
+                heads = inner.heads(x)
                 batch = {"cls": heads["cls"], "dist": heads["dist"], "joint": heads[joint_key],
                          "joint_softmax": heads["joint_softmax"], "joint_logits": heads["joint"]}
                 if teacher is not None:
                     batch["teacher"] = teacher(x).float()
             batch = {k: v.argmax(dim=1) for k, v in batch.items()}
-            cos = torch.stack([cosines[name] for name, _ in probes], dim=1) if probes else torch.zeros(len(y), 0)
+            cos = torch.stack([cosines[name] for name, _ in hooked], dim=1) if hooked else torch.zeros(len(y), 0)
             batch, y, cos = accelerator.gather_for_metrics((batch, y, cos.to(y.device)))
             for k, v in batch.items():
                 preds[k].append(v.cpu())
@@ -119,17 +99,16 @@ def analyze(model: nn.Module, loader, accelerator, teacher: nn.Module | None = N
         return round(100.0 * mask.float().mean().item(), 2)
 
     if probes:
-        per_layer = torch.cat(layer_cos).mean(dim=0)
-        layers = [{"name": name, "cosine": round(float(c), 4)} for (name, _), c in zip(probes, per_layer)]
+        per_layer = dict(zip((name for name, _ in hooked), torch.cat(layer_cos).mean(dim=0).tolist()))
         learned = learned_token_cosine(inner)
-        if isinstance(inner, cait.CaiT):  # the tokens enter the class-attention stage as they were learned
-            layers.insert(0, {"name": "tokens (input)", "cosine": round(learned, 4)})
+        layers = [{"name": name, "cosine": round(learned if module is None else per_layer[name], 4)}
+                  for name, module in probes]
         token_cosine = {"applicable": True, "learned_tokens": round(learned, 4), "last_layer": layers[-1]["cosine"],
                         "layers": layers}
     else:
         token_cosine = {"applicable": False, "reason": reason}
-    token_cosine["paper"] = {"learned_tokens": plots.PAPER_LEARNED_TOKEN_COSINE,
-                             "last_layer": plots.PAPER_LAST_LAYER_COSINE,
+    token_cosine["paper"] = {"learned_tokens": PAPER_LEARNED_TOKEN_COSINE,
+                             "last_layer": PAPER_LAST_LAYER_COSINE,
                              "source": "DeiT (Touvron et al. 2021), Sec. 4"}
 
     num_classes = int(getattr(inner, "num_classes", 0)) or int(max(y.max(), p["joint"].max())) + 1

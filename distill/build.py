@@ -75,7 +75,7 @@ def build_student(cfg: Config, num_classes: int) -> nn.Module:
         **({"patch_size": s.patch_size} if s.patch_size else {}), **s.kwargs,
     )
     if s.checkpoint:
-        students.load_pretrained(student, s.checkpoint, antialias=s.pos_embed_antialias)
+        student.load_pretrained(s.checkpoint, antialias=s.pos_embed_antialias)
     student.joint = s.joint  # the eval-mode joint head: logit or softmax average
     if cfg.distill.kind == "none" and student.has_dist_token:
         # Without a teacher the distillation head gets no loss (DeiT's `none`), so predict with the class head.

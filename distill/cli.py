@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: next to the export folder, e.g. runs/<name>/export_timm)")
     p.add_argument("--head", choices=["joint", "cls", "dist"],
                    help="head the exported model outputs (default: the one the student predicts with: joint, "
-                        "or cls for a student trained without a teacher)")
+                        "or cls for a student trained without a teacher). timm and transformers fuse the joint "
+                        "head by logits, so a student.joint=softmax student exports cls or dist")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (user/name)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip loading the folder back with the target library to compare logits")

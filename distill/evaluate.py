@@ -16,26 +16,21 @@ from torch import nn
 
 from distill import rundir
 from distill.build import OnlineTeacher
-from students.base import joint_logits
+from students.base import DistilledStudent
 
 HEADS = ("cls", "dist", "joint", "joint_softmax")
 
 
-def model_heads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(cls_logits, dist_logits) for a student, None for a plain classifier (e.g. a teacher network)."""
+def model_heads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Every head of a student (``DistilledStudent.heads``: class, distillation, joint under both
+    rules), None for a plain classifier (e.g. a teacher network)."""
     inner = getattr(model, "module", model)  # DistributedDataParallel keeps the student in .module
-    return inner.forward_heads(x) if hasattr(inner, "forward_heads") else None
+    return inner.heads(x) if isinstance(inner, DistilledStudent) else None
 
 
 def model_joint(model: nn.Module) -> str:
     """The student's configured joint rule (``student.joint``): ``"logits"`` or ``"softmax"``."""
     return getattr(getattr(model, "module", model), "joint", "logits")
-
-
-def head_logits(cls_logits: torch.Tensor, dist_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every head of a student: class, distillation, and the joint head under both rules."""
-    return {"cls": cls_logits, "dist": dist_logits, "joint": joint_logits(cls_logits, dist_logits, "logits"),
-            "joint_softmax": joint_logits(cls_logits, dist_logits, "softmax")}
 
 
 @torch.no_grad()
@@ -58,10 +53,7 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, targets=None) -
         idx = batch[2].cpu() if len(batch) > 2 else None
         with accelerator.autocast():
             heads = model_heads(model, x)
-            if heads is None:
-                logits = {"": model(x).float()}
-            else:
-                logits = head_logits(*(h.float() for h in heads))
+            logits = {"": model(x).float()} if heads is None else heads
             k = min(5, next(iter(logits.values())).shape[1])
             preds = {name: out.topk(k, dim=1).indices for name, out in logits.items()}
             if targets is not None:

@@ -1,6 +1,6 @@
 """``distill export``: turn a trained student into a folder that timm or 🤗 transformers loads on its own.
 
-Our export folder (``students/export.py``: ``model.safetensors`` + ``config.json``) needs this package
+Our export folder (``students/files.py``: ``model.safetensors`` + ``config.json``) needs this package
 to load. :func:`export_student` converts it, with the same logits, into
 
 * ``timm``: ``model.safetensors`` + ``config.json`` in timm's Hub layout, written by timm's own
@@ -10,29 +10,30 @@ to load. :func:`export_student` converts it, with the same logits, into
   format of transformers 4 and 5, for ``DeiTForImageClassificationWithTeacher``,
   ``DeiTForImageClassification`` or ``ViTForImageClassification``.
 
+What the target is, and where each tensor goes, is the student family's knowledge: its
+``to_timm(head, weights)`` / ``to_hf(head, weights)`` (``students/deit.py``, ``students/cait.py``;
+other families have no equivalent and say so). This module does the rest: folders, the ledger that
+makes a forgotten tensor fail, the writers, the load-back check, the model card and the upload.
+
 Which head the exported model outputs (``head``; default: the head the student predicts with,
 ``eval_head``: "joint", or "cls" for a student trained without a teacher):
 
 * **joint** (DeiT): timm's ``deit_*_distilled_patch16_224`` and transformers'
-  ``DeiTForImageClassificationWithTeacher`` both average the class and distillation heads at
-  inference, exactly as our students do.
+  ``DeiTForImageClassificationWithTeacher`` both average the class and distillation heads'
+  *logits* at inference, the official DeiT rule (``student.joint=logits``). A student that
+  predicts with the paper's softmax average (``student.joint=softmax``) would predict differently
+  there, so its joint head is refused, with the hint to export one head instead.
 * **cls** (DeiT): the class token attends to the distillation token in every block, so dropping
-  that token would change the logits; only its untrained head is dropped. timm: a
-  ``deit_*_patch16_224`` with ``reg_tokens=1``, whose one "register" token sits right after the
-  class token, in the sequence and in ``pos_embed``, exactly where the distillation token is, and
-  whose head reads the class token alone. transformers: ``DeiTForImageClassification`` keeps the
-  distillation token in its embeddings and classifies from the class token alone.
-* **dist** (DeiT): self-attention has no mask and treats the tokens as a set, so swapping the two
-  tokens (and their ``pos_embed`` rows) puts the distillation token first; the plain classifiers
-  above then give the distillation head.
+  that token would change the logits; only its untrained head is dropped.
+* **dist** (DeiT): the two tokens swap places, so that classifiers reading the first token give
+  the distillation head.
 * **ViT** students have one token and one head: ``vit_*_patch16_224`` / ``ViTForImageClassification``.
-* **CaiT** (timm only): each token attends to itself and the patches, never to the other token
-  (``students/cait.py``), so one head is exactly timm's ``cait_*`` with that token as its class
-  token; the joint head, an average over two tokens, has no timm counterpart.
+* **CaiT** (timm only): one head is exactly timm's ``cait_*``; the joint head has no timm counterpart.
 * CMT and DHVT have no timm or transformers equivalent.
 
 Before anything is moved into place the folder is loaded back with the target library (for
-``hf`` only when transformers is installed) and its logits are compared with the student's.
+``hf`` only when transformers is installed) and its logits are compared with what the student
+itself gives: its eval-mode forward for the head it predicts with, else the chosen head.
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import students
 from distill.config import IMAGENET_MEAN, IMAGENET_STD
+from students.base import DistilledStudent, StudentError
 
 __all__ = ["export_student", "ExportError", "FORMATS", "HEADS", "MARKER"]
 
@@ -87,8 +90,6 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
 
     Returns the output folder. Nothing is written if any step fails.
     """
-    import students  # here, not at import time: `students` imports `distill`
-
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; use --format timm or --format hf")
     if head is not None and head not in HEADS:
@@ -96,13 +97,16 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
     export_dir = locate_export(path)
     info = read_export_config(export_dir)
     model = students.load_student(export_dir).eval()
-    family = _family(model)
-    if family not in ("deit", "vit", "cait"):
-        raise _unsupported(family, info["student"]["name"])
-    # A ViT has one token and one head: every head is the class head.
-    head = "cls" if family == "vit" else (head or model.eval_head)
+    # A student without a distillation token has one head: every head is its class head.
+    head = "cls" if not model.has_dist_token else (head or model.eval_head)
+    plan = _plan(model, format, head)
+    if head == "joint" and model.joint != "logits":
+        raise ExportError(
+            f"student {info['student']['name']!r} predicts with the average of its two heads' softmax outputs "
+            "(student.joint=softmax), which timm's and transformers' distilled DeiT cannot carry (they average "
+            "the logits); export one head with --head cls or --head dist (`distill eval` reports each head's top-1)")
     # `distill train` records the eval transform; a student saved by hand may not (DataConfig defaults).
-    info = {"img_size": model.patch_embed.img_size[0], "transform": "deit", "crop_pct": 0.875,
+    info = {"img_size": _input_shape(format, plan)[1], "transform": "deit", "crop_pct": 0.875,
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD, **info}
     out = resolve_out(export_dir, format, out)
 
@@ -111,9 +115,11 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
     try:
         writer = _write_timm if format == "timm" else _write_hf
         with torch.no_grad():
-            meta = writer(model, info, head, tmp)
-            meta["checked_max_abs_diff"] = _verify(format, model, head, tmp, meta) if verify else None
-        meta.update(format=format, head=head, source=str(export_dir.resolve()), student=info["student"]["name"])
+            meta = writer(plan, model, info, tmp)
+            meta["checked_max_abs_diff"] = _verify(format, model, head, tmp, meta, plan) if verify else None
+        meta.update(format=format, head=head, eval_head=model.eval_head, joint=model.joint,
+                    has_dist_token=model.has_dist_token, source=str(export_dir.resolve()),
+                    student=info["student"]["name"])
         (tmp / "README.md").write_text(_model_card(meta, info, repo=push_to_hub, folder=out))
         meta["files"] = sorted(p.name for p in tmp.iterdir()) + [MARKER]
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
@@ -187,32 +193,8 @@ def resolve_out(export_dir: Path, format: str, out: str | Path | None) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Which student, which head
+# The family's conversion, checked for forgotten tensors
 # --------------------------------------------------------------------------------------------------
-
-
-def _family(model: nn.Module) -> str:
-    from students.cait import CaiT
-    from students.deit import VisionTransformerDistilled
-
-    if isinstance(model, VisionTransformerDistilled):
-        return "deit" if model.has_dist_token else "vit"
-    if isinstance(model, CaiT):
-        return "cait"
-    return type(model).__name__
-
-
-def head_logits(model: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
-    """The logits of ``head`` ("joint", "cls" or "dist"), the output an export must reproduce."""
-    cls_logits, dist_logits = model.forward_heads(x)
-    return {"cls": cls_logits, "dist": dist_logits, "joint": (cls_logits + dist_logits) / 2}[head]
-
-
-def _unsupported(family: str, name: str) -> ExportError:
-    if family == "cait":
-        return ExportError(f"student {name!r} (CaiT) has no transformers equivalent; use --format timm")
-    return ExportError(f"student {name!r} ({family}) has no timm or transformers equivalent, so it cannot be "
-                       "exported; use its export folder as it is (students.load_student, `distill eval`)")
 
 
 class _Weights:
@@ -236,82 +218,32 @@ class _Weights:
                                "converter was not written for")
 
 
-def _first_token_order(w: _Weights, head: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(first token, second token, pos_embed) of a DeiT, with the two tokens swapped for the dist head."""
-    cls_token, dist_token, pos_embed = w("cls_token"), w("dist_token"), w("pos_embed")
-    if head != "dist":
-        return cls_token, dist_token, pos_embed
-    pos_embed = pos_embed.clone()
-    pos_embed[:, [0, 1]] = pos_embed[:, [1, 0]]
-    return dist_token, cls_token, pos_embed
+def _plan(model: DistilledStudent, format: str, head: str) -> tuple:
+    """The family's conversion (``to_timm`` or ``to_hf``) of ``model`` outputting ``head``, every
+    tensor accounted for."""
+    weights = _Weights(model.state_dict())
+    try:
+        plan = model.to_timm(head, weights) if format == "timm" else model.to_hf(head, weights)
+    except StudentError as e:  # no equivalent, or not for this head
+        raise ExportError(str(e)) from None
+    weights.check_all_used()
+    return plan
+
+
+def _input_shape(format: str, plan: tuple) -> tuple[int, int, int]:
+    """(channels, height, width) the converted model takes, from its timm model args or HF config."""
+    if format == "timm":
+        args = plan[1]
+        size = args["img_size"]
+        h, w = (size, size) if isinstance(size, int) else size
+        return args.get("in_chans", 3), h, w
+    config = plan[3]
+    return config["num_channels"], config["image_size"], config["image_size"]
 
 
 # --------------------------------------------------------------------------------------------------
 # timm
 # --------------------------------------------------------------------------------------------------
-
-
-def _timm_size(name: str, default: str = "base") -> str:
-    part = name.split("_")[1] if "_" in name else ""
-    return part if part in ("tiny", "small", "base") else default
-
-
-def _img_size(model: nn.Module) -> int | list[int]:
-    h, w = model.patch_embed.img_size
-    return h if h == w else [h, w]
-
-
-def _vit_args(model: nn.Module) -> dict[str, Any]:
-    block = model.blocks[0]
-    return dict(
-        img_size=_img_size(model), patch_size=model.patch_embed.patch_size[0],
-        in_chans=model.patch_embed.proj.in_channels, embed_dim=model.embed_dim, depth=len(model.blocks),
-        num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
-        qkv_bias=block.attn.qkv.bias is not None, num_classes=model.num_classes,
-    )
-
-
-def _timm_plan(model: nn.Module, name: str, family: str, head: str) -> tuple[str, dict, dict[str, torch.Tensor]]:
-    """(timm architecture, its model args, the state dict it loads strictly)."""
-    import timm
-
-    w = _Weights(model.state_dict())
-    if family == "vit":
-        state = {k: w(k) for k in w.state}
-        arch, args = f"vit_{_timm_size(name)}_patch16_224", _vit_args(model)
-    elif family == "deit" and head == "joint":
-        state = {k: w(k) for k in w.state}
-        arch, args = f"deit_{_timm_size(name)}_distilled_patch16_224", _vit_args(model)
-    elif family == "deit":
-        first, second, pos_embed = _first_token_order(w, head)
-        src = "head_dist" if head == "dist" else "head"
-        state = {k: w(k) for k in w.state if not k.startswith(("head.", "head_dist.")) and k not in ("cls_token", "dist_token", "pos_embed")}
-        state.update({"cls_token": first, "reg_token": second, "pos_embed": pos_embed,
-                      "head.weight": w(f"{src}.weight"), "head.bias": w(f"{src}.bias")})
-        w.drop("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
-        arch, args = f"deit_{_timm_size(name)}_patch16_224", {**_vit_args(model), "reg_tokens": 1}
-    elif family == "cait":
-        if head == "joint":
-            raise ExportError(f"student {name!r} (CaiT) predicts with the average of two tokens' heads, which timm's CaiT "
-                              "(one class token) cannot express; export one head with --head cls or --head dist")
-        token, src = ("dist_token", "head_dist") if head == "dist" else ("cls_token", "head")
-        state = {k: w(k) for k in w.state if not k.startswith(("head.", "head_dist.")) and k not in ("cls_token", "dist_token")}
-        state.update({"cls_token": w(token), "head.weight": w(f"{src}.weight"), "head.bias": w(f"{src}.bias")})
-        w.drop("cls_token", "dist_token", "head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
-        arch = f"{name}_224" if timm.is_model(f"{name}_224") else "cait_xxs24_224"
-        block, ca = model.blocks[0], model.blocks_token_only
-        args = dict(
-            img_size=_img_size(model), patch_size=model.patch_embed.patch_size[0],
-            in_chans=model.patch_embed.proj.in_channels, embed_dim=model.embed_dim, depth=len(model.blocks),
-            num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
-            qkv_bias=block.attn.qkv.bias is not None, depth_token_only=len(ca),
-            mlp_ratio_token_only=ca[0].mlp.fc1.out_features / model.embed_dim if len(ca) else 4.0,
-            num_classes=model.num_classes,
-        )
-    else:
-        raise _unsupported(family, name)
-    w.check_all_used()
-    return arch, args, state
 
 
 def timm_data_config(info: dict[str, Any]) -> dict[str, Any]:
@@ -329,12 +261,11 @@ def timm_data_config(info: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _write_timm(model: nn.Module, info: dict[str, Any], head: str, folder: Path) -> dict[str, Any]:
+def _write_timm(plan: tuple, model: nn.Module, info: dict[str, Any], folder: Path) -> dict[str, Any]:
     import timm
     from timm.models._hub import save_for_hf  # not re-exported by timm.models before 1.0.2x
 
-    name = info["student"]["name"]
-    arch, args, state = _timm_plan(model, name, _family(model), head)
+    arch, args, state = plan
     target = timm.create_model(arch, **args)
     target.load_state_dict(state, strict=True)
     # Keep only what describes these weights (no tag, license or paper of the ImageNet checkpoint
@@ -351,24 +282,6 @@ def _write_timm(model: nn.Module, info: dict[str, Any], head: str, folder: Path)
 # --------------------------------------------------------------------------------------------------
 # 🤗 transformers
 # --------------------------------------------------------------------------------------------------
-
-
-def _hf_encoder(w: _Weights, prefix: str, depth: int, dim: int, qkv_bias: bool) -> dict[str, torch.Tensor]:
-    """timm blocks -> HF ViT/DeiT layers: 16 tensors per block (12 without qkv bias), ``qkv`` split in three."""
-    out = {}
-    for i in range(depth):
-        b, h = f"blocks.{i}.", f"{prefix}encoder.layer.{i}."
-        # timm's fused qkv projection stacks the query, key and value rows in this order.
-        for part, t in zip(("query", "key", "value"), w(b + "attn.qkv.weight").split(dim)):
-            out[f"{h}attention.attention.{part}.weight"] = t
-        if qkv_bias:
-            for part, t in zip(("query", "key", "value"), w(b + "attn.qkv.bias").split(dim)):
-                out[f"{h}attention.attention.{part}.bias"] = t
-        for ours, theirs in (("norm1", "layernorm_before"), ("attn.proj", "attention.output.dense"),
-                             ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")):
-            out[f"{h}{theirs}.weight"] = w(f"{b}{ours}.weight")
-            out[f"{h}{theirs}.bias"] = w(f"{b}{ours}.bias")
-    return out
 
 
 def hf_image_processor_config(info: dict[str, Any], model_type: str) -> dict[str, Any]:
@@ -391,59 +304,17 @@ def hf_image_processor_config(info: dict[str, Any], model_type: str) -> dict[str
         return dict(image_processor_type="BitImageProcessor", do_resize=True, size={"shortest_edge": short},
                     do_center_crop=True, crop_size={"height": size, "width": size}, do_convert_rgb=True, **common)
     cls = "DeiTImageProcessor" if model_type == "deit" else "ViTImageProcessor"
+    # do_convert_rgb: greyscale and RGBA images would otherwise reach the 3-channel normalisation as
+    # they are (ValueError: mean must have 1 elements); `distill eval` converts every image to RGB.
     return dict(image_processor_type=cls, do_resize=True, size={"height": size, "width": size},
-                do_center_crop=False, crop_size={"height": size, "width": size}, **common)
+                do_center_crop=False, crop_size={"height": size, "width": size}, do_convert_rgb=True, **common)
 
 
-def _hf_plan(model: nn.Module, name: str, family: str, head: str) -> tuple[str, str, dict[str, torch.Tensor]]:
-    """(model_type, architecture class, the state dict in transformers' on-disk names)."""
-    w = _Weights(model.state_dict())
-    dim, depth = model.embed_dim, len(model.blocks)
-    qkv_bias = model.blocks[0].attn.qkv.bias is not None
-    if family == "vit":
-        model_type, arch, p = "vit", "ViTForImageClassification", "vit."
-        state = {f"{p}embeddings.cls_token": w("cls_token"), f"{p}embeddings.position_embeddings": w("pos_embed")}
-    elif family == "deit":
-        model_type, p = "deit", "deit."
-        first, second, pos_embed = _first_token_order(w, head)
-        state = {f"{p}embeddings.cls_token": first, f"{p}embeddings.distillation_token": second,
-                 f"{p}embeddings.position_embeddings": pos_embed}
-    else:
-        raise _unsupported(family, name)
-    state[f"{p}embeddings.patch_embeddings.projection.weight"] = w("patch_embed.proj.weight")
-    state[f"{p}embeddings.patch_embeddings.projection.bias"] = w("patch_embed.proj.bias")
-    state.update(_hf_encoder(w, p, depth, dim, qkv_bias))
-    state[f"{p}layernorm.weight"], state[f"{p}layernorm.bias"] = w("norm.weight"), w("norm.bias")
-    if family == "deit" and head == "joint":
-        arch = "DeiTForImageClassificationWithTeacher"
-        for ours, theirs in (("head", "cls_classifier"), ("head_dist", "distillation_classifier")):
-            state[f"{theirs}.weight"], state[f"{theirs}.bias"] = w(f"{ours}.weight"), w(f"{ours}.bias")
-    else:
-        arch = arch if family == "vit" else "DeiTForImageClassification"
-        src = "head_dist" if head == "dist" and family == "deit" else "head"
-        state["classifier.weight"], state["classifier.bias"] = w(f"{src}.weight"), w(f"{src}.bias")
-        w.drop("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
-    w.check_all_used()
-    return model_type, arch, state
-
-
-def _write_hf(model: nn.Module, info: dict[str, Any], head: str, folder: Path) -> dict[str, Any]:
-    name = info["student"]["name"]
-    model_type, arch, state = _hf_plan(model, name, _family(model), head)
+def _write_hf(plan: tuple, model: nn.Module, info: dict[str, Any], folder: Path) -> dict[str, Any]:
+    model_type, arch, state, family_config = plan
     names = list(info.get("class_names") or [f"LABEL_{i}" for i in range(model.num_classes)])
-    block = model.blocks[0]
-    config = {
-        "architectures": [arch], "model_type": model_type,
-        "hidden_size": model.embed_dim, "num_hidden_layers": len(model.blocks),
-        "num_attention_heads": block.attn.num_heads, "intermediate_size": block.mlp.fc1.out_features,
-        "hidden_act": "gelu",  # the exact (erf) GELU of timm's Mlp
-        # transformers' default is 1e-12; DeiT/timm use 1e-6, and the logits move by ~1e-3 otherwise.
-        "layer_norm_eps": model.norm.eps,
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-        "image_size": model.patch_embed.img_size[0], "patch_size": model.patch_embed.patch_size[0],
-        "num_channels": model.patch_embed.proj.in_channels, "qkv_bias": block.attn.qkv.bias is not None,
-        "id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)},
-    }
+    config = {"architectures": [arch], "model_type": model_type, **family_config,
+              "id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})  # transformers refuses safetensors files without this metadata
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -493,7 +364,13 @@ def load_hf_export(folder: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _verify(format: str, model: nn.Module, head: str, folder: Path, meta: dict) -> float | None:
+def student_output(model: DistilledStudent, head: str, x: torch.Tensor) -> torch.Tensor:
+    """What an export of ``head`` must reproduce: the student's own eval-mode forward when ``head`` is
+    the one it predicts with (``eval_head``, under its ``joint`` rule), else that head's logits."""
+    return model(x) if head == model.eval_head else model.heads(x)[head]
+
+
+def _verify(format: str, model: nn.Module, head: str, folder: Path, meta: dict, plan: tuple) -> float | None:
     if format == "timm":
         target = load_timm_export(folder)
         run: Callable[[torch.Tensor], torch.Tensor] = target
@@ -504,9 +381,8 @@ def _verify(format: str, model: nn.Module, head: str, folder: Path, meta: dict) 
             return None  # nothing to check against; the tests check this path where transformers is installed
         target = load_hf_export(folder)
         run = lambda x: target(pixel_values=x).logits  # noqa: E731
-    size = model.patch_embed.img_size
-    x = torch.randn(2, model.patch_embed.proj.in_channels, *size, generator=torch.Generator().manual_seed(0))
-    expected, got = head_logits(model, head, x), run(x)
+    x = torch.randn(2, *_input_shape(format, plan), generator=torch.Generator().manual_seed(0))
+    expected, got = student_output(model, head, x), run(x)
     diff, tol = (expected - got).abs().max().item(), VERIFY_RTOL * max(1.0, expected.abs().max().item())
     if not diff <= tol:
         raise ExportError(f"the exported {meta['target']} gives logits {diff:.1e} away from the student's "
@@ -520,26 +396,53 @@ def _verify(format: str, model: nn.Module, head: str, folder: Path, meta: dict) 
 # --------------------------------------------------------------------------------------------------
 
 _HEAD_TEXT = {
-    "joint": "the average of the class and distillation heads (DeiT's joint classifier)",
+    "joint": "the average of the class and distillation heads' logits (DeiT's joint classifier, official code)",
     "cls": "the class head",
     "dist": "the distillation head",
 }
+
+#: How `distill eval` turns any image it reads into 8-bit RGB (``distill.data``), for the model card:
+#: timm's transform needs RGB input, and transformers' processor composites transparency onto white
+#: and clips 16-bit values where deit-distill drops the alpha channel and scales to 8 bits.
+TO_RGB = (
+    'if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # 16-bit or float: scaled, not clipped\n'
+    '    full = 1.0 if image.mode == "F" else 65535.0\n'
+    '    image = Image.fromarray(np.clip(np.rint(np.asarray(image, dtype=np.float64) * (255.0 / full)), 0, 255)'
+    '.astype(np.uint8))\n'
+    'image = image.convert("RGB")  # greyscale, RGBA (alpha dropped), palette: RGB, as deit-distill reads images'
+)
+
+
+def _rule_text(meta: dict) -> str:
+    """What the student itself predicts with (its eval-mode forward)."""
+    if not meta["has_dist_token"]:
+        return "its one head"
+    if meta["eval_head"] != "joint":
+        return _HEAD_TEXT[meta["eval_head"]].replace("the ", "its ", 1)
+    if meta["joint"] == "softmax":
+        return "the average of its two heads' softmax outputs (`student.joint=softmax`, the DeiT paper's text)"
+    return "the average of its two heads' logits (`student.joint=logits`, the official DeiT code)"
 
 
 def _model_card(meta: dict, info: dict, repo: str | None, folder: Path) -> str:
     names = info.get("class_names") or []
     where = f"hf-hub:{repo}" if repo else f"local-dir:{folder}"
+    read = f'image = Image.open("image.png")\n{TO_RGB}\n'
     if meta["format"] == "timm":
         library = "timm"
-        usage = (f"import timm\nmodel = timm.create_model(\"{where}\", pretrained=True).eval()\n"
+        usage = ("import numpy as np\nimport timm\nimport torch\nfrom PIL import Image\n\n"
+                 f"model = timm.create_model(\"{where}\", pretrained=True).eval()\n"
                  "cfg = timm.data.resolve_data_config({}, model=model)\n"
-                 "transform = timm.data.create_transform(**cfg)  # the student's eval transform")
+                 "transform = timm.data.create_transform(**cfg)  # the student's eval transform; it needs RGB images\n"
+                 f"{read}with torch.no_grad():\n    logits = model(transform(image).unsqueeze(0))")
     else:
         library = "transformers"
         source = repo or str(folder)
-        usage = (f"from transformers import AutoImageProcessor, {meta['architecture']}\n"
+        usage = ("import numpy as np\nimport torch\nfrom PIL import Image\n"
+                 f"from transformers import AutoImageProcessor, {meta['architecture']}\n\n"
                  f"processor = AutoImageProcessor.from_pretrained(\"{source}\", backend=\"pil\")  # PIL resizing, as in training\n"
-                 f"model = {meta['architecture']}.from_pretrained(\"{source}\").eval()")
+                 f"model = {meta['architecture']}.from_pretrained(\"{source}\").eval()\n"
+                 f"{read}with torch.no_grad():\n    logits = model(**processor(image, return_tensors=\"pt\")).logits")
     shown = ", ".join(map(str, names[:10])) + (", ..." if len(names) > 10 else "")
     return (
         f"---\nlibrary_name: {library}\npipeline_tag: image-classification\ntags:\n- image-classification\n"
@@ -547,10 +450,11 @@ def _model_card(meta: dict, info: dict, repo: str | None, folder: Path) -> str:
         f"# {repo.split('/')[-1] if repo else meta['student']}\n\n"
         f"A `{meta['student']}` student trained with deit-distill "
         f"(distillation: {info.get('distill', 'unknown')}), exported as {meta['target']}. "
-        f"It outputs {_HEAD_TEXT[meta['head']]}.\n\n"
+        f"It outputs {_HEAD_TEXT[meta['head']]}. The student itself predicts with {_rule_text(meta)}.\n\n"
         f"- classes ({len(names)}): {shown or 'unnamed'}\n"
         f"- input: {info['img_size']}x{info['img_size']} RGB, eval transform `{info['transform']}`, "
-        f"mean {list(info['mean'])}, std {list(info['std'])}\n\n"
+        f"mean {list(info['mean'])}, std {list(info['std'])}; images are converted to 8-bit RGB first, "
+        "as in the snippet (16-bit images are scaled, not clipped)\n\n"
         f"```python\n{usage}\n```\n"
     )
 

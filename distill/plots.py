@@ -14,11 +14,6 @@ from pathlib import Path
 CURVES_NAME = "training_curves.png"
 ANALYSIS_NAME = "analysis.png"
 INSTALL_HINT = "pip install deit-distill[plots]"
-# What the DeiT paper reports for its distilled model (Touvron et al. 2021, Sec. 4): the learned class
-# and distillation tokens have cosine 0.06; their outputs grow more similar layer by layer, up to 0.93
-# at the last layer.
-PAPER_LEARNED_TOKEN_COSINE = 0.06
-PAPER_LAST_LAYER_COSINE = 0.93
 
 
 def _figure(width: float, height: float):
@@ -109,14 +104,14 @@ def _plot_cosine(ax, tc: dict) -> None:
                 transform=ax.transAxes)
         ax.set_axis_off()
         return
-    layers = tc["layers"]
+    layers, paper = tc["layers"], tc["paper"]  # the paper's figures: distill.analyze
     x = list(range(len(layers)))
     ax.plot(x, [layer["cosine"] for layer in layers], marker="o", label="this student (mean over images)")
-    ax.axhline(PAPER_LAST_LAYER_COSINE, color="gray", linestyle=":", label=f"DeiT Sec. 4: last layer {PAPER_LAST_LAYER_COSINE}")
+    ax.axhline(paper["last_layer"], color="gray", linestyle=":", label=f"DeiT Sec. 4: last layer {paper['last_layer']}")
     ax.set_xticks(x, [layer["name"] for layer in layers], rotation=60, ha="right", fontsize="small")
     ax.set(ylabel="cosine similarity", ylim=(min(-0.1, min(layer["cosine"] for layer in layers) - 0.05), 1.05))
     # Bottom right, above the legend: the curve itself usually runs near 1 from the first block on.
-    ax.text(0.97, 0.2, f"learned token embeddings: {tc['learned_tokens']:.2f}\n(DeiT Sec. 4: {PAPER_LEARNED_TOKEN_COSINE})",
+    ax.text(0.97, 0.2, f"learned token embeddings: {tc['learned_tokens']:.2f}\n(DeiT Sec. 4: {paper['learned_tokens']})",
             transform=ax.transAxes, ha="right", va="bottom", fontsize="small")
     ax.legend(loc="lower right", fontsize="small")
 

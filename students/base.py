@@ -9,20 +9,43 @@ fuses them ("joint classifiers"). The paper and its code fuse differently, so ``
 * ``forward(x)`` in training mode returns ``(cls_logits, dist_logits)``;
 * ``forward(x)`` in eval mode returns the joint logits, :func:`joint_logits` (or one head, if
   ``eval_head`` says so);
-* ``forward_heads(x)`` returns ``(cls_logits, dist_logits)`` in any mode, so cls-only, dist-only
-  and joint accuracy can all be measured from one forward pass.
+* ``forward_heads(x)`` returns ``(cls_logits, dist_logits)`` in any mode, and ``heads(x)`` every
+  head (class, distillation, joint under both rules) from that one forward pass.
 
 Subclasses implement ``forward_features(x) -> (cls_feat, dist_feat)`` and own ``head`` and
 ``head_dist``. A student without a distillation token (plain ViT) returns the class feature twice
 and shares one head, so distillation then acts on the class token ("usual distillation").
+
+Each family also owns what other code needs to know about it, as methods with defaults here (the
+pattern of timm's per-family ``checkpoint_filter_fn``): ``load_pretrained`` (initial weights,
+adapted where the family knows how), ``state_family`` (recognising its own checkpoints, so a
+checkpoint of another family is named in the error), ``token_probes`` (where ``distill analyze``
+reads the class and distillation tokens) and ``to_timm``/``to_hf`` (``distill export``'s key maps).
+A new family is one file.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
+
+from distill import weights
+from students.files import CONFIG_NAME, WEIGHTS_NAME
+
+
+class StudentError(ValueError):
+    """A student asked for something its family cannot give (a conversion without an equivalent, a
+    checkpoint of another family); the message says what to do instead."""
+
+
+#: Every student class, in the order they are defined (see ``DistilledStudent.__init_subclass__``):
+#: the families asked to recognise a checkpoint that does not fit.
+_FAMILIES: list[type["DistilledStudent"]] = []
 
 
 class DistilledStudent(nn.Module):
@@ -36,6 +59,20 @@ class DistilledStudent(nn.Module):
     #: how the joint head fuses the two heads: "logits" (official code) or "softmax" (paper text);
     #: see :func:`joint_logits`. Set from ``student.joint`` and recorded in the export.
     joint: str = "logits"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        _FAMILIES.append(cls)
+
+    @property
+    def family(self) -> str:
+        """The family's name in messages ("DeiT", "CaiT", ...)."""
+        return type(self).__name__
+
+    @property
+    def student_name(self) -> str:
+        """The registered name it was built under (``deit_tiny``, ...; see ``create_student``), else its class name."""
+        return getattr(self, "student_args", {}).get("name", type(self).__name__)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -56,6 +93,15 @@ class DistilledStudent(nn.Module):
             return dist_logits
         return joint_logits(cls_logits, dist_logits, self.joint)
 
+    def heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head's logits from one forward pass, in float32: ``cls``, ``dist``, ``joint`` (logit
+        average) and ``joint_softmax`` (see :func:`joint_logits`), whatever ``eval_head`` and ``joint``
+        say. Under autocast the heads come out in half precision; the joint rules are computed from
+        their float32 values."""
+        cls_logits, dist_logits = (h.float() for h in self.forward_heads(x))
+        return {"cls": cls_logits, "dist": dist_logits, "joint": joint_logits(cls_logits, dist_logits, "logits"),
+                "joint_softmax": joint_logits(cls_logits, dist_logits, "softmax")}
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace both heads by freshly initialised ones for ``num_classes`` classes."""
         self.num_classes = num_classes
@@ -66,6 +112,109 @@ class DistilledStudent(nn.Module):
         for m in (self.head, getattr(self, "head_dist", None)):
             if m is not None:
                 init_vit_weights(m)
+
+    # ----------------------------------------------------------------------------------------------
+    # Initial weights (``student.checkpoint``)
+    # ----------------------------------------------------------------------------------------------
+
+    def load_pretrained(self, source: Mapping[str, torch.Tensor] | str | Path, *, antialias: bool = False) -> dict[str, Any]:
+        """Load ``source`` (a state dict, a weights file or an export folder ``runs/<name>/export``).
+
+        This default loads this project's own weights of the same student, strictly: the first
+        missing, unexpected or wrong-shape tensor is a one-line ``ValueError``. Families that can
+        adapt other checkpoints (another class count or resolution, timm's weights) override it;
+        ``antialias`` is how they resize a position embedding (``student.pos_embed_antialias``).
+        Returns a report, here ``{"loaded": [tensor names]}``.
+        """
+        state, where = self.read_checkpoint(source)
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            first = (wrong or [f"missing {k}" for k in missing] or [f"unexpected {k}" for k in unexpected])[0]
+            raise self.misfit(state, where, (
+                f"{where} does not fit {self.family} ({first}; {len(missing)} missing, {len(unexpected)} unexpected, "
+                f"{len(wrong)} of another shape); use a checkpoint of the same student"))
+        self.load_state_dict(state)
+        return {"loaded": sorted(state)}
+
+    def read_checkpoint(self, source: Mapping[str, torch.Tensor] | str | Path) -> tuple[dict[str, torch.Tensor], str]:
+        """``(state dict, how messages name it)`` of a ``load_pretrained`` source, read safely
+        (``distill.weights``: safetensors or ``weights_only`` torch files, common layouts unwrapped).
+        An export folder stands for its weights file and is named as the folder."""
+        if isinstance(source, (str, Path)) and Path(source).is_dir():
+            if not (Path(source) / WEIGHTS_NAME).is_file():
+                raise FileNotFoundError(f"{source} is a folder without {WEIGHTS_NAME}; point student.checkpoint at a "
+                                        "weights file or at an export folder (runs/<name>/export)")
+            return weights.load_state_dict_file(Path(source) / WEIGHTS_NAME), str(source)
+        if isinstance(source, (str, Path)):
+            return weights.load_state_dict_file(source), str(source)
+        if isinstance(source, Mapping):
+            return weights.unwrap_state_dict(dict(source), source="state dict"), "the state dict"
+        raise TypeError(f"source must be a state dict, a file path or an export folder, not {type(source).__name__}")
+
+    @classmethod
+    def state_family(cls, state: Mapping[str, torch.Tensor]) -> str | None:
+        """The family name if ``state`` looks like a checkpoint of this class (by its keys), else None.
+        Families override it so that a checkpoint of one loaded into another is named as such."""
+        return None
+
+    def misfit(self, state: Mapping[str, torch.Tensor], where: str, message: str) -> ValueError:
+        """The error for a checkpoint that does not load: ``message``, unless ``state`` is recognisably
+        another family's checkpoint; then a one-line :class:`StudentError` that names both families."""
+        if type(self).state_family(state) is not None:
+            return ValueError(message)
+        theirs = next((f for f in (cls.state_family(state) for cls in _FAMILIES) if f), None)
+        if theirs is None:
+            return ValueError(message)
+        exported = _exported_student(where)  # an export folder's config.json names its student
+        ours = self.family
+        hint = (f"set student.name={exported} to train that {theirs}" if exported
+                else f"train a {theirs} student (`distill students` lists them)")
+        return StudentError(
+            f"{where} does not fit {ours}: it holds a {theirs}{f' ({exported})' if exported else ''} checkpoint "
+            f"and the student is a {ours} ({self.student_name}); point student.checkpoint at a {ours} checkpoint, "
+            f"or {hint}")
+
+    # ----------------------------------------------------------------------------------------------
+    # What `distill analyze` and `distill export` ask of a family
+    # ----------------------------------------------------------------------------------------------
+
+    def token_probes(self) -> tuple[list[tuple[str, nn.Module | None]] | None, str]:
+        """``(probes, reason)`` for ``distill analyze``: the ``(name, module)`` pairs, from the input to
+        the heads' input, whose output is ``[B, N, D]`` with the class token at index 0 and the
+        distillation token at index 1; a ``None`` module stands for the learned token embeddings
+        themselves (tokens that enter a stage unchanged). ``(None, reason)`` where the class and
+        distillation token cosine does not apply."""
+        return None, f"no token probes for {type(self).__name__}"
+
+    def to_timm(self, head: str, weights) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+        """``(timm architecture, its model args, the state dict it loads strictly)`` of this student
+        outputting ``head`` ("joint", "cls" or "dist"), for ``distill export --format timm``.
+
+        ``weights`` is the export's ledger of this student's state dict (``weights.state``):
+        ``weights(key)`` takes a tensor, ``weights.drop(*keys)`` leaves tensors out on purpose, and
+        the export fails if any tensor was neither taken nor dropped. A family without an
+        equivalent raises :class:`StudentError`."""
+        raise StudentError(self._no_equivalent())
+
+    def to_hf(self, head: str, weights) -> tuple[str, str, dict[str, torch.Tensor], dict[str, Any]]:
+        """``(model_type, architecture class, state dict in transformers' names, config entries)`` for
+        ``distill export --format hf``; the export adds the labels. ``weights`` as in :meth:`to_timm`."""
+        raise StudentError(self._no_equivalent())
+
+    def _no_equivalent(self) -> str:
+        return (f"student {self.student_name!r} ({self.family}) has no timm or transformers equivalent, so it cannot be "
+                "exported; use its export folder as it is (students.load_student, `distill eval`)")
+
+
+def _exported_student(where: str) -> str | None:
+    """The student name an export folder's config.json records, or None (not a folder, unreadable)."""
+    try:
+        return json.loads((Path(where) / CONFIG_NAME).read_text())["student"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 JOINT_RULES = ("logits", "softmax")

@@ -18,19 +18,22 @@ exactly CaiT's: timm ``cait_*`` weights give the same class-head logits here. Bo
 class-attention blocks and the final norm; the distillation token has its own embedding and head.
 
 Parameter names follow timm's ``cait_*`` models (plus ``dist_token`` and ``head_dist``), so timm
-state dicts load with only the distillation parts missing; :func:`load_pretrained` fills those in.
+state dicts load with only the distillation parts missing; :meth:`CaiT.load_pretrained` fills those
+in with :func:`students.deit.adapt_vit_state_dict`, the ViT-family adapter. With one head, the
+student is exactly timm's ``cait_*`` (:meth:`CaiT.to_timm`).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from torch import nn
 
-from distill import weights  # module import only: `from distill import X` would be circular
-from students.base import DistilledStudent, init_vit_weights
+from students.base import DistilledStudent, StudentError, init_vit_weights
+from students.deit import adapt_vit_state_dict
 from students.registry import register_student
 
 # LayerNorm eps of the official code and timm.
@@ -261,6 +264,92 @@ class CaiT(DistilledStudent):
         tokens = self.head_drop(self.norm(tokens))
         return tokens[:, 0], tokens[:, 1]
 
+    @classmethod
+    def state_family(cls, state: Mapping[str, torch.Tensor]) -> str | None:
+        """"CaiT" for a checkpoint with class-attention blocks (ours or timm's ``cait_*``)."""
+        return "CaiT" if any(k.startswith("blocks_token_only.") for k in state) else None
+
+    def load_pretrained(self, source: Mapping[str, torch.Tensor] | str | Path, *, antialias: bool = False) -> dict[str, Any]:
+        """Load timm ``cait_*`` or our CaiT weights (a state dict, a file or an export folder).
+
+        The adaptation is :func:`students.deit.adapt_vit_state_dict`'s, with no token rows in
+        ``pos_embed`` (the tokens join after the self-attention stage):
+
+        * ``dist_token`` / ``head_dist`` absent (timm weights): copied from ``cls_token`` / ``head``,
+          so the distillation path starts as the class path;
+        * class-count mismatch (or no head on either side): the heads are freshly initialised and
+          the backbone still loads (``"reset"``);
+        * resolution change: ``pos_embed`` is interpolated bicubically to the model's patch grid
+          (``antialias`` as in :func:`students.deit.resample_pos_embed`);
+        * anything else that does not fit raises a one-line ``ValueError`` naming the first bad key
+          in the model's order.
+
+        Returns the adapter's report plus ``"loaded"``, the number of tensors loaded.
+        """
+        state, where = self.read_checkpoint(source)
+        own = self.state_dict()
+        try:
+            # Not strict: what does not fit is reported, and named below in the model's order.
+            adapted, report = adapt_vit_state_dict(state, own, grid_size=self.patch_embed.grid_size,
+                                                   pos_embed_prefix_tokens=0, has_dist_token=True, strict=False,
+                                                   antialias=antialias)
+        except ValueError as e:
+            raise self.misfit(state, where, str(e)) from None
+        for k, v in own.items():
+            if k in report["skipped"]:  # (also listed as missing: skipped tensors are not loaded)
+                raise self.misfit(state, where, (
+                    f"cannot load CaiT weights: {k!r} is {tuple(state[k].shape)} in the checkpoint but "
+                    f"{tuple(v.shape)} in the model; build the student size that matches the checkpoint"))
+            if k in report["missing"]:
+                raise self.misfit(state, where, f"cannot load CaiT weights: {k!r} is missing from the checkpoint; "
+                                                "is it a CaiT of the same depth?")
+        if report["unexpected"]:
+            raise self.misfit(state, where, f"cannot load CaiT weights: unexpected key {report['unexpected'][0]!r} in "
+                                            "the checkpoint; is it a CaiT of the same depth?")
+        self.load_state_dict(adapted, strict=False)
+        for name in {k.rsplit(".", 1)[0] for k in report["reset"]}:  # another class count: fresh heads
+            init_vit_weights(self.get_submodule(name))
+        report["loaded"] = len(adapted)
+        return report
+
+    def token_probes(self) -> tuple[list[tuple[str, nn.Module | None]], str]:
+        # The tokens join only in the class-attention stage (CaiT Sec. 3): the self-attention layers
+        # see the patches alone, so the tokens enter that stage as they were learned (None). Each
+        # class-attention block returns the [B, 2, D] tokens.
+        return ([("tokens (input)", None)] + [(f"class-attn {i + 1}", b) for i, b in enumerate(self.blocks_token_only)]
+                + [("norm (heads)", self.norm)]), ""
+
+    def to_timm(self, head: str, weights) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+        """timm's ``cait_*``: each token attends to itself and the patches, never to the other token,
+        so one head is exactly timm's CaiT with that token as its class token. The joint head, an
+        average over two tokens, has no timm counterpart."""
+        import timm
+
+        if head == "joint":
+            raise StudentError(f"student {self.student_name!r} (CaiT) predicts with the average of two tokens' heads, "
+                               "which timm's CaiT (one class token) cannot express; export one head with --head cls "
+                               "or --head dist")
+        w = weights
+        token, src = ("dist_token", "head_dist") if head == "dist" else ("cls_token", "head")
+        state = {k: w(k) for k in w.state if not k.startswith(("head.", "head_dist.")) and k not in ("cls_token", "dist_token")}
+        state.update({"cls_token": w(token), "head.weight": w(f"{src}.weight"), "head.bias": w(f"{src}.bias")})
+        w.drop("cls_token", "dist_token", "head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+        arch = f"{self.student_name}_224" if timm.is_model(f"{self.student_name}_224") else "cait_xxs24_224"
+        block, ca = self.blocks[0], self.blocks_token_only
+        height, width = self.img_size
+        args = dict(
+            img_size=height if height == width else [height, width], patch_size=self.patch_embed.patch_size[0],
+            in_chans=self.patch_embed.proj.in_channels, embed_dim=self.embed_dim, depth=len(self.blocks),
+            num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / self.embed_dim,
+            qkv_bias=block.attn.qkv.bias is not None, depth_token_only=len(ca),
+            mlp_ratio_token_only=ca[0].mlp.fc1.out_features / self.embed_dim if len(ca) else 4.0,
+            num_classes=self.num_classes,
+        )
+        return arch, args, state
+
+    def to_hf(self, head: str, weights):
+        raise StudentError(f"student {self.student_name!r} (CaiT) has no transformers equivalent; use --format timm")
+
 
 def _cait(num_classes: int, img_size: int, size: dict, overrides: dict) -> CaiT:
     # Overrides (depth, embed_dim, patch_size, ...) win over the size's defaults.
@@ -291,81 +380,3 @@ def cait_xs24(num_classes: int = 1000, img_size: int = 224, **kwargs) -> CaiT:
 def cait_s24(num_classes: int = 1000, img_size: int = 224, **kwargs) -> CaiT:
     """CaiT-S-24: d=384, 24 SA + 2 CA layers, 8 heads; 46.9M params (paper)."""
     return _cait(num_classes, img_size, dict(embed_dim=384, depth=24, num_heads=8), kwargs)
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading timm / our CaiT weights
-# --------------------------------------------------------------------------------------------------
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], antialias: bool = False) -> torch.Tensor:
-    """Bicubic resize of a CaiT patch-position table ``(1, H*W, C)`` (no token rows) to ``new_grid``.
-
-    ``antialias``: False is the interpolation of DeiT's main.py ``--finetune`` path (the repository
-    that also hosts CaiT), True timm's default; see :func:`students.deit.resample_pos_embed`.
-    """
-    n = pos_embed.shape[1]
-    side = int(round(n ** 0.5))
-    if side * side != n:
-        raise ValueError(f"pos_embed has {n} positions, not a square grid; cannot infer its resolution")
-    if (side, side) == tuple(new_grid):
-        return pos_embed
-    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=[side, side], num_prefix_tokens=0,
-                                  antialias=antialias)
-
-
-def load_pretrained(model: CaiT, source: dict[str, torch.Tensor] | str | Path, antialias: bool = False) -> CaiT:
-    """Load timm ``cait_*`` or our CaiT weights into ``model`` (in place; returns it).
-
-    * ``dist_token`` / ``head_dist`` absent (timm weights): copied from ``cls_token`` / ``head``,
-      so the distillation path starts as the class path;
-    * class-count mismatch (or no head on either side): both heads are freshly initialised and
-      the backbone still loads;
-    * resolution change: ``pos_embed`` is interpolated bicubically to the model's patch grid
-      (``antialias`` as in :func:`resample_pos_embed`);
-    * anything else that does not fit raises a one-line ``ValueError`` naming the first bad key.
-    """
-    if isinstance(source, (str, Path)):
-        state = weights.load_state_dict_file(source)
-    else:
-        state = weights.unwrap_state_dict(source, source="state dict")
-    state = dict(state)  # never modify the caller's dict
-
-    if "dist_token" not in state and "cls_token" in state:
-        state["dist_token"] = state["cls_token"].clone()
-    if "head_dist.weight" not in state and "head.weight" in state:
-        state["head_dist.weight"] = state["head.weight"].clone()
-        state["head_dist.bias"] = state["head.bias"].clone()
-
-    own = model.state_dict()
-    own_head, ckpt_head = own.get("head.weight"), state.get("head.weight")
-    reset_heads = own_head is None or ckpt_head is None or ckpt_head.shape != own_head.shape
-    if reset_heads:
-        # Different label set, or a headless model/checkpoint: keep the backbone, start the heads fresh.
-        for k in [k for k in state if k.startswith(("head.", "head_dist."))]:
-            del state[k]
-
-    pe = state.get("pos_embed")
-    if pe is not None and pe.ndim == 3 and pe.shape != own["pos_embed"].shape and pe.shape[-1] == own["pos_embed"].shape[-1]:
-        state["pos_embed"] = resample_pos_embed(pe, model.patch_embed.grid_size, antialias=antialias)
-
-    for k, v in own.items():
-        if reset_heads and k.startswith(("head.", "head_dist.")):
-            continue
-        if k not in state:
-            raise ValueError(f"cannot load CaiT weights: {k!r} is missing from the checkpoint; is it a CaiT of the same depth?")
-        if state[k].shape != v.shape:
-            raise ValueError(
-                f"cannot load CaiT weights: {k!r} is {tuple(state[k].shape)} in the checkpoint but {tuple(v.shape)} "
-                "in the model; build the student size that matches the checkpoint"
-            )
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
-        raise ValueError(
-            f"cannot load CaiT weights: unexpected key {unexpected[0]!r} in the checkpoint; is it a CaiT of the same depth?"
-        )
-
-    model.load_state_dict(state, strict=not reset_heads)
-    if reset_heads:
-        model.reset_classifier(model.num_classes)
-    return model

@@ -356,6 +356,15 @@ class CMT(DistilledStudent):
         pooled = self.forward_pooled(x)
         return self.pre_logits(pooled), self.head_dist_pre_logits(pooled)
 
+    @classmethod
+    def state_family(cls, state) -> str | None:
+        """"CMT" for a checkpoint with the convolutional stem and the four stage embeddings."""
+        return "CMT" if "stem.0.0.weight" in state and "patch_embeds.0.proj.weight" in state else None
+
+    def token_probes(self) -> tuple[None, str]:
+        return None, ("CMT has no class or distillation token: it distils through a second head on the same "
+                      "pooled feature (students/cmt.py)")
+
 
 # Table 1: input size, stem channels, widths C1..C4, depths L1..L4, expansion ratio R. All sizes
 # use heads 1, 2, 4, 8 and K/V reduction k = 8, 4, 2, 1 (Table 1). XS: R = 3.8 as in the table

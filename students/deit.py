@@ -7,11 +7,15 @@ head (``head_dist``) trained against the teacher; at test time the two heads' lo
 
 Parameter names are exactly those of timm's ``deit_*_distilled_patch16_224`` (and, without the
 distillation token, of ``vit_*_patch16_224``), so timm/DeiT state dicts load as they are;
-:func:`load_pretrained` also adapts them to another class count, resolution or to a checkpoint
-without a distillation token.
+:meth:`VisionTransformerDistilled.load_pretrained` also adapts them to another class count,
+resolution or to a checkpoint without a distillation token.
 
 The helpers :func:`resample_pos_embed` and :func:`adapt_vit_state_dict` take the number of prefix
 tokens as an argument so that other ViT-like students (CaiT, ...) can reuse them.
+
+The class also knows its counterparts outside this project (``distill export``): timm's
+``deit_*``/``vit_*`` and transformers' ``DeiT*``/``ViTForImageClassification``
+(:meth:`VisionTransformerDistilled.to_timm`, :meth:`VisionTransformerDistilled.to_hf`).
 """
 from __future__ import annotations
 
@@ -25,13 +29,11 @@ from torch import nn
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 
-from distill import weights as _weights  # module import only: `distill/__init__` imports `students`
 from students.base import DistilledStudent, init_vit_weights
 from students.registry import register_student
 
 __all__ = [
-    "VisionTransformerDistilled", "load_pretrained", "adapt_vit_state_dict", "resample_pos_embed",
-    "deit_tiny", "deit_small", "deit_base",
+    "VisionTransformerDistilled", "adapt_vit_state_dict", "resample_pos_embed", "deit_tiny", "deit_small", "deit_base",
 ]
 
 HEAD_NAMES = ("head", "head_dist")
@@ -145,9 +147,191 @@ class VisionTransformerDistilled(DistilledStudent):
             return x[:, 0], x[:, 1]
         return x[:, 0], x[:, 0]
 
+    @property
+    def family(self) -> str:
+        return "DeiT" if self.has_dist_token else "ViT"
+
+    @classmethod
+    def state_family(cls, state: Mapping[str, torch.Tensor]) -> str | None:
+        """"DeiT"/"ViT" for a ViT-like checkpoint (ours, timm's ``deit_*``/``vit_*``): a position
+        embedding and a patch projection, without CaiT's LayerScale and class-attention blocks."""
+        if "pos_embed" not in state or "patch_embed.proj.weight" not in state or "blocks.0.gamma_1" in state:
+            return None
+        if any(k.startswith("blocks_token_only.") for k in state):
+            return None
+        return "DeiT" if "dist_token" in state else "ViT"
+
+    def load_pretrained(
+        self,
+        source: Mapping[str, torch.Tensor] | str | Path,
+        *,
+        strict: bool = True,
+        antialias: bool = False,
+    ) -> dict[str, Any]:
+        """Load timm/DeiT ViT weights (a state dict, a file or an export folder), adapting what can be adapted.
+
+        * same architecture (timm ``deit_*_distilled_patch16_224``, ``vit_*_patch16_224``, or ours):
+          loaded as is, so the model gives the same logits;
+        * another class count: ``head``/``head_dist`` are freshly initialised (listed in ``"reset"``);
+        * another resolution: the patch rows of ``pos_embed`` are interpolated bicubically, the
+          class/distillation rows are kept (``"resized"``); ``antialias`` as in :func:`resample_pos_embed`;
+        * a checkpoint without distillation token into a DeiT: ``dist_token``, its position row and
+          ``head_dist`` start as copies of the class ones (``"copied"``); a DeiT checkpoint into a ViT:
+          those are dropped (``"dropped"``);
+        * anything else that differs raises a one-line ``ValueError`` (unless ``strict=False``), which
+          names the family of a checkpoint of another student (a CaiT, ...).
+
+        Returns the report of :func:`adapt_vit_state_dict` plus ``"loaded"``, the number of tensors loaded.
+        """
+        state, where = self.read_checkpoint(source)
+        try:
+            adapted, report = adapt_vit_state_dict(
+                state, self.state_dict(),
+                grid_size=self.patch_embed.grid_size,
+                pos_embed_prefix_tokens=self.num_prefix_tokens,
+                has_dist_token=self.has_dist_token,
+                strict=strict,
+                antialias=antialias,
+            )
+        except ValueError as e:
+            raise self.misfit(state, where, str(e)) from None
+        self.load_state_dict(adapted, strict=False)
+        # Heads of another class count are re-drawn so "reset" means freshly initialised, whatever
+        # the model held before.
+        for name in {k.rsplit(".", 1)[0] for k in report["reset"]}:
+            module = self.get_submodule(name)
+            if isinstance(module, nn.Linear):
+                init_vit_weights(module)
+        report["loaded"] = len(adapted)
+        return report
+
+    def token_probes(self) -> tuple[list[tuple[str, nn.Module]] | None, str]:
+        if not self.has_dist_token:
+            return None, ("ViT has a single (class) token; with a teacher the distillation loss acts on that "
+                          "token itself, so there is no second token to compare")
+        # pos_drop's output is the input sequence: [cls + pos_0, dist + pos_1, patches + pos].
+        return ([("input", self.pos_drop)] + [(f"block {i + 1}", b) for i, b in enumerate(self.blocks)]
+                + [("norm (heads)", self.norm)]), ""
+
+    # ----------------------------------------------------------------------------------------------
+    # The same model in timm and in transformers (`distill export`)
+    # ----------------------------------------------------------------------------------------------
+
+    def to_timm(self, head: str, weights) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+        """timm's own classes, with the same logits (``distill.export`` explains each head):
+
+        * ViT: ``vit_*_patch16_224``, the state dict as it is;
+        * DeiT, joint head: ``deit_*_distilled_patch16_224``, which averages the two heads' logits;
+        * DeiT, one head: ``deit_*_patch16_224`` with ``reg_tokens=1``. The class token attends to the
+          distillation token in every block, so that token stays, as timm's one "register" token, which
+          sits right after the class token in the sequence and in ``pos_embed``; the head reads the
+          first token. For the distillation head the two tokens swap places (:func:`_first_token_order`).
+        """
+        w, size = weights, _timm_size(self.student_name)
+        if not self.has_dist_token:
+            return f"vit_{size}_patch16_224", self._timm_args(), {k: w(k) for k in w.state}
+        if head == "joint":
+            return f"deit_{size}_distilled_patch16_224", self._timm_args(), {k: w(k) for k in w.state}
+        first, second, pos_embed = _first_token_order(w, head)
+        src = "head_dist" if head == "dist" else "head"
+        state = {k: w(k) for k in w.state
+                 if not k.startswith(("head.", "head_dist.")) and k not in ("cls_token", "dist_token", "pos_embed")}
+        state.update({"cls_token": first, "reg_token": second, "pos_embed": pos_embed,
+                      "head.weight": w(f"{src}.weight"), "head.bias": w(f"{src}.bias")})
+        w.drop("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+        return f"deit_{size}_patch16_224", {**self._timm_args(), "reg_tokens": 1}, state
+
+    def _timm_args(self) -> dict[str, Any]:
+        h, w = self.patch_embed.img_size
+        block = self.blocks[0]
+        return dict(
+            img_size=h if h == w else [h, w], patch_size=self.patch_embed.patch_size[0],
+            in_chans=self.patch_embed.proj.in_channels, embed_dim=self.embed_dim, depth=len(self.blocks),
+            num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / self.embed_dim,
+            qkv_bias=block.attn.qkv.bias is not None, num_classes=self.num_classes,
+        )
+
+    def to_hf(self, head: str, weights) -> tuple[str, str, dict[str, torch.Tensor], dict[str, Any]]:
+        """transformers' ``ViTForImageClassification`` (ViT), ``DeiTForImageClassificationWithTeacher``
+        (DeiT, joint head: the average of the two heads' logits) or ``DeiTForImageClassification``
+        (DeiT, one head: it keeps the distillation token and classifies from the first token)."""
+        w = weights
+        block = self.blocks[0]
+        qkv_bias = block.attn.qkv.bias is not None
+        if not self.has_dist_token:
+            model_type, arch, p = "vit", "ViTForImageClassification", "vit."
+            state = {f"{p}embeddings.cls_token": w("cls_token"), f"{p}embeddings.position_embeddings": w("pos_embed")}
+        else:
+            model_type, p = "deit", "deit."
+            first, second, pos_embed = _first_token_order(w, head)
+            state = {f"{p}embeddings.cls_token": first, f"{p}embeddings.distillation_token": second,
+                     f"{p}embeddings.position_embeddings": pos_embed}
+        state[f"{p}embeddings.patch_embeddings.projection.weight"] = w("patch_embed.proj.weight")
+        state[f"{p}embeddings.patch_embeddings.projection.bias"] = w("patch_embed.proj.bias")
+        state.update(_hf_encoder(w, p, len(self.blocks), self.embed_dim, qkv_bias))
+        state[f"{p}layernorm.weight"], state[f"{p}layernorm.bias"] = w("norm.weight"), w("norm.bias")
+        if self.has_dist_token and head == "joint":
+            arch = "DeiTForImageClassificationWithTeacher"
+            for ours, theirs in (("head", "cls_classifier"), ("head_dist", "distillation_classifier")):
+                state[f"{theirs}.weight"], state[f"{theirs}.bias"] = w(f"{ours}.weight"), w(f"{ours}.bias")
+        else:
+            arch = "DeiTForImageClassification" if self.has_dist_token else arch
+            src = "head_dist" if head == "dist" and self.has_dist_token else "head"
+            state["classifier.weight"], state["classifier.bias"] = w(f"{src}.weight"), w(f"{src}.bias")
+            w.drop("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+        config = {
+            "hidden_size": self.embed_dim, "num_hidden_layers": len(self.blocks),
+            "num_attention_heads": block.attn.num_heads, "intermediate_size": block.mlp.fc1.out_features,
+            "hidden_act": "gelu",  # the exact (erf) GELU of timm's Mlp
+            # transformers' default is 1e-12; DeiT/timm use 1e-6, and the logits move by ~1e-3 otherwise.
+            "layer_norm_eps": self.norm.eps,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+            "image_size": self.patch_embed.img_size[0], "patch_size": self.patch_embed.patch_size[0],
+            "num_channels": self.patch_embed.proj.in_channels, "qkv_bias": qkv_bias,
+        }
+        return model_type, arch, state, config
+
+
+def _timm_size(name: str, default: str = "base") -> str:
+    """"tiny", "small" or "base" from a student name (``deit_small`` -> "small"), for timm's names."""
+    part = name.split("_")[1] if "_" in name else ""
+    return part if part in ("tiny", "small", "base") else default
+
+
+def _first_token_order(w, head: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(first token, second token, pos_embed) of a DeiT, with the two tokens swapped for the dist head.
+
+    Self-attention has no mask and treats the tokens as a set, so swapping the two tokens (and their
+    ``pos_embed`` rows) puts the distillation token first; classifiers that read the first token
+    then give the distillation head."""
+    cls_token, dist_token, pos_embed = w("cls_token"), w("dist_token"), w("pos_embed")
+    if head != "dist":
+        return cls_token, dist_token, pos_embed
+    pos_embed = pos_embed.clone()
+    pos_embed[:, [0, 1]] = pos_embed[:, [1, 0]]
+    return dist_token, cls_token, pos_embed
+
+
+def _hf_encoder(w, prefix: str, depth: int, dim: int, qkv_bias: bool) -> dict[str, torch.Tensor]:
+    """timm blocks -> HF ViT/DeiT layers: 16 tensors per block (12 without qkv bias), ``qkv`` split in three."""
+    out = {}
+    for i in range(depth):
+        b, h = f"blocks.{i}.", f"{prefix}encoder.layer.{i}."
+        # timm's fused qkv projection stacks the query, key and value rows in this order.
+        for part, t in zip(("query", "key", "value"), w(b + "attn.qkv.weight").split(dim)):
+            out[f"{h}attention.attention.{part}.weight"] = t
+        if qkv_bias:
+            for part, t in zip(("query", "key", "value"), w(b + "attn.qkv.bias").split(dim)):
+                out[f"{h}attention.attention.{part}.bias"] = t
+        for ours, theirs in (("norm1", "layernorm_before"), ("attn.proj", "attention.output.dense"),
+                             ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")):
+            out[f"{h}{theirs}.weight"] = w(f"{b}{ours}.weight")
+            out[f"{h}{theirs}.bias"] = w(f"{b}{ours}.bias")
+    return out
+
 
 # --------------------------------------------------------------------------------------------------
-# Loading pretrained (timm / DeiT) weights
+# Adapting ViT-like checkpoints (timm / DeiT weights; CaiT's use the same adapter)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -305,53 +489,6 @@ def adapt_vit_state_dict(
         )
     report["missing"] = missing
     return state, report
-
-
-def load_pretrained(
-    model: VisionTransformerDistilled,
-    source: Mapping[str, torch.Tensor] | str | Path,
-    *,
-    strict: bool = True,
-    antialias: bool = False,
-) -> dict[str, Any]:
-    """Load timm/DeiT ViT weights (a state dict or a file) into ``model``, adapting what can be adapted.
-
-    * same architecture (timm ``deit_*_distilled_patch16_224``, ``vit_*_patch16_224``, or ours):
-      loaded as is, so the model gives the same logits;
-    * another class count: ``head``/``head_dist`` are freshly initialised (listed in ``"reset"``);
-    * another resolution: the patch rows of ``pos_embed`` are interpolated bicubically, the
-      class/distillation rows are kept (``"resized"``); ``antialias`` as in :func:`resample_pos_embed`;
-    * a checkpoint without distillation token into a DeiT: ``dist_token``, its position row and
-      ``head_dist`` start as copies of the class ones (``"copied"``); a DeiT checkpoint into a ViT:
-      those are dropped (``"dropped"``);
-    * anything else that differs raises a one-line ``ValueError`` (unless ``strict=False``).
-
-    Returns the report of :func:`adapt_vit_state_dict` plus ``"loaded"``, the number of tensors loaded.
-    """
-    if isinstance(source, (str, Path)):
-        state = _weights.load_state_dict_file(source)
-    elif isinstance(source, Mapping):
-        state = _weights.unwrap_state_dict(dict(source), source="state dict")
-    else:
-        raise TypeError(f"source must be a state dict or a file path, not {type(source).__name__}")
-    target = model.state_dict()
-    state, report = adapt_vit_state_dict(
-        state, target,
-        grid_size=model.patch_embed.grid_size,
-        pos_embed_prefix_tokens=model.num_prefix_tokens,
-        has_dist_token=model.has_dist_token,
-        strict=strict,
-        antialias=antialias,
-    )
-    model.load_state_dict(state, strict=False)
-    # Heads of another class count are re-drawn so "reset" means freshly initialised, whatever
-    # the model held before.
-    for name in {k.rsplit(".", 1)[0] for k in report["reset"]}:
-        module = model.get_submodule(name)
-        if isinstance(module, nn.Linear):
-            init_vit_weights(module)
-    report["loaded"] = len(state)
-    return report
 
 
 # --------------------------------------------------------------------------------------------------

@@ -305,6 +305,16 @@ class DHVT(DistilledStudent):
         x = self.norm(x)
         return x[:, 0], x[:, 1]
 
+    @classmethod
+    def state_family(cls, state) -> str | None:
+        """"DHVT" for a checkpoint with the SOPE patch embedding's affine."""
+        return "DHVT" if "patch_embed.pre_affine.alpha" in state else None
+
+    def token_probes(self) -> tuple[list[tuple[str, nn.Module]], str]:
+        # No position embedding: pos_drop's output starts with the learned tokens themselves.
+        return ([("input", self.pos_drop)] + [(f"block {i + 1}", b) for i, b in enumerate(self.blocks)]
+                + [("norm (heads)", self.norm)]), ""
+
 
 def _dhvt(num_classes: int, img_size: int, defaults: dict, overrides: dict) -> DHVT:
     """Build with the variant's ``defaults``; ``overrides`` (depth, patch_size, drop_path_rate, ...) win."""

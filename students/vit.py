@@ -6,14 +6,14 @@ outputs. Trained alone it is the "no distillation" baseline of DeiT Table 3; tra
 teacher, the distillation loss then acts on the class token itself, DeiT's "usual distillation"
 (Sec. 4, Table 3). The widths follow DeiT Table 1 (Ti/S/B), whose shapes timm names
 ``vit_{tiny,small,base}_patch16_224``; parameter names match timm's, so its weights load directly
-with :func:`students.deit.load_pretrained`.
+with ``model.load_pretrained`` (:meth:`students.deit.VisionTransformerDistilled.load_pretrained`).
 """
 from __future__ import annotations
 
-from students.deit import VisionTransformerDistilled, load_pretrained
+from students.deit import VisionTransformerDistilled
 from students.registry import register_student
 
-__all__ = ["vit_tiny", "vit_small", "vit_base", "load_pretrained"]
+__all__ = ["vit_tiny", "vit_small", "vit_base"]
 
 
 def _vit(num_classes: int, img_size: int, defaults: dict, overrides: dict) -> VisionTransformerDistilled:

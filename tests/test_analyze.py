@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from distill.analyze import analyze, analyze_run, token_probes
+from distill.analyze import analyze, analyze_run
 from distill.cli import main as cli
 from distill.build import new_accelerator
 from students import create_student
@@ -133,7 +133,7 @@ def test_token_families(name, names, last_is_head_input):
 @pytest.mark.parametrize("name, reason", [("vit_tiny", "single (class) token"), ("cmt_ti", "no class or distillation token")])
 def test_students_without_two_tokens_report_not_applicable(name, reason):
     model = student(name)
-    assert token_probes(model)[0] is None and reason in token_probes(model)[1]
+    assert model.token_probes()[0] is None and reason in model.token_probes()[1]
     loader, _, _ = loader_of(size=32 if name == "cmt_ti" else 16)
     result = analyze(model, loader, new_accelerator(cpu=True))
     assert result["token_cosine"]["applicable"] is False and reason in result["token_cosine"]["reason"]

@@ -141,6 +141,26 @@ def _broken_export(w: World, what: str) -> Path:
     return folder
 
 
+def _cait_export(w: World) -> Path:
+    """A CaiT student's export folder (what `distill train` writes into runs/<name>/export)."""
+    import students
+
+    folder = w.root / "cait_export"
+    if not folder.exists():
+        model = students.create_student("cait_xxs24", num_classes=4, img_size=16, patch_size=4, embed_dim=32, depth=1,
+                                        num_heads=2)
+        students.save_student(model, folder, class_names=[f"class_{i}" for i in range(4)])
+    return folder
+
+
+def _softmax_joint_run(w: World) -> Path:
+    """A finished run whose student predicts with the softmax average of its heads (student.joint=softmax)."""
+    run = _copy_run(w, "finished", "softmax_joint")
+    config = run / "export" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "joint": "softmax"}))
+    return run
+
+
 def _truncated_only_checkpoint(w: World) -> list[str]:
     run = _copy_run(w, "stopped", "truncated")
     model = run / "checkpoints" / "last" / "model.safetensors"
@@ -252,6 +272,9 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
      r"teacher.checkpoint=<file>"),
     ("student_name_typo", lambda w: T + [str(w.recipe), "student.name=deit_tinny"], r"unknown student 'deit_tinny'; did you mean 'deit_tiny'\?"),
     ("student_bad_kwarg", lambda w: T + [str(w.recipe), "student.kwargs={wings: 2}"], r"does not take 'wings'"),
+    ("student_checkpoint_of_another_family", lambda w: T + [str(w.recipe), f"student.checkpoint={_cait_export(w)}"],
+     r"does not fit DeiT: it holds a CaiT \(cait_xxs24\) checkpoint and the student is a DeiT \(deit_tiny\); "
+     r"point student.checkpoint at a DeiT checkpoint, or set student.name=cait_xxs24"),
     # --- run folders and checkpoints ---------------------------------------------------------------
     ("finished_run_again", lambda w: T + [str(w.recipe), "train.run_name=finished"], r"already holds a run .*--resume"),
     ("metrics_without_checkpoint", lambda w: T + [str(w.recipe), "train.run_name=" + _metrics_only(w)],
@@ -277,6 +300,10 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("eval_other_classes", lambda w: ["eval", str(w.finished), "--data", str(_folder(w, "three", {"test": 3}, classes=3))],
      r"the student predicts 4 classes .* labels 3"),
     ("eval_not_a_run", lambda w: ["eval", str(w.root / "recipes")], r"neither a run folder nor an exported student"),
+    # --- export ---------------------------------------------------------------------------------------
+    ("export_softmax_joint_student", lambda w: ["export", str(_softmax_joint_run(w)), "--format", "timm"],
+     r"predicts with the average of its two heads' softmax outputs \(student.joint=softmax\).*"
+     r"export one head with --head cls or --head dist"),
     # --- teacher cache ------------------------------------------------------------------------------
     ("cache_not_a_cache", lambda w: T + [str(w.recipe), f"teacher.cache={_bad_cache(w)}"], r"is not a readable teacher cache"),
     ("cache_check_missing", lambda w: ["cache-teacher", str(w.recipe), "--check", f"teacher.cache={_bad_cache(w)}"],

@@ -7,9 +7,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distill.build import OnlineTeacher, new_accelerator
 from distill.evaluate import evaluate, format_table
+from students.base import DistilledStudent
 
 
-class FixedHeads(nn.Module):
+class FixedHeads(DistilledStudent):
     """A 'student' whose two heads return stored logits for sample i (x holds the index)."""
 
     def __init__(self, cls_logits, dist_logits):

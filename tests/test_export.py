@@ -13,11 +13,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import distill
+import distill.export as export
 import students
 from distill.cli import main as cli
 from distill.config import Config, update
-from distill.export import (MARKER, ExportError, export_student, head_logits, load_hf_export, load_timm_export,
-                            resolve_out)
+from distill.export import MARKER, ExportError, export_student, load_hf_export, load_timm_export, resolve_out
 from distill.transforms import build_transform
 
 from conftest import tiny_config
@@ -94,7 +94,7 @@ def test_timm_export_loads_in_timm_with_our_logits(saved, tmp_path, name, head, 
     ours = students.load_student(saved[name]).eval()
     x = _batch()
     with torch.no_grad():
-        want = head_logits(ours, head or "cls", x)
+        want = ours.heads(x)[head or "cls"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == arch and cfg["num_classes"] == 4
     assert cfg["label_names"] == INFO["class_names"]
@@ -172,7 +172,7 @@ def test_hf_export_loads_in_transformers_with_our_logits(saved, tmp_path, name, 
     ours = students.load_student(saved[name]).eval()
     x = _batch()
     with torch.no_grad():
-        want = head_logits(ours, head or "cls", x)
+        want = ours.heads(x)[head or "cls"]
         assert _max_diff(model.eval()(pixel_values=x).logits, want) < TOL
         assert _max_diff(auto.eval()(pixel_values=x).logits, want) < TOL
 
@@ -234,7 +234,7 @@ def test_trained_student_exports_the_head_it_predicts_with(trained_run, capsys):
     with torch.no_grad():
         want = model(x)
         if model.has_dist_token:  # the untrained distillation head would move the joint output
-            assert _max_diff(head_logits(model, "joint", x), want) > 1e-3
+            assert _max_diff(model.heads(x)["joint"], want) > 1e-3
 
     assert cli(["export", str(trained_run), "--format", "timm"]) == 0  # default --out: <run>/export_timm
     printed = capsys.readouterr().out
@@ -243,7 +243,7 @@ def test_trained_student_exports_the_head_it_predicts_with(trained_run, capsys):
         assert _max_diff(load_timm_export(trained_run / "export_timm")(x), want) < TOL
     joint = export_student(trained_run, "timm", out=trained_run / "joint_timm", head="joint")
     with torch.no_grad():
-        assert _max_diff(load_timm_export(joint)(x), head_logits(model, "joint", x)) < TOL
+        assert _max_diff(load_timm_export(joint)(x), model.heads(x)["joint"]) < TOL
 
     transformers = _transformers()
     assert cli(["export", str(trained_run), "--format", "hf"]) == 0
@@ -254,7 +254,7 @@ def test_trained_student_exports_the_head_it_predicts_with(trained_run, capsys):
         assert _max_diff(hf(pixel_values=x).logits, want) < TOL
     joint = export_student(trained_run, "hf", out=trained_run / "joint_hf", head="joint")
     with torch.no_grad():
-        assert _max_diff(load_hf_export(joint)(pixel_values=x).logits, head_logits(model, "joint", x)) < TOL
+        assert _max_diff(load_hf_export(joint)(pixel_values=x).logits, model.heads(x)["joint"]) < TOL
     # Its processor prepares a dataset image exactly as `distill eval` does.
     processor = transformers.AutoImageProcessor.from_pretrained(str(trained_run / "export_hf"), **_pil_backend(transformers))
     info = json.loads((trained_run / "export" / "config.json").read_text())
@@ -351,9 +351,9 @@ def test_output_folder_is_replaced_only_if_an_export_wrote_it(saved, tmp_path):
 def test_a_wrong_mapping_is_caught_before_anything_is_written(saved, tmp_path, monkeypatch):
     """The load-back check compares logits: a converter that forgot to swap the tokens for the
     distillation head is refused and the output folder never appears."""
-    import distill.export as export
+    from students import deit
 
-    monkeypatch.setattr(export, "_first_token_order", lambda w, head: (w("cls_token"), w("dist_token"), w("pos_embed")))
+    monkeypatch.setattr(deit, "_first_token_order", lambda w, head: (w("cls_token"), w("dist_token"), w("pos_embed")))
     with pytest.raises(ExportError) as e:
         export_student(saved["deit_tiny"], "timm", out=tmp_path / "out", head="dist")
     assert "logits" in _one_line(e) and "--no-verify" in str(e.value)
@@ -407,3 +407,83 @@ def test_cli_errors_are_one_line_with_exit_status_2(saved, tmp_path, capsys):
     assert "--head cls" in capsys.readouterr().err
     assert cli(["export", str(src), "--format", "timm", "--head", "cls", "--out", str(tmp_path / "c")]) == 0
     assert "timm cait_xxs24_224, cls head" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# What the student predicts with, and every image `distill eval` reads (issue 17)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_softmax_joint_student_is_not_exported_as_the_logit_average(saved, tmp_path):
+    """timm's and transformers' distilled DeiT average logits; a student.joint=softmax student
+    predicts otherwise, so its joint head is refused (one line naming --head) and one head exported."""
+    model = students.load_student(saved["deit_tiny"])
+    model.joint = "softmax"
+    src = students.save_student(model, tmp_path / "softmax", **INFO)
+    x = _batch()
+    with torch.no_grad():
+        heads = model.eval().heads(x)
+        # The two rules really differ here, and the check reproduces the student's own prediction.
+        assert _max_diff(heads["joint"], heads["joint_softmax"]) > 1e-3
+        assert torch.equal(export.student_output(model, "joint", x), model(x))
+        assert torch.equal(export.student_output(model, "joint", x), heads["joint_softmax"])
+    for fmt in ("timm", "hf"):
+        for head in (None, "joint"):
+            with pytest.raises(ExportError) as e:
+                export_student(src, fmt, out=tmp_path / "out", head=head)
+            message = _one_line(e)
+            assert "student.joint=softmax" in message and "--head cls or --head dist" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["softmax"]  # nothing written
+
+    out = export_student(src, "timm", out=tmp_path / "cls", head="cls")
+    with torch.no_grad():
+        assert _max_diff(load_timm_export(out)(x), heads["cls"]) < TOL
+    card = (out / "README.md").read_text()
+    assert "It outputs the class head" in card and "student.joint=softmax" in card
+    logits_card = (export_student(saved["deit_tiny"], "timm", out=tmp_path / "joint") / "README.md").read_text()
+    assert "logits" in logits_card and "student.joint=logits" in logits_card
+
+
+def _images() -> dict[str, Image.Image]:
+    """One image of each kind `distill eval` reads: greyscale, RGBA with transparency, 16-bit."""
+    rng = np.random.default_rng(7)
+    rgba = rng.integers(0, 256, (24, 20, 4), dtype=np.uint8)
+    rgba[..., 3] = rng.integers(0, 256, (24, 20), dtype=np.uint8)
+    sixteen = rng.integers(0, 65536, (24, 20), dtype=np.uint16)
+    return {"L": Image.fromarray(rng.integers(0, 256, (24, 20), dtype=np.uint8), mode="L"),
+            "RGBA": Image.fromarray(rgba, mode="RGBA"),
+            "I;16": Image.fromarray(sixteen),
+            "I": Image.fromarray(sixteen).convert("I")}  # what PIL opens a 16-bit PNG as
+
+
+def _as_the_card_says(image: Image.Image) -> Image.Image:
+    namespace = {"image": image, "np": np, "Image": Image}
+    exec(export.TO_RGB, namespace)  # the conversion the model card tells users to run
+    return namespace["image"]
+
+
+@pytest.mark.parametrize("style", ["deit", "small"])
+def test_exports_preprocess_every_image_distill_eval_reads(saved, tmp_path, style):
+    """Greyscale, RGBA and 16-bit images: transformers' processor takes each as it is, and after the
+    model card's RGB conversion timm's and transformers' preprocessing equal our eval transform."""
+    from distill.data import _to_rgb  # how `distill eval` decodes an image
+
+    transformers = _transformers()
+    src = students.save_student(students.load_student(saved["deit_tiny"]), tmp_path / "src",
+                                **dict(INFO, transform=style))
+    timm_out, hf_out = export_student(src, "timm", out=tmp_path / "timm"), export_student(src, "hf", out=tmp_path / "hf")
+    processor = transformers.AutoImageProcessor.from_pretrained(str(hf_out), **_pil_backend(transformers))
+    timm_transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=load_timm_export(timm_out)))
+    ours = build_transform(16, False, style=style, crop_pct=0.875, mean=INFO["mean"], std=INFO["std"])
+    for out in (timm_out, hf_out):
+        card = (out / "README.md").read_text()
+        assert export.TO_RGB in card and 'convert("RGB")' in card
+    for mode, image in _images().items():
+        assert image.mode == mode
+        want = ours(_to_rgb(image))
+        assert processor(image, return_tensors="pt")["pixel_values"][0].shape == want.shape, mode  # no error
+        rgb = _as_the_card_says(image)
+        assert _max_diff(processor(rgb, return_tensors="pt")["pixel_values"][0], want) < 1e-6, mode
+        assert _max_diff(timm_transform(rgb), want) < 1e-6, mode
+    grey = _images()["L"]  # greyscale needs no conversion by hand
+    assert _max_diff(processor(grey, return_tensors="pt")["pixel_values"][0], ours(_to_rgb(grey))) < 1e-6

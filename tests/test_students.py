@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from students import count_params, create_student, list_students, load_pretrained, load_student, save_student
+from students import count_params, create_student, list_students, load_student, save_student
 
 
 def tiny(name="deit_tiny", **kw):
@@ -96,14 +96,14 @@ def test_load_pretrained_from_an_export_folder_at_another_resolution(tmp_path, n
     small = create_student(name, num_classes=5, img_size=16, **kw)
     save_student(small, tmp_path / "export")
     big = create_student(name, num_classes=5, img_size=24, **kw)
-    load_pretrained(big, tmp_path / "export", antialias=antialias)
+    big.load_pretrained(tmp_path / "export", antialias=antialias)
     prefix = 2 if name == "deit_tiny" else 0
     expected = resample_abs_pos_embed(small.pos_embed.detach(), new_size=[6, 6], num_prefix_tokens=prefix,
                                       antialias=antialias)
     torch.testing.assert_close(big.pos_embed.detach(), expected, rtol=0, atol=0)
     assert torch.equal(big.cls_token, small.cls_token) and torch.equal(big.head.weight, small.head.weight)
     with pytest.raises(FileNotFoundError, match="export folder"):
-        load_pretrained(big, tmp_path)
+        big.load_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("name, kw", [
@@ -124,7 +124,7 @@ def test_export_round_trip_is_exact(tmp_path, name, kw):
     assert json.loads((tmp_path / "export" / "config.json").read_text())["class_names"] == list("abcde")
     # The generic path of load_pretrained takes our own weights for every family.
     fresh = create_student(name, num_classes=5, img_size=32, **kw).eval()
-    load_pretrained(fresh, tmp_path / "export" / "model.safetensors")
+    fresh.load_pretrained(tmp_path / "export" / "model.safetensors")
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -139,7 +139,7 @@ def test_load_student_mismatch_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not an exported student"):
         load_student(tmp_path / "nothing")
     with pytest.raises(ValueError, match="does not fit CMT"):
-        load_pretrained(create_student("cmt_ti", num_classes=5, img_size=32), tiny().state_dict())
+        create_student("cmt_ti", num_classes=5, img_size=32).load_pretrained(tiny().state_dict())
 
 
 def test_count_params_excludes_the_distillation_parts():
@@ -151,3 +151,39 @@ def test_count_params_excludes_the_distillation_parts():
 def test_unknown_builder_argument_is_a_clear_error():
     with pytest.raises(ValueError, match="student 'cmt_ti' does not take 'patch_size'"):
         create_student("cmt_ti", num_classes=10, img_size=32, patch_size=4)
+
+
+TINY_KW = {
+    "deit_tiny": dict(patch_size=4, embed_dim=32, depth=1, num_heads=2),
+    "vit_tiny": dict(patch_size=4, embed_dim=32, depth=1, num_heads=2),
+    "cait_xxs24": dict(patch_size=4, embed_dim=32, depth=1, num_heads=2),
+    "dhvt_tiny_cifar_p4": dict(embed_dim=32, depth=1, num_heads=2),
+}
+
+
+@pytest.mark.parametrize("theirs, ours, words", [
+    ("cait_xxs24", "deit_tiny", ("CaiT", "DeiT")),
+    ("cait_xxs24", "vit_tiny", ("CaiT", "ViT")),
+    ("deit_tiny", "cait_xxs24", ("DeiT", "CaiT")),
+    ("dhvt_tiny_cifar_p4", "deit_tiny", ("DHVT", "DeiT")),
+    ("deit_tiny", "dhvt_tiny_cifar_p4", ("DeiT", "DHVT")),
+])
+def test_a_checkpoint_of_another_family_is_named_as_such(tmp_path, theirs, ours, words):
+    """student.checkpoint of another family: the one-line error says which family each is (an export
+    folder by its config.json, a plain state dict or file by its keys), not a symptom such as a
+    non-square position grid."""
+    torch.manual_seed(0)
+    source = create_student(theirs, num_classes=5, img_size=16, **TINY_KW[theirs])
+    save_student(source, tmp_path / "export")
+    model = create_student(ours, num_classes=5, img_size=16, **TINY_KW[ours])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    their_family, our_family = words
+    for checkpoint, named in ((tmp_path / "export", f" ({theirs})"), (tmp_path / "export" / "model.safetensors", ""),
+                              (source.state_dict(), "")):
+        with pytest.raises(ValueError) as e:
+            model.load_pretrained(checkpoint)
+        message = str(e.value)
+        assert f"holds a {their_family}{named} checkpoint and the student is a {our_family} ({ours})" in message, message
+        assert "\n" not in message and "student.checkpoint" in message
+        assert (f"student.name={theirs}" in message) == bool(named)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded

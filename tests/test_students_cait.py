@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.models.cait import Cait as TimmCait
 
 from students import count_params, create_student
-from students.cait import CaiT, TalkingHeadAttention, layerscale_init, load_pretrained
+from students.cait import CaiT, TalkingHeadAttention, layerscale_init
 from student_contract import check_backward, check_hard_distillation_steps, check_interface
 
 # A small configuration for the fast checks: 32x32 images, patch 4 (8x8 grid), 2 SA layers.
@@ -18,6 +18,12 @@ SMALL = dict(img_size=32, patch_size=4, depth=2)
 def small(num_classes: int = 10, **overrides) -> CaiT:
     torch.manual_seed(0)
     return create_student("cait_xxs24", num_classes=num_classes, **{**SMALL, **overrides})
+
+
+def _loaded(model: CaiT, source, **kwargs) -> CaiT:
+    """``model`` after ``model.load_pretrained(source)``, which returns its report."""
+    model.load_pretrained(source, **kwargs)
+    return model
 
 
 def timm_small(num_classes: int = 1000, img_size: int = 32) -> TimmCait:
@@ -188,7 +194,7 @@ def test_timm_xxs24_weights_give_same_class_logits():
     torch.manual_seed(0)
     ref = timm.create_model("cait_xxs24_224").eval()
     randomize_(ref)
-    ours = load_pretrained(create_student("cait_xxs24", num_classes=1000).eval(), ref.state_dict())
+    ours = _loaded(create_student("cait_xxs24", num_classes=1000).eval(), ref.state_dict())
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         expected = ref(x)
@@ -208,7 +214,7 @@ def test_load_pretrained_class_count_mismatch_resets_heads_keeps_backbone(tmp_pa
     ref = timm_small(num_classes=1000)
     path = tmp_path / "cait.pth"
     torch.save({"model": {f"module.{k}": v for k, v in ref.state_dict().items()}}, path)  # DDP layout
-    model = load_pretrained(small(num_classes=10), path)
+    model = _loaded(small(num_classes=10), path)
     assert model.head.weight.shape == model.head_dist.weight.shape == (10, 192)
     assert torch.all(model.head.bias == 0) and torch.all(model.head_dist.bias == 0)
     assert not torch.equal(model.head.weight, model.head_dist.weight)  # two fresh heads, not a copy
@@ -221,7 +227,7 @@ def test_load_pretrained_our_own_weights_round_trip():
     with torch.no_grad():
         src.dist_token.fill_(3.0)
         src.head_dist.bias.fill_(2.0)
-    dst = load_pretrained(small(num_classes=10, init_values=0.1), src.state_dict())
+    dst = _loaded(small(num_classes=10, init_values=0.1), src.state_dict())
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
 
@@ -230,7 +236,7 @@ def test_load_pretrained_interpolates_pos_embed():
     ref = timm_small(img_size=32)  # 8x8 grid
     with torch.no_grad():
         ref.pos_embed.copy_(torch.arange(192.0).view(1, 1, 192).expand(1, 64, 192))  # constant over positions
-    model = load_pretrained(small(num_classes=1000, img_size=48), ref.state_dict())  # 12x12 grid
+    model = _loaded(small(num_classes=1000, img_size=48), ref.state_dict())  # 12x12 grid
     assert model.pos_embed.shape == (1, 144, 192)
     # Bicubic resampling keeps a position-independent table unchanged.
     torch.testing.assert_close(model.pos_embed, torch.arange(192.0).view(1, 1, 192).expand(1, 144, 192))
@@ -246,7 +252,7 @@ def test_load_pretrained_pos_embed_follows_deit_main_py_or_timm(antialias):
     with torch.no_grad():
         ref.pos_embed.normal_()
     pe = ref.pos_embed.detach()
-    model = load_pretrained(small(num_classes=1000, img_size=48), ref.state_dict(), antialias=antialias)  # 12x12
+    model = _loaded(small(num_classes=1000, img_size=48), ref.state_dict(), antialias=antialias)  # 12x12
     grid = pe.reshape(1, 8, 8, 192).permute(0, 3, 1, 2)
     deit_ref = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
     timm_ref = resample_abs_pos_embed(pe, new_size=[12, 12], num_prefix_tokens=0)  # timm's default: antialias
@@ -258,16 +264,16 @@ def test_load_pretrained_mismatch_names_first_bad_key():
     state = timm_small().state_dict()
     # Keys are checked in the model's state-dict order, which starts with the tokens.
     with pytest.raises(ValueError, match=r"'cls_token' is \(1, 1, 192\) in the checkpoint but \(1, 1, 96\)") as e:
-        load_pretrained(small(embed_dim=96), state)
+        small(embed_dim=96).load_pretrained(state)
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"'blocks\.2\.gamma_1' is missing"):  # 2 SA layers into 3
-        load_pretrained(small(depth=3), state)
+        small(depth=3).load_pretrained(state)
     with pytest.raises(ValueError, match=r"unexpected key 'blocks\.1\."):  # 2 SA layers into 1
-        load_pretrained(small(depth=1), state)
+        small(depth=1).load_pretrained(state)
 
 
 def test_load_pretrained_headless_checkpoint_gives_fresh_heads():
     ref = timm_small(num_classes=0)  # a backbone-only export
-    model = load_pretrained(small(num_classes=10), ref.state_dict())
+    model = _loaded(small(num_classes=10), ref.state_dict())
     assert model.head.weight.shape == (10, 192) and torch.all(model.head.bias == 0)
     torch.testing.assert_close(model.norm.weight, ref.norm.weight)

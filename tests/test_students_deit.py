@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from students import count_params, create_student, list_students
-from students.deit import VisionTransformerDistilled, load_pretrained
+from students.deit import VisionTransformerDistilled
 from student_contract import check_backward, check_hard_distillation_steps, check_interface
 
 HEADS = ["head.weight", "head.bias", "head_dist.weight", "head_dist.bias"]
@@ -117,7 +117,7 @@ def test_timm_weights_give_identical_logits(tmp_path, fmt):
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
 
     model = create_student("deit_tiny")
-    report = load_pretrained(model, path)
+    report = model.load_pretrained(path)
     assert report["reset"] == [] and report["resized"] == [] and report["copied"] == {}
     assert report["loaded"] == len(sd)
 
@@ -138,7 +138,7 @@ def test_timm_weights_give_identical_logits(tmp_path, fmt):
 def test_our_own_state_dict_round_trips():
     src = small()
     dst = small()
-    report = load_pretrained(dst, src.state_dict())
+    report = dst.load_pretrained(src.state_dict())
     assert report["loaded"] == len(src.state_dict())
     x = torch.randn(2, 3, 32, 32)
     src.eval(), dst.eval()
@@ -154,7 +154,7 @@ def test_other_class_count_resets_both_heads(timm_sd):
     model = create_student("deit_tiny", num_classes=10)
     with torch.no_grad():  # stale values that must not survive the load
         model.head.weight.fill_(5.0), model.head_dist.bias.fill_(5.0)
-    report = load_pretrained(model, sd)
+    report = model.load_pretrained(sd)
     assert report["reset"] == HEADS
     assert report["loaded"] == len(sd) - 4
     for key, value in model.state_dict().items():
@@ -182,7 +182,7 @@ def test_other_resolution_interpolates_patch_positions_only(timm_sd, img_size, g
     """pos_embed follows DeiT's main.py (antialias off, the default) or timm (antialias on), exactly."""
     sd = timm_sd
     model = create_student("deit_tiny", img_size=img_size)
-    report = load_pretrained(model, sd, antialias=antialias)
+    report = model.load_pretrained(sd, antialias=antialias)
     assert report["resized"] == ["pos_embed"]
     pe = model.pos_embed.detach()
     assert pe.shape == (1, grid * grid + 2, 192)
@@ -193,7 +193,7 @@ def test_other_resolution_interpolates_patch_positions_only(timm_sd, img_size, g
     torch.testing.assert_close(pe, timm_ref if antialias else deit_ref, rtol=0, atol=0)
     if not antialias:  # the default is DeiT's
         default = create_student("deit_tiny", img_size=img_size)
-        load_pretrained(default, sd)
+        default.load_pretrained(sd)
         assert torch.equal(default.pos_embed, model.pos_embed)
     assert not torch.equal(pe[:, 2:3], sd["pos_embed"][:, 2:3])  # the grid really was resampled
     for key, value in model.state_dict().items():
@@ -208,7 +208,7 @@ def test_non_distilled_checkpoint_initialises_dist_token_from_cls():
     torch.manual_seed(0)
     sd = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2).state_dict()
     model = create_student("deit_tiny", depth=2)
-    report = load_pretrained(model, sd)
+    report = model.load_pretrained(sd)
     assert report["copied"] == {
         "dist_token": "cls_token", "pos_embed[:, 1]": "pos_embed[:, 0]",
         "head_dist.weight": "head.weight", "head_dist.bias": "head.bias",
@@ -230,7 +230,7 @@ def test_embed_dim_mismatch_is_one_clear_line():
     sd = timm.create_model("deit_small_distilled_patch16_224", pretrained=False, depth=1).state_dict()
     model = small()
     with pytest.raises(ValueError) as err:
-        load_pretrained(model, sd)
+        model.load_pretrained(sd)
     msg = str(err.value)
     assert "'cls_token' has shape (1, 1, 384) but the model expects (1, 1, 192)" in msg
     assert "build the matching student" in msg and "\n" not in msg
@@ -241,18 +241,18 @@ def test_depth_mismatch_strict_and_lenient():
     model = small(depth=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"'blocks\.2\.norm1\.weight' .* no counterpart"):
-        load_pretrained(model, src)
+        model.load_pretrained(src)
     # A failed strict load leaves the model untouched.
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
-    report = load_pretrained(model, src, strict=False)
+    report = model.load_pretrained(src, strict=False)
     assert report["unexpected"] and all(k.startswith("blocks.2.") for k in report["unexpected"])
     assert torch.equal(model.blocks[1].attn.qkv.weight, src["blocks.1.attn.qkv.weight"])
 
     with pytest.raises(ValueError, match=r"checkpoint lacks 'blocks\.2\.norm1\.weight'"):
-        load_pretrained(small(depth=3), small(depth=2).state_dict())
+        small(depth=3).load_pretrained(small(depth=2).state_dict())
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        load_pretrained(small(), tmp_path / "nope.pth")
+        small().load_pretrained(tmp_path / "nope.pth")

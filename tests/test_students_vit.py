@@ -8,7 +8,6 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from students import count_params, create_student, list_students
-from students.vit import load_pretrained
 from student_contract import check_backward, check_hard_distillation_steps, check_interface
 
 
@@ -70,7 +69,7 @@ def test_timm_weights_give_identical_logits(tmp_path, fmt):
     else:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     model = create_student("vit_tiny")
-    report = load_pretrained(model, path)
+    report = model.load_pretrained(path)
     assert report["loaded"] == len(sd) and report["reset"] == [] and report["copied"] == {}
 
     x = torch.randn(2, 3, 224, 224)
@@ -89,7 +88,7 @@ def test_other_class_count_and_resolution():
     src = small(num_classes=100)
     sd = src.state_dict()
     model = small(num_classes=10, img_size=48)  # 12x12 grid instead of 8x8
-    report = load_pretrained(model, sd)
+    report = model.load_pretrained(sd)
     assert report["reset"] == ["head.weight", "head.bias"]
     assert report["resized"] == ["pos_embed"]
     assert torch.equal(model.pos_embed[:, :1], sd["pos_embed"][:, :1])  # the class row is kept
@@ -98,7 +97,7 @@ def test_other_class_count_and_resolution():
     expected = resample_abs_pos_embed(sd["pos_embed"], new_size=[12, 12], num_prefix_tokens=1, antialias=False)
     torch.testing.assert_close(model.pos_embed.detach(), expected, rtol=0, atol=0)
     timm_default = small(num_classes=10, img_size=48)
-    load_pretrained(timm_default, sd, antialias=True)
+    timm_default.load_pretrained(sd, antialias=True)
     expected = resample_abs_pos_embed(sd["pos_embed"], new_size=[12, 12], num_prefix_tokens=1)
     torch.testing.assert_close(timm_default.pos_embed.detach(), expected, rtol=0, atol=0)
     assert model.head.weight.shape == (10, 192) and model.head.bias.abs().sum() == 0
@@ -111,7 +110,7 @@ def test_distilled_checkpoint_drops_the_distillation_token():
     deit = create_student("deit_tiny", num_classes=10, img_size=32, patch_size=4, depth=2)
     sd = deit.state_dict()
     model = small()
-    report = load_pretrained(model, sd)
+    report = model.load_pretrained(sd)
     assert report["dropped"] == ["dist_token", "pos_embed[:, 1]", "head_dist.weight", "head_dist.bias"]
     assert torch.equal(model.pos_embed, torch.cat([sd["pos_embed"][:, :1], sd["pos_embed"][:, 2:]], dim=1))
     assert torch.equal(model.head.weight, sd["head.weight"])
@@ -120,6 +119,6 @@ def test_distilled_checkpoint_drops_the_distillation_token():
 
 def test_embed_dim_mismatch_is_one_clear_line():
     with pytest.raises(ValueError) as err:
-        load_pretrained(small(), small(embed_dim=96, num_heads=3).state_dict())
+        small().load_pretrained(small(embed_dim=96, num_heads=3).state_dict())
     msg = str(err.value)
     assert "'cls_token' has shape (1, 1, 96) but the model expects (1, 1, 192)" in msg and "\n" not in msg

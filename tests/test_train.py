@@ -19,6 +19,7 @@ from distill.cli import main as cli
 from distill.build import OnlineTeacher, build_teacher, load_data
 from distill.rundir import RunExistsError
 from distill.train import NonFiniteLossError, fit, train, train_teacher
+from students.deit import VisionTransformerDistilled
 
 from conftest import REPO, make_config, read_metrics, tiny_config
 
@@ -439,7 +440,7 @@ def test_finetune_at_another_resolution_with_the_teacher_at_its_own(tiny_dataset
     seen: list[tuple[int, int]] = []
     loads: list[dict] = []
     build_module = importlib.import_module("distill.build")
-    original_build, original_load = build_module.build_teacher, students.load_pretrained
+    original_build, original_load = build_module.build_teacher, VisionTransformerDistilled.load_pretrained
 
     def build_and_watch(cfg, num_classes, **kwargs):
         teacher = original_build(cfg, num_classes, **kwargs)
@@ -458,7 +459,7 @@ def test_finetune_at_another_resolution_with_the_teacher_at_its_own(tiny_dataset
         return original_load(model, source, **kwargs)
 
     monkeypatch.setattr(build_module, "build_teacher", build_and_watch)
-    monkeypatch.setattr(students, "load_pretrained", load_and_record)
+    monkeypatch.setattr(VisionTransformerDistilled, "load_pretrained", load_and_record)
     tuned = make_config(tiny_dataset, tmp_path, data={"img_size": 24}, teacher={"checkpoint": str(teacher_ckpt)},
                         student={"checkpoint": str(export), "pos_embed_antialias": True, "joint": "softmax"},
                         train={"epochs": 1, "run_name": "at24"})

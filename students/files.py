@@ -1,4 +1,4 @@
-"""Export a trained student as ``model.safetensors`` + ``config.json`` and load it back in one call.
+"""A student's own files: ``model.safetensors`` + ``config.json``, written and loaded back in one call.
 
     model = students.load_student("runs/cifar10_deit_tiny/export")
     model.eval(); joint_logits = model(images)

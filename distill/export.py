@@ -401,7 +401,7 @@ _HEAD_TEXT = {
     "dist": "the distillation head",
 }
 
-#: How `distill eval` turns any image it reads into 8-bit RGB (``distill.data``), for the model card:
+#: How `distill eval` turns any image it reads into 8-bit RGB (``distill.images.to_rgb``), for the model card:
 #: timm's transform needs RGB input, and transformers' processor composites transparency onto white
 #: and clips 16-bit values where deit-distill drops the alpha channel and scales to 8 bits.
 TO_RGB = (

@@ -124,7 +124,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         try:
             with PILImage.open(io.BytesIO(data) if data is not None else path) as img:
                 img.load()  # force the decode here, where a truncated file can be reported
-                return _to_rgb(img)
+                return to_rgb(img)
         except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as e:
             file = f" ({path})" if path else ""
             raise DataError(f"{where}{file}: image could not be decoded ({first_line(e)}); fix or remove that row") from e
@@ -158,7 +158,7 @@ class _Decoder(torch.utils.data.Dataset):
 _WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
-def _to_rgb(img: PILImage.Image) -> PILImage.Image:
+def to_rgb(img: PILImage.Image) -> PILImage.Image:
     if img.mode == "RGB":
         return img.copy()  # copy: the caller closes `img`
     if img.mode in _WIDE_MODES:

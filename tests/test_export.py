@@ -466,7 +466,7 @@ def _as_the_card_says(image: Image.Image) -> Image.Image:
 def test_exports_preprocess_every_image_distill_eval_reads(saved, tmp_path, style):
     """Greyscale, RGBA and 16-bit images: transformers' processor takes each as it is, and after the
     model card's RGB conversion timm's and transformers' preprocessing equal our eval transform."""
-    from distill.data import _to_rgb  # how `distill eval` decodes an image
+    from distill.images import to_rgb  # how `distill eval` decodes an image
 
     transformers = _transformers()
     src = students.save_student(students.load_student(saved["deit_tiny"]), tmp_path / "src",
@@ -480,10 +480,10 @@ def test_exports_preprocess_every_image_distill_eval_reads(saved, tmp_path, styl
         assert export.TO_RGB in card and 'convert("RGB")' in card
     for mode, image in _images().items():
         assert image.mode == mode
-        want = ours(_to_rgb(image))
+        want = ours(to_rgb(image))
         assert processor(image, return_tensors="pt")["pixel_values"][0].shape == want.shape, mode  # no error
         rgb = _as_the_card_says(image)
         assert _max_diff(processor(rgb, return_tensors="pt")["pixel_values"][0], want) < 1e-6, mode
         assert _max_diff(timm_transform(rgb), want) < 1e-6, mode
     grey = _images()["L"]  # greyscale needs no conversion by hand
-    assert _max_diff(processor(grey, return_tensors="pt")["pixel_values"][0], ours(_to_rgb(grey))) < 1e-6
+    assert _max_diff(processor(grey, return_tensors="pt")["pixel_values"][0], ours(to_rgb(grey))) < 1e-6

@@ -89,8 +89,11 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
     """
     import students  # here, not at import time: `students` imports `distill`
 
+    if format == "onnx":  # a graph for runtimes rather than a library's folder: distill/onnx_export.py
+        from distill.onnx_export import export_onnx
+        return export_onnx(path, out=out, head=head, verify=verify, push_to_hub=push_to_hub)
     if format not in FORMATS:
-        raise ExportError(f"unknown export format {format!r}; use --format timm or --format hf")
+        raise ExportError(f"unknown export format {format!r}; use --format timm, --format hf or --format onnx")
     if head is not None and head not in HEADS:
         raise ExportError(f"unknown head {head!r}; use --head joint, --head cls or --head dist")
     export_dir = locate_export(path)

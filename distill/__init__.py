@@ -9,12 +9,15 @@ The Python API the CLI is built on::
     distill.evaluate_run("runs/cifar10_deit_tiny")
     distill.export_student("runs/cifar10_deit_tiny", "timm")   # or "hf": a folder timm/transformers loads
     distill.analyze_run("runs/cifar10_deit_tiny")   # DeiT Sec. 4: token cosines, head agreement, confusion
+    distill.predict("runs/cifar10_deit_tiny", "photo.jpg")     # top-5 classes; also an ONNX export (--format onnx)
+    distill.report_runs(["runs/cifar10_deit_tiny"])           # params, GFLOPs, speed, accuracy vs the teacher
 
 How the modules layer (imports only run downwards; ``tests/test_imports.py`` checks it):
 
     cli, quickstart                   the commands
     train, cache, evaluate, analyze,  what runs: the loop, the teacher cache, evaluation, analysis,
-    export                            conversion to timm / transformers
+    export, onnx_export, predict,     conversion to timm / transformers / ONNX, prediction,
+    report                            the compression report
     build, rundir                     run set-up: config -> data, Accelerator, student, frozen
                                       teacher; the run folder, its exports, loading a run back
     pipeline, data, transforms,       the data path, the objective, checkpoints, the schema
@@ -34,6 +37,7 @@ _API = {
     "list_recipes": "distill.recipes", "DistillationLoss": "distill.losses", "train": "distill.train",
     "train_teacher": "distill.train", "evaluate": "distill.evaluate", "evaluate_run": "distill.evaluate",
     "export_student": "distill.export", "ExportError": "distill.export", "analyze_run": "distill.analyze",
+    "predict": "distill.predict", "report_runs": "distill.report",
 }
 __all__ = list(_API)
 

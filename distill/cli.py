@@ -7,6 +7,8 @@
     distill eval runs/cifar10_deit_tiny --json out.json
     distill export runs/cifar10_deit_tiny --format timm  # or --format hf; --push-to-hub user/name
     distill analyze runs/cifar10_deit_tiny              # token cosines, head agreement, confusion (JSON + PNG)
+    distill predict runs/cifar10_deit_tiny photo.jpg    # top-5 classes (a folder, a dataset, an ONNX export too)
+    distill report runs/cifar10_deit_tiny               # params, GFLOPs, latency, accuracy: teacher vs students
     distill students | teachers | recipes
 
 Bad input (unknown key, wrong type, missing column, wrong class count, unsafe checkpoint) ends with a
@@ -26,18 +28,21 @@ from distill.recipes import describe, list_recipes, load_recipe
 
 # How each command spells the data option a DataError's hint is about (``DataError.option``): the
 # recipe commands name the config key, `eval` and `analyze` their own flags (and --data for what a
-# run fixes, such as its columns). The Python API spells the keyword argument (``val_split=``).
-DATA_OPTION_SPELLING = {  # key: (train, train-teacher, cache-teacher, quickstart; eval, analyze)
-    "source": ("data.source=<source>", "--data <dataset>"),
-    "image_column": ("data.image_column=<image_column>", "--data <a dataset with the run's image column>"),
-    "label_column": ("data.label_column=<label_column>", "--data <a dataset with the run's label column>"),
-    "train_split": ("data.train_split=<train_split>", "--data <a dataset laid out like the run's>"),
-    "val_split": ("data.val_split=<val_split>", "--split <split>"),
-    "val_fraction": ("data.val_fraction=<val_fraction>", "--split <split>"),
-    "train_subset": ("data.train_subset=<train_subset>", "--data <dataset>"),
-    "val_subset": ("data.val_subset=<val_subset>", "--data <dataset>"),
+# run fixes, such as its columns), `predict` its inputs. The Python API spells the keyword argument
+# (``val_split=``).
+DATA_OPTION_SPELLING = {  # key: (train, train-teacher, cache-teacher, quickstart; eval, analyze; predict)
+    "source": ("data.source=<source>", "--data <dataset>", "<a dataset, image or folder>"),
+    "image_column": ("data.image_column=<image_column>", "--data <a dataset with the run's image column>",
+                     "<a dataset with an image column>"),
+    "label_column": ("data.label_column=<label_column>", "--data <a dataset with the run's label column>",
+                     "<a labelled dataset>"),
+    "train_split": ("data.train_split=<train_split>", "--data <a dataset laid out like the run's>", "--split <split>"),
+    "val_split": ("data.val_split=<val_split>", "--split <split>", "--split <split>"),
+    "val_fraction": ("data.val_fraction=<val_fraction>", "--split <split>", "--split <split>"),
+    "train_subset": ("data.train_subset=<train_subset>", "--data <dataset>", "<a dataset, image or folder>"),
+    "val_subset": ("data.val_subset=<val_subset>", "--data <dataset>", "<a dataset, image or folder>"),
 }
-EVAL_COMMANDS = ("eval", "analyze")
+SPELLING_COLUMN = {"eval": 1, "analyze": 1, "predict": 2}  # every other command: 0
 
 EPILOG_KEYS = "config keys (override as section.key=value):\n" + "\n".join(
     f"  {key:<28} {default:<26} {doc}" for key, default, doc in describe()
@@ -80,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(timm.create_model('local-dir:<folder>', pretrained=True)) or transformers "
                                    "(from_pretrained) loads on its own, with the same logits.")
     p.add_argument("path", help="runs/<name> or an export folder (model.safetensors + config.json)")
-    p.add_argument("--format", required=True, choices=["timm", "hf"], help="target library")
+    p.add_argument("--format", required=True, choices=["timm", "hf", "onnx"],
+                   help="target library (onnx: model.onnx + model.json, checked with onnxruntime)")
     p.add_argument("--out", help="output folder (default: next to the export folder, e.g. runs/<name>/export_timm)")
     p.add_argument("--head", choices=["joint", "cls", "dist"],
                    help="head the exported model outputs (default: the one the student predicts with: joint, "
@@ -100,6 +106,37 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_options(p)
     p.add_argument("--out", help="folder for analysis.json / analysis.png (default: <path>/analysis)")
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
+
+    p = sub.add_parser("predict", help="classify images with a trained student or its ONNX export: top-k classes",
+                       description="Top-k classes with their probabilities, through the export's own eval transform "
+                                   "(the tensors `distill eval` evaluates).")
+    p.add_argument("path", help="runs/<name>, an export folder, or an ONNX export (its folder or model.onnx)")
+    p.add_argument("inputs", nargs="+", help="image files, folders of images, or one dataset (Hub id, dataset folder, "
+                                             ".parquet), read as `distill eval --data` reads it")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--head", choices=["joint", "cls", "dist"],
+                   help="head to predict with (default: the one the student predicts with)")
+    p.add_argument("--split", help="the dataset's split (default: validation, val or test, or its only split)")
+    p.add_argument("--json", metavar="FILE", help="write the predictions as JSON (then only a summary is printed)")
+    p.add_argument("--csv", metavar="FILE", help="write the predictions as CSV, one row per image")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+
+    p = sub.add_parser("report", help="what the compression bought: params, GFLOPs, latency, accuracy of teacher "
+                                      "and students (Markdown + PNG)",
+                       description="One table for the teacher and each student of the given runs: parameters, GFLOPs, "
+                                   "CPU (and GPU) latency and throughput, every head's accuracy and the agreement "
+                                   "with the teacher; and a plot of accuracy against latency.")
+    p.add_argument("runs", nargs="+", help="run folders (runs/<name>); their teachers are added once each")
+    p.add_argument("--out", help="folder for report.md / report.json / report.png (default: report/ next to the first run)")
+    p.add_argument("--no-timing", action="store_true", help="count parameters and FLOPs only; measure no speed")
+    p.add_argument("--threads", type=int, help="CPU threads for the timing (default: torch's, stated in the table)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch of the throughput measurement (default 64)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before each measurement (default 3)")
+    p.add_argument("--latency-runs", type=int, default=30, help="timed batch-1 runs; the median is kept (default 30)")
+    p.add_argument("--throughput-runs", type=int, default=5, help="timed full-batch runs; the median is kept (default 5)")
+    p.add_argument("--no-plots", action="store_true", help="write the Markdown and JSON only")
 
     p = sub.add_parser("quickstart", help="offline demo: teacher, student without teacher, distilled student",
                        description="Fine-tune a CNN teacher on scikit-learn's handwritten digits, then train the "
@@ -165,7 +202,7 @@ def _message(e: Exception, command: str) -> str:
     from distill.sources import DataError
 
     if isinstance(e, DataError) and e.option in DATA_OPTION_SPELLING:
-        return e.spelled(DATA_OPTION_SPELLING[e.option][command in EVAL_COMMANDS])
+        return e.spelled(DATA_OPTION_SPELLING[e.option][SPELLING_COLUMN.get(command, 0)])
     return str(e.args[0] if isinstance(e, KeyError) and e.args else e)  # str(KeyError) adds quotes
 
 
@@ -225,6 +262,8 @@ def _run(args: argparse.Namespace) -> int:
         diff = meta["checked_max_abs_diff"]
         checked = (f"logits match the student's (max abs diff {diff:.1e})" if diff is not None
                    else "logits not checked" + (" (transformers is not installed)" if not args.no_verify else ""))
+        if diff is not None and meta.get("checked_on"):
+            checked += f" on {meta['checked_on']}"
         print(f"wrote {out}: {meta['target']}, {meta['head']} head; {checked}")
         if args.push_to_hub:
             print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
@@ -234,6 +273,28 @@ def _run(args: argparse.Namespace) -> int:
                              teacher_checkpoint=args.teacher_checkpoint, num_workers=args.num_workers, cpu=args.cpu,
                              out=args.out, plot=not args.no_plots)
         print(format_summary(result))
+    elif args.command == "predict":
+        from distill.predict import check_output_path, format_predictions, write_csv, write_json
+        outputs = [(check_output_path(f, option), write) for f, option, write in
+                   ((args.json, "--json", write_json), (args.csv, "--csv", write_csv)) if f]
+        result = distill.predict(args.path, args.inputs, top_k=args.top_k, head=args.head, split=args.split,
+                                 batch_size=args.batch_size, num_workers=args.num_workers, cpu=args.cpu)
+        for path, write in outputs:
+            write(result, path)
+        if outputs:
+            print(f"wrote {len(result['predictions'])} predictions ({result['head']} head) to "
+                  + ", ".join(str(p) for p, _ in outputs))
+        else:
+            print(format_predictions(result))
+        if result["top1"] is not None:
+            print(f"top-1 of the {result['head']} head: {result['top1']:.2f}% on {len(result['predictions'])} labelled images")
+    elif args.command == "report":
+        from distill.report import format_markdown
+        report = distill.report_runs(args.runs, out=args.out, timing=not args.no_timing, threads=args.threads,
+                                     batch_size=args.batch_size, warmup=args.warmup, latency_runs=args.latency_runs,
+                                     throughput_runs=args.throughput_runs, plot=not args.no_plots)
+        print(format_markdown(report), end="")
+        print("wrote " + ", ".join(f for f in report["files"].values() if f))
     elif args.command == "quickstart":
         from distill.quickstart import run_quickstart
         run_quickstart(output_dir=args.output_dir, overrides=args.overrides)

@@ -49,25 +49,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 import students
+from distill import onnx_export
 from distill.config import IMAGENET_MEAN, IMAGENET_STD
+from distill.rundir import (HEADS, MARKER, ExportError, locate_export, read_export_config, resolve_out,
+                            student_output, upload)
 from students.base import DistilledStudent, StudentError
 
 __all__ = ["export_student", "ExportError", "FORMATS", "HEADS", "MARKER"]
 
-FORMATS = ("timm", "hf")
-HEADS = ("joint", "cls", "dist")
-#: Written into every export folder: what was exported from where. Its presence is what allows a
-#: later export to replace the folder.
-MARKER = "distill_export.json"
+FORMATS = ("timm", "hf", "onnx")
 #: Tolerance of the load-back check, relative to the largest logit (at least 1). timm and
 #: transformers gave logits within 1e-7 of ours in every test (0 for DeiT-S at 224 with logits
 #: up to 22); a wrong mapping moves them by far more: transformers' default LayerNorm eps by
 #: ~1e-4, a head or token mixed up by ~1e-1.
 VERIFY_RTOL = 1e-5
-
-
-class ExportError(ValueError):
-    """A student, folder or option that cannot be exported; the message says what to do."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,7 +86,9 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
     Returns the output folder. Nothing is written if any step fails.
     """
     if format not in FORMATS:
-        raise ExportError(f"unknown export format {format!r}; use --format timm or --format hf")
+        raise ExportError(f"unknown export format {format!r}; use --format timm, --format hf or --format onnx")
+    if format == "onnx":  # a graph for runtimes rather than a library's folder: distill/onnx_export.py
+        return onnx_export.export_onnx(path, out=out, head=head, verify=verify, push_to_hub=push_to_hub)
     if head is not None and head not in HEADS:
         raise ExportError(f"unknown head {head!r}; use --head joint, --head cls or --head dist")
     export_dir = locate_export(path)
@@ -137,59 +134,6 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
 # --------------------------------------------------------------------------------------------------
 # Input and output folders
 # --------------------------------------------------------------------------------------------------
-
-
-def locate_export(path: str | Path) -> Path:
-    """The export folder of a run folder (``<run>/export``), or ``path`` itself if it is one."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass runs/<name> or runs/<name>/export")
-    if (path / "export" / "config.json").is_file():
-        return path / "export"
-    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"run {path} has not finished (no export/ yet); finish it with "
-                                "`distill train <recipe> --resume`, then export it")
-    if (path / "teacher.json").is_file():
-        raise ExportError(f"{path} is a fine-tuned teacher, not a student; pass the student's run folder runs/<name>")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is neither a run folder nor an exported student (no config.json); "
-                                "pass runs/<name> or runs/<name>/export")
-    return path
-
-
-def read_export_config(export_dir: Path) -> dict[str, Any]:
-    """Our export's ``config.json``, checked enough for the conversion (one-line errors otherwise)."""
-    cfg_path = export_dir / "config.json"
-    try:
-        info = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{cfg_path} is not valid JSON ({e}); it was damaged after `distill train` wrote it: "
-                          "pass an intact export folder (runs/<name>/export)") from None
-    if not isinstance(info, dict) or not isinstance(info.get("student"), dict) or "name" not in info["student"]:
-        raise ExportError(f"{cfg_path} has no 'student' entry, so it was not written by `distill train` "
-                          "(a timm/HF export cannot be exported again); pass runs/<name> or runs/<name>/export")
-    return info
-
-
-def resolve_out(export_dir: Path, format: str, out: str | Path | None) -> Path:
-    """Where to write: ``out`` or ``<export folder>_<format>``; refuse to replace what we did not write."""
-    out = Path(out) if out is not None else export_dir.with_name(f"{export_dir.name}_{format}")
-    if out.is_file():
-        raise ExportError(f"--out {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()):
-        marker = out / MARKER
-        if not marker.is_file():
-            raise ExportError(f"{out} exists, is not empty and was not written by `distill export`; "
-                              "pass another --out or remove it")
-        try:
-            ours = set(json.loads(marker.read_text())["files"])
-        except (ValueError, KeyError, TypeError):
-            ours = set()
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
-        if foreign:
-            raise ExportError(f"{out} holds files a previous `distill export` did not write ({', '.join(foreign[:3])}); "
-                              "pass another --out or move them away")
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,12 +308,6 @@ def load_hf_export(folder: str | Path) -> nn.Module:
     return model.eval()
 
 
-def student_output(model: DistilledStudent, head: str, x: torch.Tensor) -> torch.Tensor:
-    """What an export of ``head`` must reproduce: the student's own eval-mode forward when ``head`` is
-    the one it predicts with (``eval_head``, under its ``joint`` rule), else that head's logits."""
-    return model(x) if head == model.eval_head else model.heads(x)[head]
-
-
 def _verify(format: str, model: nn.Module, head: str, folder: Path, meta: dict, plan: tuple) -> float | None:
     if format == "timm":
         target = load_timm_export(folder)
@@ -457,18 +395,3 @@ def _model_card(meta: dict, info: dict, repo: str | None, folder: Path) -> str:
         "as in the snippet (16-bit images are scaled, not clipped)\n\n"
         f"```python\n{usage}\n```\n"
     )
-
-
-def upload(folder: Path, repo: str, commit_message: str) -> str:
-    """Create ``repo`` on the Hub if needed and upload ``folder``; returns the repo id."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    try:
-        repo_id = api.create_repo(repo, exist_ok=True).repo_id
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
-    except Exception as e:  # network, login, permissions: the folder is written either way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ExportError(f"could not upload {folder} to {repo} ({type(e).__name__}: {first}); the folder is written: "
-                          "log in with `hf auth login` (or set HF_TOKEN) and run the same command again") from None
-    return repo_id

@@ -47,7 +47,7 @@ VAL_SPLIT_NAMES = ("validation", "val", "test")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 TABLE_EXTENSIONS = {".parquet", ".arrow", ".csv", ".json", ".jsonl"}
 # `owner/name` or `name`, as the Hugging Face Hub spells dataset ids.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # The Hub's shard names, `<split>-00000-of-00004.parquet` (datasets.data_files.SPLIT_PATTERN_SHARDED).
 _SHARD = re.compile(r"(\w+(?:\.\w+)*)-\d{5}-of-\d{5}.*")
 
@@ -316,7 +316,7 @@ def _load_splits(source: Source, name: str) -> dict[str, datasets.Dataset]:
                 loaded = datasets.load_dataset("parquet", data_files=data_files)
         except Exception as e:
             raise DataError(f"{name}: could not be read as parquet ({first_line(e)}); check the file(s)") from e
-    elif _HUB_ID.match(text) and not text.endswith(".parquet"):
+    elif HUB_ID.match(text) and not text.endswith(".parquet"):
         try:
             with _quiet_libraries():
                 loaded = datasets.load_dataset(text)

@@ -304,6 +304,27 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("export_softmax_joint_student", lambda w: ["export", str(_softmax_joint_run(w)), "--format", "timm"],
      r"predicts with the average of its two heads' softmax outputs \(student.joint=softmax\).*"
      r"export one head with --head cls or --head dist"),
+    # --- predict, export --format onnx, report ------------------------------------------------------
+    ("predict_missing_image", lambda w: ["predict", str(w.finished), str(w.root / "nowhere.png")], r"nowhere.png does not exist"),
+    ("predict_not_an_image", lambda w: ["predict", str(w.finished), str(w.recipe)], r"r.yaml is not an image that can be read"),
+    ("predict_stopped_run", lambda w: ["predict", str(w.stopped), str(_an_image(w))], r"has not finished .*--resume"),
+    ("predict_not_a_run", lambda w: ["predict", str(w.root / "recipes"), str(_an_image(w))],
+     r"neither a run folder nor an exported student"),
+    ("predict_teacher_export", lambda w: ["predict", str(w.teacher.parent), str(_an_image(w))], r"is a fine-tuned teacher .*not a student: export the student's run folder"),
+    ("predict_split_of_files", lambda w: ["predict", str(w.finished), str(_an_image(w)), "--split", "val"],
+     r"--split applies to a dataset"),
+    ("predict_top_k_zero", lambda w: ["predict", str(w.finished), str(_an_image(w)), "--top-k", "0"],
+     r"--top-k must be a positive integer"),
+    ("predict_json_in_missing_folder", lambda w: ["predict", str(w.finished), str(_an_image(w)), "--json", str(w.root / "no" / "p.json")],
+     r"--json .*p.json: folder .* does not exist"),
+    ("predict_empty_folder", lambda w: ["predict", str(w.finished), str((w.root / "empty").mkdir(exist_ok=True) or w.root / "empty")],
+     r"folder holds no images"),
+    ("predict_corrupt_image_in_folder", lambda w: ["predict", str(w.finished), str(_corrupt_folder(w) / "train")],
+     r"3.png is not an image that can be read"),
+    ("export_onnx_stopped_run", lambda w: ["export", str(w.stopped), "--format", "onnx"], r"has not finished .*--resume"),
+    ("report_stopped_run", lambda w: ["report", str(w.stopped), "--no-timing"], r"run .*stopped has not finished .*--resume"),
+    ("report_not_a_run", lambda w: ["report", str(w.root / "recipes"), "--no-timing"], r"is not a run folder \(no config.yaml\)"),
+    ("report_missing_run", lambda w: ["report", str(w.finished), str(w.runs / "nope"), "--no-timing"], r"nope does not exist"),
     # --- teacher cache ------------------------------------------------------------------------------
     ("cache_not_a_cache", lambda w: T + [str(w.recipe), f"teacher.cache={_bad_cache(w)}"], r"is not a readable teacher cache"),
     ("cache_check_missing", lambda w: ["cache-teacher", str(w.recipe), "--check", f"teacher.cache={_bad_cache(w)}"],
@@ -326,6 +347,8 @@ def _garbage_cache(w: World) -> Path:
         array = np.load(values)
         np.save(values, np.random.default_rng(0).normal(size=array.shape).astype(array.dtype) * 100)
     return root
+def _an_image(w: World) -> Path:
+    return w.data / "val" / "class_0" / "0.png"
 
 
 def _metrics_only(w: World) -> str:

@@ -1,0 +1,123 @@
+"""`distill report`: parameters and FLOPs against hand counts, accuracies read from real runs, the teacher once,
+the table's structure. No timing figure is asserted: speed is measured (structure only), never checked."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import distill
+import students
+import teachers
+from distill.cli import main as cli
+from distill.report import ReportError, count_flops, format_markdown, report_runs
+from distill.train import train
+
+from conftest import make_config, read_metrics
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dataset, trained_teacher, tmp_path_factory) -> dict[str, Path]:
+    """The teacher's own run, a hard-distilled student and a student trained without the teacher."""
+    out = tmp_path_factory.mktemp("report_runs")
+    given = {"checkpoint": str(trained_teacher)}
+    train(make_config(tiny_dataset, out, teacher=given, train={"epochs": 1, "run_name": "hard"}))
+    train(make_config(tiny_dataset, out, teacher=given, distill={"kind": "none"}, train={"epochs": 1, "run_name": "alone"}))
+    return {"teacher": trained_teacher.parent.parent, "hard": out / "hard", "alone": out / "alone"}
+
+
+def test_flops_match_a_hand_count():
+    # One DeiT block on 16x16 images, patch 4: 16 patches + 2 tokens, width 32, 4 classes.
+    model = students.create_student("deit_tiny", num_classes=4, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    t, d, c = 16 + 2, 32, 4
+    patch_embed = 2 * (3 * 4 * 4) * d * 16
+    attention = 2 * t * d * 3 * d + 2 * t * t * d + 2 * t * t * d + 2 * t * d * d  # qkv, q @ k^T, @ v, proj
+    mlp = 2 * t * d * 4 * d * 2
+    heads = 2 * d * c * 2  # class and distillation heads
+    assert count_flops(model, 16) == patch_embed + attention + mlp + heads
+
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 10 * 10, 5))
+    assert count_flops(cnn, 10) == 2 * (3 * 3 * 3) * 8 * 10 * 10 + 2 * 800 * 5
+
+
+def test_rows_are_computed_from_the_runs(runs, tiny_dataset, tmp_path):
+    report = distill.report_runs([runs["teacher"], runs["hard"], runs["alone"]], out=tmp_path / "r", timing=False)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["resnet20_cifar (teacher)", "hard", "alone"]  # the teacher once, though named three times
+
+    network, _ = teachers.build_teacher_network("resnet20_cifar", num_classes=4)
+    teacher = rows["resnet20_cifar (teacher)"]
+    assert teacher["params"] == sum(p.numel() for p in network.parameters())
+    assert teacher["flops"] == count_flops(network, 16) and teacher["gflops"] == round(teacher["flops"] / 1e9, 4)
+    assert teacher["weights"] == "loaded" and teacher["img_size"] == 16
+    hard_metrics, alone_metrics = read_metrics(runs["hard"])[-1], read_metrics(runs["alone"])[-1]
+    assert teacher["top1"] == hard_metrics["teacher_top1"]
+
+    for name, metrics in (("hard", hard_metrics), ("alone", alone_metrics)):
+        row, model = rows[name], students.load_student(runs[name] / "export")
+        assert row["params"] == sum(p.numel() for p in model.parameters()) and row["flops"] == count_flops(model, 16)
+        assert {c: row[c] for c in ("cls_top1", "dist_top1", "joint_top1")} == {c: metrics[c] for c in ("cls_top1", "dist_top1", "joint_top1")}
+        assert row["teacher_top1"] == hard_metrics["teacher_top1"]
+        assert row["delta_top1"] == round(row["top1"] - row["teacher_top1"], 2)
+        assert "timing" not in row
+    assert rows["hard"]["top1"] == hard_metrics["joint_top1"] and rows["hard"]["head"] == "joint (logits)"
+    assert rows["hard"]["agreement_top1"] == hard_metrics["agreement_top1"]
+    assert rows["alone"]["top1"] == alone_metrics["cls_top1"] and rows["alone"]["head"] == "cls"
+    assert rows["alone"]["agreement_top1"] is None  # trained without the teacher: nothing compared
+
+    files = report["files"]
+    assert json.loads(Path(files["json"]).read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    table = Path(files["markdown"]).read_text()
+    assert table == format_markdown(report) and "speed: not measured" in table
+    body = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(body) == 1 + 3 and body[0].split(" | ")[:6] == ["| model", "role", "input", "params (M)", "GFLOPs", "top-1"]
+    assert body[2].startswith(f"| hard | student, hard | 16² | {rows['hard']['params'] / 1e6:.3f} |")
+    pytest.importorskip("matplotlib")
+    assert Path(files["png"]).stat().st_size > 0
+
+    # Students alone: their teacher still comes from their config (its checkpoint), once.
+    alone = report_runs([runs["alone"], runs["hard"]], out=tmp_path / "s", timing=False, plot=False)
+    assert [r["name"] for r in alone["rows"]] == ["resnet20_cifar (teacher)", "alone", "hard"]
+    assert alone["rows"][0]["top1"] == teacher["top1"] and alone["files"]["png"] is None
+    # Only a run that never ran its teacher: the teacher's top-1 comes from the teacher stage's own run.
+    only = report_runs([runs["alone"]], out=tmp_path / "o", timing=False, plot=False)["rows"]
+    assert only[0]["role"] == "teacher" and only[0]["top1"] == read_metrics(runs["teacher"])[-1]["top1"]
+    assert only[1]["teacher_top1"] == only[0]["top1"] and only[1]["delta_top1"] == round(only[1]["top1"] - only[0]["top1"], 2)
+
+
+def test_timing_states_its_settings(runs, tmp_path):
+    """Speed columns exist for every model and the table states threads and precision (values are not checked)."""
+    threads = torch.get_num_threads()
+    report = report_runs([runs["hard"]], out=tmp_path, threads=1, batch_size=2, warmup=0, latency_runs=1,
+                         throughput_runs=1, plot=False)
+    assert torch.get_num_threads() == threads  # the caller's thread count is set back
+    settings = report["settings"]
+    assert settings["threads"] == 1 and settings["configs"][0]["key"] == "cpu_fp32"
+    for row in report["rows"]:
+        assert set(row["timing"]) == {c["key"] for c in settings["configs"]}
+        assert all(set(t) == {"latency_ms", "throughput"} and min(t.values()) > 0 for t in row["timing"].values())
+    table = format_markdown(report)
+    assert "CPU threads: 1" in table and "CPU fp32 latency (ms)" in table and "CPU fp32 img/s" in table
+    assert ("CPU bf16 latency (ms)" in table) != ("CPU bf16: not measured" in table)
+
+
+def test_bad_runs_are_one_line(runs, tmp_path, capsys):
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("name: tiny\n")
+    with pytest.raises(ReportError, match="has not finished"):
+        report_runs([stopped], timing=False)
+    with pytest.raises(ReportError, match="is not a run folder"):
+        report_runs([runs["hard"] / "export"], timing=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report_runs([tmp_path / "missing"], timing=False)
+    with pytest.raises(ReportError, match="--batch-size must be a positive integer"):
+        report_runs([runs["hard"]], batch_size=0)
+    assert not (tmp_path / "report").exists()
+
+    assert cli(["report", str(runs["hard"]), "--no-timing", "--no-plots", "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "| hard | student, hard |" in out and f"wrote {tmp_path / 'cli' / 'report.md'}" in out

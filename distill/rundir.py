@@ -268,7 +268,7 @@ def locate_export(path: str | Path) -> Path:
         return path / "export"
     if (path / "teacher.json").is_file() or (path / "export" / "teacher.json").is_file():
         teacher = path if (path / "teacher.json").is_file() else path / "export"
-        raise ExportError(f"{path} is a fine-tuned teacher ({teacher / 'teacher.json'}), not a student: export the "
+        raise ExportError(f"{path} is a fine-tuned teacher, not a student ({teacher / 'teacher.json'}): export the "
                           "student's run folder runs/<name>; a student uses this teacher with "
                           f"teacher.checkpoint={teacher / 'model.safetensors'}")
     if (path / "config.yaml").is_file() and not (path / "config.json").is_file():

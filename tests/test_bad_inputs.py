@@ -310,7 +310,7 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("predict_stopped_run", lambda w: ["predict", str(w.stopped), str(_an_image(w))], r"has not finished .*--resume"),
     ("predict_not_a_run", lambda w: ["predict", str(w.root / "recipes"), str(_an_image(w))],
      r"neither a run folder nor an exported student"),
-    ("predict_teacher_export", lambda w: ["predict", str(w.teacher.parent), str(_an_image(w))], r"is a fine-tuned teacher .*not a student: export the student's run folder"),
+    ("predict_teacher_export", lambda w: ["predict", str(w.teacher.parent), str(_an_image(w))], r"is a fine-tuned teacher, not a student .*export the student's run folder"),
     ("predict_split_of_files", lambda w: ["predict", str(w.finished), str(_an_image(w)), "--split", "val"],
      r"--split applies to a dataset"),
     ("predict_top_k_zero", lambda w: ["predict", str(w.finished), str(_an_image(w)), "--top-k", "0"],
@@ -321,6 +321,8 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
      r"folder holds no images"),
     ("predict_corrupt_image_in_folder", lambda w: ["predict", str(w.finished), str(_corrupt_folder(w) / "train")],
      r"3.png is not an image that can be read"),
+    ("export_a_teacher_run", lambda w: ["export", str(_teacher_run(w)), "--format", "timm"],
+     r"is a fine-tuned teacher, not a student .*teacher.checkpoint=.*model.safetensors"),
     ("export_onnx_stopped_run", lambda w: ["export", str(w.stopped), "--format", "onnx"], r"has not finished .*--resume"),
     ("report_stopped_run", lambda w: ["report", str(w.stopped), "--no-timing"], r"run .*stopped has not finished .*--resume"),
     ("report_not_a_run", lambda w: ["report", str(w.root / "recipes"), "--no-timing"], r"is not a run folder \(no config.yaml\)"),
@@ -347,6 +349,15 @@ def _garbage_cache(w: World) -> Path:
         array = np.load(values)
         np.save(values, np.random.default_rng(0).normal(size=array.shape).astype(array.dtype) * 100)
     return root
+def _teacher_run(w: World) -> Path:
+    """A teacher stage's run folder, as `distill train-teacher` leaves it: config.yaml and export/."""
+    run = w.root / "r-teacher"
+    if not run.exists():
+        shutil.copytree(w.teacher.parent, run / "export")
+        shutil.copy(w.recipe, run / "config.yaml")
+    return run
+
+
 def _an_image(w: World) -> Path:
     return w.data / "val" / "class_0" / "0.png"
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill import build
+from distill import atomic, build
 from distill.checkpoint import describe_file
 from distill.config import Config, ConfigError, dump, validate
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
@@ -218,7 +218,7 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
     if main:
         info = json.loads((root / CACHE_FILE).read_text())
         info["epochs"] = max(info.get("epochs", 0), tc.epochs)
-        _write_json(root / CACHE_FILE, info)
+        atomic.write_json(root / CACHE_FILE, info)
         (root / "recipe.yaml").write_text(dump(cfg))
     accelerator.wait_for_everyone()
     return root
@@ -237,7 +237,7 @@ def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_cla
         return
     if any(root.iterdir()):
         raise CacheError(f"{root} is not empty and holds no teacher cache; set teacher.cache=<new folder>")
-    _write_json(file, {"format": FORMAT, "made_from": record, "epochs": 0, "topk": K, "num_batches": nb,
+    atomic.write_json(file, {"format": FORMAT, "made_from": record, "epochs": 0, "topk": K, "num_batches": nb,
                        "batch_size": B, "num_classes": num_classes, "mixed_precision": precision})
 
 
@@ -248,26 +248,22 @@ def _cache_val_predictions(cfg, data, teacher, accelerator, root: Path) -> None:
     for images, _, index in loader:
         with torch.inference_mode(), accelerator.autocast():
             preds[index.numpy()] = teacher(images.to(accelerator.device)).float().topk(k, dim=1).indices.cpu().numpy()
-    tmp = root / (VAL_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    np.save(tmp / VAL_FILE, preds)
-    seal(tmp)
-    tmp.rename(root / VAL_DIR)
+    def write(folder: Path) -> None:
+        np.save(folder / VAL_FILE, preds)
+        seal(folder)
+
+    atomic.write_dir(root / VAL_DIR, write)
 
 
 def write_epoch(root: Path, epoch: int, arrays: dict[str, np.ndarray]) -> Path:
     """Write one epoch's arrays (``ARRAYS``) in memory into place, sealed: for tools that compute the
     teacher's outputs themselves (``benchmarks/throughput.py``) rather than through ``build_cache``."""
-    final = epoch_dir(root, epoch)
-    tmp = final.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ARRAYS:
-        np.save(tmp / f"{name}.npy", arrays[name])
-    seal(tmp)
-    tmp.rename(final)
-    return final
+    def write(folder: Path) -> None:
+        for name in ARRAYS:
+            np.save(folder / f"{name}.npy", arrays[name])
+        seal(folder)
+
+    return atomic.write_dir(epoch_dir(root, epoch), write)
 
 
 def seal(folder: Path) -> None:
@@ -294,12 +290,6 @@ def verify(folder: Path) -> None:
 def image_digest(images: torch.Tensor) -> bytes:
     """16-byte BLAKE2b of a batch of images, bit for bit."""
     return hashlib.blake2b(images.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def _read_info(root: Path) -> dict:

@@ -20,13 +20,11 @@ the manifest and falls back to ``previous`` when ``last`` is damaged.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
 import pickle
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -36,6 +34,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from distill import atomic
 
 STATE_FILE = "trainer_state.json"
 # 1 was Accelerate's save_state folder (pickled EMA and RNG states): refused. 2 had no digest of its
@@ -126,44 +126,8 @@ def _save_failed_message(error: Exception | None, root: Path, epoch: int, last: 
     kept = ""
     if (last / STATE_FILE).is_file():
         kept = f" the checkpoint of epoch {json.loads((last / STATE_FILE).read_text())['epoch']} is intact;"
-    reason, fix = write_error(error, root) if error is not None else ("a write failed on another process", "fix that")
+    reason, fix = atomic.write_error(error, root) if error is not None else ("a write failed on another process", "fix that")
     return f"{reason} while saving the checkpoint of epoch {epoch} to {root};{kept} {fix}, then continue with --resume"
-
-
-def write_error(error: Exception, where: Path) -> tuple[str, str]:
-    """(what went wrong, what to do) for a failed write; torch's and safetensors' writers wrap the OS error."""
-    code = getattr(error, "errno", None)
-    if code is None:
-        found = re.search(r"os error (\d+)", str(error))  # safetensors: "I/O error: ... (os error 28)"
-        code = int(found.group(1)) if found else None
-    if code is None:  # torch's zip writer reports no errno: look at the disk itself
-        try:
-            code = errno.ENOSPC if shutil.disk_usage(where if where.exists() else where.parent).free < 2**20 else None
-        except OSError:
-            pass
-    if code is None and _file_size_limited():
-        code = errno.EFBIG
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return "no space left on the device", "free some space"
-    if code == errno.EFBIG:
-        return "a file grew past the file-size limit", "raise the limit (ulimit -f)"
-    return f"a write failed ({_first_line(error)})", "fix that"
-
-
-def _file_size_limited() -> bool:
-    """Whether this process runs under a file-size limit (``ulimit -f``), the other cause of a write
-    that fails for want of room."""
-    try:
-        import resource
-        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-        return soft != resource.RLIM_INFINITY
-    except (ImportError, OSError, ValueError):
-        return False
-
-
-def _first_line(error: Exception) -> str:
-    text = getattr(error, "strerror", None) or str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:200]
 
 
 def _rng_states() -> dict[str, Any]:

@@ -9,14 +9,15 @@ comment says otherwise.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+
+from distill.atomic import closest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -319,12 +320,6 @@ def update(cfg: Any, values: dict, source: str = "config", prefix: str = "") -> 
             update(current, value, source, prefix=f"{dotted}.")
         else:
             setattr(cfg, key, _coerce(value, hints[key], dotted, source))
-
-
-def closest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
-    """The choice most like ``name`` (difflib's ratio at least ``cutoff``), for a "did you mean" hint."""
-    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
-    return found[0] if found else None
 
 
 def _closest_key(dotted: str, cfg: Any, prefix: str) -> str:

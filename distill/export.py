@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,7 +47,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import students
-from distill import onnx_export
+from distill import atomic, onnx_export
 from distill.config import IMAGENET_MEAN, IMAGENET_STD
 from distill.rundir import (HEADS, MARKER, ExportError, locate_export, read_export_config, resolve_out,
                             student_output, upload)
@@ -107,25 +105,21 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD, **info}
     out = resolve_out(export_dir, format, out)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    meta: dict[str, Any] = {}
+
+    def fill(folder: Path) -> None:  # checked before it replaces `out` (resolve_out: a previous export's)
         writer = _write_timm if format == "timm" else _write_hf
         with torch.no_grad():
-            meta = writer(plan, model, info, tmp)
-            meta["checked_max_abs_diff"] = _verify(format, model, head, tmp, meta, plan) if verify else None
+            meta.update(writer(plan, model, info, folder))
+            meta["checked_max_abs_diff"] = _verify(format, model, head, folder, meta, plan) if verify else None
         meta.update(format=format, head=head, eval_head=model.eval_head, joint=model.joint,
                     has_dist_token=model.has_dist_token, source=str(export_dir.resolve()),
                     student=info["student"]["name"])
-        (tmp / "README.md").write_text(_model_card(meta, info, repo=push_to_hub, folder=out))
-        meta["files"] = sorted(p.name for p in tmp.iterdir()) + [MARKER]
-        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():  # resolve_out made sure a previous export wrote it
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (folder / "README.md").write_text(_model_card(meta, info, repo=push_to_hub, folder=out))
+        meta["files"] = sorted(p.name for p in folder.iterdir()) + [MARKER]
+        (folder / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+
+    atomic.write_dir(out, fill)
     if push_to_hub:
         upload(out, push_to_hub, commit_message=f"Add {meta['student']} ({meta['target']}) exported by deit-distill")
     return out

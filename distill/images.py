@@ -19,7 +19,8 @@ from PIL import Image as PILImage
 from torchvision import transforms as T
 
 from distill.replay import preserved_rngs, seed_all
-from distill.sources import DataError, first_line, label_values, pick_image_column, pick_label_column
+from distill.atomic import first_line
+from distill.sources import DataError, label_values, pick_image_column, pick_label_column
 
 __all__ = ["ImageClassificationDataset"]
 

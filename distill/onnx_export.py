@@ -24,8 +24,6 @@ import contextlib
 import io
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import yaml
 from torch import nn
 
 import students
-from distill import build
+from distill import atomic, build
 from distill.config import DataConfig, from_dict
 from distill.images import ImageClassificationDataset
 from distill.rundir import (HEADS, MARKER, ExportError, eval_transform, export_preprocessing, locate_export,
@@ -84,9 +82,7 @@ def export_onnx(path: str | Path, out: str | Path | None = None, head: str | Non
     images, where = _check_images(Path(path), export_dir, info, prep)
     graph = HeadOutput(model, head).eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:  # checked before it replaces `out` (resolve_out: a previous export's)
         opset = _trace(graph, images, tmp / ONNX_NAME, name)
         diff = _verify(graph, images, tmp / ONNX_NAME) if verify else None
         classes = list(info.get("class_names") or [str(i) for i in range(model.num_classes)])
@@ -104,12 +100,8 @@ def export_onnx(path: str | Path, out: str | Path | None = None, head: str | Non
                   "checked_on": None if diff is None else where,
                   "files": sorted(p.name for p in tmp.iterdir()) + [MARKER]}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out.exists():  # resolve_out made sure a previous export wrote it
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic.write_dir(out, fill)
     if push_to_hub:
         upload(out, push_to_hub, commit_message=f"Add {name} (ONNX) exported by deit-distill")
     return out

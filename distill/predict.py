@@ -19,6 +19,7 @@ own rule (``student.joint``). Probabilities are the softmax of that head's logit
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from distill.images import ImageClassificationDataset, to_rgb
 from distill.onnx_export import ONNX_NAME
 from distill.rundir import (HEADS, eval_transform, export_preprocessing, locate_export, read_export_config,
                             student_output)
-from distill.sources import HUB_ID, IMAGE_EXTENSIONS, DataError, first_line, load_eval_split
+from distill.atomic import first_line, write_text
+from distill.sources import HUB_ID, IMAGE_EXTENSIONS, DataError, load_eval_split
 
 __all__ = ["predict", "PredictError", "load_classifier", "eval_transform", "write_json", "write_csv", "format_predictions"]
 
@@ -278,16 +280,9 @@ def check_output_path(path: str | Path, option: str) -> Path:
     return path
 
 
-def _write(path: Path, write: Callable) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    tmp.replace(path)
-    return path
-
-
 def write_json(result: dict, path: str | Path) -> Path:
-    return _write(Path(path), lambda f: json.dump(result, f, indent=2))
+    write_text(Path(path), json.dumps(result, indent=2))
+    return Path(path)
 
 
 def write_csv(result: dict, path: str | Path) -> Path:
@@ -296,11 +291,11 @@ def write_csv(result: dict, path: str | Path) -> Path:
     header = ["input"] + (["label"] if has_label else [])
     header += [f"{what}_{rank}" for rank in range(1, result["top_k"] + 1) for what in ("class", "probability")]
 
-    def write(f) -> None:
-        out = csv.writer(f)
-        out.writerow(header)
-        for r in result["predictions"]:
-            cells = [r["input"]] + ([r.get("label", "")] if has_label else [])
-            out.writerow(cells + [v for t in r["classes"] for v in (t["class"], f"{t['probability']:.6g}")])
-
-    return _write(Path(path), write)
+    text = io.StringIO(newline="")
+    out = csv.writer(text)
+    out.writerow(header)
+    for r in result["predictions"]:
+        cells = [r["input"]] + ([r.get("label", "")] if has_label else [])
+        out.writerow(cells + [v for t in r["classes"] for v in (t["class"], f"{t['probability']:.6g}")])
+    write_text(Path(path), text.getvalue())
+    return Path(path)

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from distill.config import Config, ConfigError, closest, update, validate
+from distill.atomic import closest
+from distill.config import Config, ConfigError, update, validate
 
 
 def recipe_dirs() -> list[Path]:

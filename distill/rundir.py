@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 import students
-from distill import build
+from distill import atomic, build
 from distill import checkpoint as ckpt
 from students.base import DistilledStudent
 from distill.config import Config, ConfigError, DataConfig, from_dict
@@ -104,7 +103,7 @@ def truncate_metrics(path: Path, epochs_done: int, saved: dict | None = None) ->
     if saved is not None and saved.get("epoch") == epochs_done and all(epoch != epochs_done for epoch, _ in records):
         keep.append(json.dumps(saved))
     if keep != [line for _, line in records]:
-        write_text_atomically(path, "".join(line + "\n" for line in keep))
+        atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 
 def append_metrics(path: Path, metrics: dict) -> None:
@@ -125,34 +124,23 @@ def export_info(cfg: Config, data) -> dict:
 def write_student_exports(cfg: Config, data, run_dir: Path, model: nn.Module, ema=None) -> None:
     """``export/`` (and ``export_ema/`` with an EMA), each swapped in whole."""
     info = {**export_info(cfg, data), "distill": cfg.distill.kind}
-    write_atomically(run_dir / "export", lambda folder: students.save_student(model, folder, **info))
+    write_export(run_dir / "export", lambda folder: students.save_student(model, folder, **info))
     if ema is not None:
         ema_model = ema.module
         ema_model.student_args = model.student_args
         ema_model.eval_head = model.eval_head
-        write_atomically(run_dir / "export_ema", lambda folder: students.save_student(ema_model, folder, **info))
+        write_export(run_dir / "export_ema", lambda folder: students.save_student(ema_model, folder, **info))
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` in one step: a reader sees the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def write_atomically(target: Path, write) -> None:
-    """``write(folder)`` into ``<target>.tmp``, then rename it to ``target``; a failure leaves no half export."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+def write_export(target: Path, write) -> None:
+    """``write(folder)`` of a run's export, swapped in whole (``atomic.write_dir``); a failed write is
+    one line saying why, and that the run can write it again from its checkpoint."""
     try:
-        write(tmp)
+        atomic.write_dir(target, write)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch's and safetensors' writers wrap OS errors
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason, fix = ckpt.write_error(e, target.parent)
+        reason, fix = atomic.write_error(e, target.parent)
         raise ckpt.CheckpointError(f"{reason} while writing {target}; the last checkpoint is intact: {fix}, "
                                    "then continue with --resume") from None
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
 
 
 # ----------------------------------------------------------------------------------------------

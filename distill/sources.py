@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets.data_files import NON_WORDS_CHARS, SPLIT_KEYWORDS
 
+from distill.atomic import first_line
+
 __all__ = [
     "DataError",
     "ImageDatasetSplits",
@@ -249,13 +251,6 @@ def _describe(source: Source) -> str:
 
 def _names(items: Any) -> str:
     return ", ".join(str(x) for x in items) or "none"
-
-
-def first_line(err: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message`` (cut at ``limit``), for quoting an error inside one line."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 @contextlib.contextmanager

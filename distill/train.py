@@ -31,7 +31,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import teachers
-from distill import build, plots, rundir
+from distill import atomic, build, plots, rundir
 from distill import checkpoint as ckpt
 from distill.cache import open_cache
 from distill.config import Config, ConfigError, DistillConfig, OptimConfig, dump, validate
@@ -117,7 +117,7 @@ def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=Non
         seen_as = {"mean": list(stage.data.mean), "std": list(stage.data.std), "input_size": [3, cfg.data.img_size, cfg.data.img_size]}
         record = {"name": cfg.teacher.name, "num_classes": data.num_classes, **rundir.export_info(stage, data),
                   "teacher_input": seen_as}
-        rundir.write_atomically(run_dir / "export", lambda folder: save_teacher(model, folder, record))
+        rundir.write_export(run_dir / "export", lambda folder: save_teacher(model, folder, record))
 
     loss_fn = DistillationLoss("none", label_smoothing=tt.smoothing)
     return fit(stage, network, loss_fn, data, run_dir, resume_from=resume_from, on_finish=export)
@@ -196,7 +196,7 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
             ckpt.save_training_state(accelerator, run_dir, model=model, optimizer=optimizer, ema=ema, epoch=epoch + 1,
                                      global_step=global_step, model_args=model_args, metrics=metrics)
             if accelerator.is_main_process:  # the config that wrote these checkpoints, not a failed attempt's
-                rundir.write_text_atomically(run_dir / "config.yaml", dump(cfg))
+                atomic.write_text(run_dir / "config.yaml", dump(cfg))
         if accelerator.is_main_process:
             rundir.append_metrics(run_dir / "metrics.jsonl", metrics)
             accelerator.print(" ".join(f"{k}={v}" for k, v in metrics.items()))

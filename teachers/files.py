@@ -23,7 +23,7 @@ TEACHER_CONFIG = "teacher.json"
 
 def save_teacher(model: nn.Module, folder: Path, meta: dict) -> None:
     """Write ``model``'s weights and ``meta`` into the new folder ``folder``."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(folder / TEACHER_WEIGHTS))
     (folder / TEACHER_CONFIG).write_text(json.dumps(meta, indent=2, default=list) + "\n")
 

@@ -150,9 +150,9 @@ def test_a_failed_torch_save_under_a_file_size_limit_says_so(tmp_path):
     import resource
     import signal
 
-    code = ("import sys, torch; from pathlib import Path; from distill import checkpoint as c\n"
+    code = ("import sys, torch; from pathlib import Path; from distill import atomic, checkpoint as c\n"
             "try:\n    c._save_torch({'w': torch.zeros(100_000)}, Path(sys.argv[1]))\n"
-            "except Exception as e:\n    print(c.write_error(e, Path(sys.argv[1]).parent)[0])")
+            "except Exception as e:\n    print(atomic.write_error(e, Path(sys.argv[1]).parent)[0])")
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distill import atomic
+from distill.weights import load_strict
 
 STATE_FILE = "trainer_state.json"
 # 1 was Accelerate's save_state folder (pickled EMA and RNG states): refused. 2 had no digest of its
@@ -261,16 +262,9 @@ def _load_model(model: torch.nn.Module, file: Path) -> None:
         tensors = load_file(str(file), device="cpu")
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{file} is not a readable safetensors file ({e}); the checkpoint is damaged") from None
-    own = model.state_dict()
-    missing = [k for k in own if k not in tensors]
-    extra = [k for k in tensors if k not in own]
-    shape = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
-    if missing or extra or shape:
-        first = (shape and f"{shape[0]} has shape {tuple(tensors[shape[0]].shape)}, the model {tuple(own[shape[0]].shape)}") \
-            or (missing and f"{missing[0]} is missing") or f"{extra[0]} is unexpected"
-        raise CheckpointError(f"{file} holds another model ({first}); resume with the recipe that wrote it, "
-                              "or start a new run with train.run_name=<new name>")
-    model.load_state_dict(tensors)
+    load_strict(model, tensors, lambda problem: CheckpointError(
+        f"{file} holds another model ({problem}); resume with the recipe that wrote it, or start a new run with "
+        "train.run_name=<new name>"))
 
 
 def _load_torch(file: Path) -> Any:

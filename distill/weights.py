@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -57,6 +58,31 @@ def unwrap_state_dict(state, source: str = "checkpoint") -> dict[str, torch.Tens
     if not isinstance(state, dict):
         raise WeightsError(f"{source} holds a {type(state).__name__}, not a state dict")
     return {_strip_prefix(k): v for k, v in state.items()}
+
+
+def mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """How ``state`` does not fit ``model`` exactly, in a few words (the first tensor of another
+    shape, else the first missing one, else the first unexpected one, and the counts), or None."""
+    own = model.state_dict()
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if not (wrong or missing or unexpected):
+        return None
+    if wrong:
+        first = f"{wrong[0]!r} has shape {tuple(state[wrong[0]].shape)}, the model expects {tuple(own[wrong[0]].shape)}"
+    else:
+        first = f"lacks {missing[0]!r}" if missing else f"has unexpected key {unexpected[0]!r}"
+    return f"{first}; {len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], fail: Callable[[str], Exception]) -> None:
+    """Load ``state`` into ``model`` only if every tensor fits; else raise ``fail(mismatch)``, the
+    caller's one-line error around :func:`mismatch` (every loader says what to do in its own words)."""
+    problem = mismatch(model, state)
+    if problem is not None:
+        raise fail(problem)
+    model.load_state_dict(state)
 
 
 def _is_state_dict(d: dict) -> bool:

@@ -127,16 +127,8 @@ class DistilledStudent(nn.Module):
         Returns a report, here ``{"loaded": [tensor names]}``.
         """
         state, where = self.read_checkpoint(source)
-        own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            first = (wrong or [f"missing {k}" for k in missing] or [f"unexpected {k}" for k in unexpected])[0]
-            raise self.misfit(state, where, (
-                f"{where} does not fit {self.family} ({first}; {len(missing)} missing, {len(unexpected)} unexpected, "
-                f"{len(wrong)} of another shape); use a checkpoint of the same student"))
-        self.load_state_dict(state)
+        weights.load_strict(self, state, lambda problem: self.misfit(
+            state, where, f"{where} does not fit {self.family} ({problem}); use a checkpoint of the same student"))
         return {"loaded": sorted(state)}
 
     def read_checkpoint(self, source: Mapping[str, torch.Tensor] | str | Path) -> tuple[dict[str, torch.Tensor], str]:

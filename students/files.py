@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distill import weights
 from students.registry import create_student
 
 WEIGHTS_NAME = "model.safetensors"
@@ -57,12 +58,8 @@ def load_student(directory: str | Path, map_location: str = "cpu") -> nn.Module:
         state = load_file(str(w_path), device=map_location)
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise ValueError(f"{w_path} is damaged or truncated ({str(e).splitlines()[0]}); {rewrite}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{w_path} does not match the student in {cfg_path}: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}; re-export it with the same distill version"
-        )
+    weights.load_strict(model, state, lambda problem: ValueError(
+        f"{w_path} does not match the student in {cfg_path} ({problem}); re-export it with the same distill version"))
     model.eval_head = config.get("eval_head", "joint")
     # Exports written before `student.joint` existed fused logits, the official DeiT rule.
     model.joint = config.get("joint", "logits")

@@ -20,7 +20,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from distill.weights import WeightsError, load_state_dict_file
+from distill.weights import WeightsError, load_state_dict_file, load_strict
 from teachers.teacher import Teacher
 
 TRAIN_TEACHER_HINT = "fine-tune the teacher on this dataset first: `distill train-teacher <recipe>`"
@@ -247,23 +247,13 @@ def create_teacher(name: str, num_classes: int = 1000, checkpoint: str | Path | 
 def load_teacher_checkpoint(model: nn.Module, checkpoint: str | Path, num_classes: int) -> None:
     """Load ``checkpoint`` into ``model`` strictly, with one-line errors that say what to do."""
     state = load_state_dict_file(checkpoint)
-    own = model.state_dict()
     head = _classifier_weight_key(model)
     if head is not None and head in state and state[head].ndim >= 1 and state[head].shape[0] != num_classes:
         raise ValueError(f"teacher checkpoint {checkpoint} has a {state[head].shape[0]}-class classifier "
                          f"but {num_classes} classes were requested; {TRAIN_TEACHER_HINT}")
-    for key in own:
-        if key not in state:
-            raise ValueError(f"teacher checkpoint {checkpoint} lacks {key!r} (first missing key); "
-                             "was it saved from a different architecture?")
-        if state[key].shape != own[key].shape:
-            raise ValueError(f"teacher checkpoint {checkpoint}: {key!r} has shape {tuple(state[key].shape)}, "
-                             f"the model expects {tuple(own[key].shape)}; was it saved from a different architecture?")
-    extra = [k for k in state if k not in own]
-    if extra:
-        raise ValueError(f"teacher checkpoint {checkpoint} has unexpected key {extra[0]!r} "
-                         f"({len(extra)} in all); was it saved from a different architecture?")
-    model.load_state_dict(state, strict=True)
+    load_strict(model, state, lambda problem: ValueError(
+        f"teacher checkpoint {checkpoint} does not fit the network ({problem}); was it saved from a different "
+        "architecture?"))
 
 
 def _unexpected_keyword(error: TypeError) -> str | None:

@@ -15,16 +15,19 @@ The Python API the CLI is built on::
 How the modules layer (imports only run downwards; ``tests/test_imports.py`` checks it):
 
     cli, quickstart                   the commands
-    train, cache, evaluate, analyze,  what runs: the loop, the teacher cache, evaluation, analysis,
-    export, onnx_export, predict,     conversion to timm / transformers / ONNX, prediction,
-    report                            the compression report
+    train                             the loop: fit, train_one_epoch, distill_step
+    cache_teacher, evaluate, analyze, what else runs: building the teacher cache, evaluation, the
+    export, onnx_export, predict,     DeiT Sec. 4 analysis, timm / transformers / ONNX exports,
+    report, compare                   prediction, the compression report, comparing runs
     build, rundir                     run set-up: config -> data, Accelerator, student, frozen
                                       teacher; the run folder, its exports, loading a run back
-    pipeline, data, transforms,       the data path, the objective, checkpoints, the schema
-    replay, losses, checkpoint, config,
-    sources, images, recipes
-    weights                           safe reading of weight files, the one module that the
-                                      `students` and `teachers` packages import from here
+    cache, pipeline, splits, sources, the teacher cache's format, the data path (replayable
+    images, transforms, replay,       augmentation), the objective, checkpoints, recipes and the
+    losses, checkpoint, recipes,      schema
+    config
+    atomic, weights                   whole-or-nothing writes and one-line write errors; safe
+                                      reading of weight files, the one module of this package
+                                      that `students` and `teachers` import
 """
 import importlib
 import sys

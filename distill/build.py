@@ -21,7 +21,7 @@ import students
 import teachers
 from distill.builtin_data import BUILTIN_DATASETS
 from distill.config import Config, ConfigError, DataConfig
-from distill.sources import load_image_dataset
+from distill.splits import load_image_dataset
 from distill.losses import DistillationLoss
 from teachers.files import TEACHER_WEIGHTS, read_teacher_meta, teacher_meta_file
 

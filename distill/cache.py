@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +43,7 @@ import torch
 
 from distill import atomic, build
 from distill.checkpoint import describe_file
-from distill.config import Config, ConfigError, dump, validate
-from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
-from distill.replay import ReplayBatchSampler
+from distill.config import Config, ConfigError
 from distill.weights import load_state_dict_file
 
 FORMAT = 2  # 1 had no checksums: refused, built again
@@ -144,115 +141,6 @@ def _describe_value(key: str, value) -> str:
     if key.endswith("images") or "sha256" in key:
         return f"{str(value)[:12]}..." if value else "unknown"
     return f"{value!r}"
-
-
-# ----------------------------------------------------------------------------------------------
-# Building
-
-
-def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
-    """``distill cache-teacher``: run the teacher over every epoch's batches and store its outputs.
-
-    Completed epochs are kept, so an interrupted build continues, and a larger ``train.epochs``
-    extends a cache. Every process builds the global batches ``b % processes == rank``.
-    """
-    validate(cfg)
-    if cfg.teacher.name is None:
-        raise ConfigError("cache-teacher needs teacher.name (see `distill teachers`)")
-    root = Path(out or cfg.teacher.cache or default_dir(cfg))
-    data = build.load_data(cfg.data)
-    cfg = build.with_teacher_weights(cfg)
-    teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
-    tc, dc = cfg.train, cfg.data
-    precision = build.run_precision(tc.mixed_precision, cpu=tc.cpu, warn=True)
-    accelerator = build.new_accelerator(cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=precision)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    record = made_from(cfg, data, teacher_weights_sha256(cfg))
-    K = min(cfg.teacher.cache_topk, data.num_classes)
-    train_set = image_dataset(dc, data, train=True)
-    sampler = ReplayBatchSampler(len(train_set), tc.batch_size, tc.seed, num_repeats=dc.num_repeats if dc.repeated_aug else 1)
-    nb, B = sampler.num_batches, tc.batch_size
-    if nb == 0:
-        raise ConfigError(f"train.batch_size={B} is larger than the {len(train_set)} training images; lower it")
-    if main:
-        _start_cache_file(root, record, K, nb, B, data.num_classes, precision)
-    accelerator.wait_for_everyone()
-
-    teacher.to(accelerator.device)
-    loader, rank_sampler = train_loader(dc, train_set, batch_size=B, seed=tc.seed, num_replicas=world, rank=rank)
-    rank_sampler.drop_uneven = False  # every global batch is cached, whichever rank will train on it
-    mixup = replay_mixup(dc, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=tc.seed)
-    class_dtype = np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32
-    for epoch in range(tc.epochs):
-        final = epoch_dir(root, epoch)
-        tmp = final.with_suffix(".tmp")
-        if final.is_dir():
-            continue
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            shapes = {"index": ((nb, B), np.int64), "seed": ((nb, B), np.uint64), "values": ((nb, B, K), np.float32),
-                      "classes": ((nb, B, K), class_dtype), "lse": ((nb, B), np.float32), "digest": ((nb, 16), np.uint8)}
-            for name, (shape, dtype) in shapes.items():
-                np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
-        accelerator.wait_for_everyone()
-        arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in ARRAYS}
-        for batch, images, _ in epoch_batches(loader, rank_sampler, mixup, epoch, accelerator.device):
-            index, seed = sampler.global_batch(epoch, batch)
-            with torch.inference_mode(), accelerator.autocast():
-                logits = teacher(images).float()
-            values, classes, lse = top_k_entries(logits, K)
-            arrays["index"][batch], arrays["seed"][batch] = index, seed
-            arrays["values"][batch], arrays["classes"][batch], arrays["lse"][batch] = values, classes.astype(class_dtype), lse
-            arrays["digest"][batch] = np.frombuffer(image_digest(images), dtype=np.uint8)
-        for array in arrays.values():
-            array.flush()
-        del arrays
-        accelerator.wait_for_everyone()
-        if main:
-            seal(tmp)
-            tmp.rename(final)
-            accelerator.print(f"cached epoch {epoch + 1}/{tc.epochs} in {final}")
-    if main and not (root / VAL_DIR).is_dir():
-        _cache_val_predictions(cfg, data, teacher, accelerator, root)
-    if main:
-        info = json.loads((root / CACHE_FILE).read_text())
-        info["epochs"] = max(info.get("epochs", 0), tc.epochs)
-        atomic.write_json(root / CACHE_FILE, info)
-        (root / "recipe.yaml").write_text(dump(cfg))
-    accelerator.wait_for_everyone()
-    return root
-
-
-def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_classes: int, precision: str) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    file = root / CACHE_FILE
-    if file.is_file():
-        info = _read_info(root)
-        key = _first_mismatch(info["made_from"], record)
-        if key is not None or info["topk"] != K:
-            what = f"{key}: {_describe_value(key, info['made_from'][key])} there, {_describe_value(key, record.get(key))} " \
-                   "in this recipe" if key else f"top-{info['topk']} there, top-{K} asked"
-            raise CacheError(f"{root} holds a teacher cache of another recipe ({what}); set teacher.cache=<new folder>")
-        return
-    if any(root.iterdir()):
-        raise CacheError(f"{root} is not empty and holds no teacher cache; set teacher.cache=<new folder>")
-    atomic.write_json(file, {"format": FORMAT, "made_from": record, "epochs": 0, "topk": K, "num_batches": nb,
-                       "batch_size": B, "num_classes": num_classes, "mixed_precision": precision})
-
-
-def _cache_val_predictions(cfg, data, teacher, accelerator, root: Path) -> None:
-    k = min(5, data.num_classes)
-    preds = np.zeros((len(data.val), k), dtype=np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32)
-    loader = val_loader(cfg.data, image_dataset(cfg.data, data, train=False), cfg.train.batch_size)
-    for images, _, index in loader:
-        with torch.inference_mode(), accelerator.autocast():
-            preds[index.numpy()] = teacher(images.to(accelerator.device)).float().topk(k, dim=1).indices.cpu().numpy()
-    def write(folder: Path) -> None:
-        np.save(folder / VAL_FILE, preds)
-        seal(folder)
-
-    atomic.write_dir(root / VAL_DIR, write)
 
 
 def write_epoch(root: Path, epoch: int, arrays: dict[str, np.ndarray]) -> Path:
@@ -419,56 +307,3 @@ def teacher_weights_sha256(cfg: Config) -> str | None:
     if checkpoint is None or not Path(checkpoint).is_file():
         return None
     return weights_sha256(load_state_dict_file(checkpoint))
-
-
-# ----------------------------------------------------------------------------------------------
-# Checking
-
-
-def check_cache(cfg: Config, batches: int = 4) -> dict:
-    """``cache-teacher --check``: replay ``batches`` cached batches (spread over the epochs) from their
-    seeds, compare the images bit for bit with the cached digests, rerun the teacher and report the
-    largest difference from the cached logits."""
-    validate(cfg)
-    root = Path(cfg.teacher.cache or default_dir(cfg))
-    cache = TeacherCache(root)
-    data = build.load_data(cfg.data)
-    cfg.teacher.cache = str(root)
-    open_cache(cfg, data)
-    epochs = [e for e in range(cache.info["epochs"]) if epoch_dir(root, e).is_dir()]
-    for epoch in epochs:  # every file against its checksum, before anything is replayed
-        cache.arrays(epoch)
-    cache.val_predictions()
-    cfg = build.with_teacher_weights(cfg)
-    teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
-    accelerator = build.new_accelerator(cpu=cfg.train.cpu, mixed_precision=cache.info["mixed_precision"])
-    teacher.to(accelerator.device)
-    dataset = image_dataset(cfg.data, data, train=True)
-    mixup = replay_mixup(cfg.data, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=cfg.train.seed)
-    picks = np.random.default_rng(0).choice(len(epochs) * cache.info["num_batches"], size=min(batches, len(epochs) * cache.info["num_batches"]), replace=False)
-    identical, max_diff, agree, total = True, 0.0, 0, 0
-    for pick in sorted(int(p) for p in picks):
-        epoch, batch = epochs[pick // cache.info["num_batches"]], pick % cache.info["num_batches"]
-        images, targets = replay_batch(dataset, cache, mixup, epoch, batch)
-        a = cache.arrays(epoch)
-        identical &= image_digest(images) == bytes(np.asarray(a["digest"][batch]))
-        with torch.inference_mode(), accelerator.autocast():
-            logits = teacher(images.to(accelerator.device)).float().cpu()
-        classes = torch.from_numpy(a["classes"][batch].astype(np.int64))
-        stored = torch.from_numpy(np.array(a["values"][batch]))
-        max_diff = max(max_diff, float((logits.gather(1, classes) - stored).abs().max()))
-        agree += int((logits.argmax(1) == classes[:, 0]).sum())
-        total += len(classes)
-    return {"epochs_verified": len(epochs), "batches": len(picks), "images_identical": bool(identical),
-            "max_abs_logit_diff": max_diff, "top1_agreement": round(100.0 * agree / max(1, total), 2)}
-
-
-def replay_batch(dataset, cache: TeacherCache, mixup, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images of a cached batch rebuilt from its stored indices and seeds, without a DataLoader."""
-    a = cache.arrays(epoch)
-    items = [dataset[(int(i), int(s))] for i, s in zip(a["index"][batch], a["seed"][batch])]
-    images = torch.stack([x for x, _ in items])
-    targets = torch.tensor([y for _, y in items])
-    if mixup is not None:
-        images, targets = mixup(images, targets, epoch, batch)
-    return images, targets

@@ -224,14 +224,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("train", "train-teacher"):
         cfg = load_recipe(args.recipe, args.overrides)
         if args.print_config:
-            from distill.config import dump
+            from distill.recipes import dump
             print(dump(cfg), end="")
             return 0
         run = distill.train if args.command == "train" else distill.train_teacher
         metrics = run(cfg, resume=args.resume)
         print(json.dumps(metrics))
     elif args.command == "cache-teacher":
-        from distill.cache import build_cache, check_cache
+        from distill.cache_teacher import build_cache, check_cache
         cfg = load_recipe(args.recipe, args.overrides)
         if args.check:
             report = check_cache(cfg, batches=args.check_batches)

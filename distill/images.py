@@ -1,6 +1,6 @@
 """One image-classification split as a torch dataset: decode one image per item, in RGB.
 
-``ImageClassificationDataset`` wraps a split that ``distill.sources.load_image_dataset`` loaded, for
+``ImageClassificationDataset`` wraps a split that ``distill.splits.load_image_dataset`` loaded, for
 a torch ``DataLoader``. It decodes one image per item (inside the loader workers), or every image
 once into memory (``decode_all``), and applies a transform; augmentation is ``distill.transforms``.
 16-bit images are scaled to 8 bits, not clipped.
@@ -20,7 +20,8 @@ from torchvision import transforms as T
 
 from distill.replay import preserved_rngs, seed_all
 from distill.atomic import first_line
-from distill.sources import DataError, label_values, pick_image_column, pick_label_column
+from distill.sources import DataError
+from distill.splits import label_values, pick_image_column, pick_label_column
 
 __all__ = ["ImageClassificationDataset"]
 

@@ -33,7 +33,8 @@ from torch import nn
 
 import students
 from distill import atomic, build
-from distill.config import DataConfig, from_dict
+from distill.config import DataConfig
+from distill.recipes import from_dict
 from distill.images import ImageClassificationDataset
 from distill.rundir import (HEADS, MARKER, ExportError, eval_transform, export_preprocessing, locate_export,
                             read_export_config, resolve_out, student_output, upload)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from distill.config import DataConfig
 from distill.images import ImageClassificationDataset, ignore_interrupt
-from distill.sources import ImageDatasetSplits
+from distill.splits import ImageDatasetSplits
 from distill.replay import STREAM_LOADER, ReplayBatchSampler, ReplayMixup, derive_seed
 from distill.transforms import build_mixup, build_transform
 

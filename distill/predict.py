@@ -37,7 +37,8 @@ from distill.onnx_export import ONNX_NAME
 from distill.rundir import (HEADS, eval_transform, export_preprocessing, locate_export, read_export_config,
                             student_output)
 from distill.atomic import first_line, write_text
-from distill.sources import HUB_ID, IMAGE_EXTENSIONS, DataError, load_eval_split
+from distill.sources import HUB_ID, IMAGE_EXTENSIONS, DataError
+from distill.splits import load_eval_split
 
 __all__ = ["predict", "PredictError", "load_classifier", "eval_transform", "write_json", "write_csv", "format_predictions"]
 

@@ -1,4 +1,6 @@
-"""Recipes: YAML files on top of the schema in ``distill.config``, and dotted overrides on top of them.
+"""Recipes: YAML files on top of the schema in ``distill.config``, dotted overrides on top of them, and
+the checks every value passes on the way in (``update``, ``validate``) and the resolved config's
+YAML on the way out (``dump``, ``from_dict``).
 
     base: cifar10_deit_tiny        # optional: start from another recipe (a name or a path)
     data: {source: uoft-cs/cifar10, img_size: 32}
@@ -15,13 +17,15 @@ import ast
 import dataclasses
 import inspect
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
 from distill.atomic import closest
-from distill.config import Config, ConfigError, update, validate
+from distill.config import Config, ConfigError, Range
 
 
 def recipe_dirs() -> list[Path]:
@@ -124,3 +128,171 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
         else:
             rows.append((f"{prefix}{f.name}", repr(value), docs.get(f.name, "")))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking values against the schema
+
+def update(cfg: Any, values: dict, source: str = "config", prefix: str = "") -> None:
+    """Set ``values`` (nested dicts) on the dataclass ``cfg``, checking every key and type."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key {dotted!r}{_closest_key(dotted, cfg, prefix)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted!r} is a section; give a mapping of its keys")
+            update(current, value, source, prefix=f"{dotted}.")
+        else:
+            setattr(cfg, key, _coerce(value, hints[key], dotted, source))
+
+
+def _closest_key(dotted: str, cfg: Any, prefix: str) -> str:
+    """A sibling key first (a typo), else any key of the schema (a key put in the wrong section)."""
+    last = dotted.rsplit(".", 1)[-1]
+    sibling = closest(last, [f.name for f in dataclasses.fields(cfg)])
+    if sibling:
+        match = f"{prefix}{sibling}"
+    else:
+        keys = all_keys(Config())
+        by_last = {k.rsplit(".", 1)[-1]: k for k in keys}
+        match = by_last.get(closest(last, by_last)) or closest(dotted, keys, cutoff=0.5)
+    return f"; did you mean {match!r}?" if match else ""
+
+
+def all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """``value`` as the schema type ``tp``, then checked against the type's ``Range``."""
+    value = _convert(value, tp, key, source)
+    bound = _range(tp)
+    if value is not None and bound is not None and not bound.contains(value):
+        raise ConfigError(f"{source}: {key!r} must be {bound}, got {value!r}")
+    return value
+
+
+def _range(tp: Any) -> Range | None:
+    """The Range of ``Annotated[..., Range(...)]``, also as the arm of ``... | None``."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return next((r for r in map(_range, typing.get_args(tp)) if r is not None), None)
+    return next((m for m in getattr(tp, "__metadata__", ()) if isinstance(m, Range)), None)
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    def fail() -> ConfigError:
+        return ConfigError(f"{source}: {key!r} must be {_type_name(tp)}, got {value!r}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _convert(value, args[0], key, source)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError:
+                pass
+        raise fail()
+    if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false (`mixed_precision: no`)
+            value = "no"
+        if value not in args:
+            close = closest(str(value), [str(a) for a in args])
+            hint = f"; did you mean {close!r}?" if close else ""
+            raise ConfigError(f"{source}: {key!r} must be one of {list(args)}, got {value!r}{hint}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise fail()
+        return tuple(_convert(v, a, key, source) for v, a in zip(value, args))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        return dict(value)
+    raise fail()
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    if tp is type(None):
+        return "null"
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def validate(cfg: Config) -> Config:
+    """Check a whole config before any work: every value against the schema (also those set from
+    Python rather than through a recipe), then the rules that tie keys together."""
+    update(Config(), dataclasses.asdict(cfg), source="config")
+    d, t = cfg.data, cfg.train
+    if (d.mixup > 0 or d.cutmix > 0) and d.mixup_prob > 0 and t.batch_size % 2:
+        raise ConfigError(f"config: train.batch_size={t.batch_size} is odd, but mixup/cutmix pair the images of a batch; "
+                          "use an even train.batch_size or set data.mixup=0 data.cutmix=0")
+    if cfg.distill.kind != "none" and cfg.teacher.name is None and cfg.teacher.cache is None:
+        raise ConfigError(f"config: distill.kind={cfg.distill.kind} needs a teacher; set teacher.name (see `distill teachers`) "
+                          "or distill.kind=none")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain dict (tuples as lists) for writing the resolved config."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(values: dict) -> Config:
+    cfg = Config()
+    update(cfg, values, source="saved config")
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -39,7 +39,8 @@ from torch import nn
 
 import students
 import teachers
-from distill.config import ConfigError, from_dict
+from distill.config import ConfigError
+from distill.recipes import from_dict
 from distill.rundir import export_preprocessing
 from teachers.files import TEACHER_CONFIG, TEACHER_WEIGHTS
 

@@ -27,8 +27,9 @@ import students
 from distill import atomic, build
 from distill import checkpoint as ckpt
 from students.base import DistilledStudent
-from distill.config import Config, ConfigError, DataConfig, from_dict
-from distill.sources import load_eval_split
+from distill.config import Config, ConfigError, DataConfig
+from distill.recipes import from_dict
+from distill.splits import load_eval_split
 from distill.pipeline import image_dataset, val_loader
 from distill.transforms import build_transform
 
@@ -153,7 +154,7 @@ class LoadedRun:
     cfg: Config  # data settings (and teacher) the student is evaluated with
     export: Path  # the export folder (model.safetensors + config.json)
     info: dict  # the export's config.json
-    splits: object  # distill.sources.ImageDatasetSplits
+    splits: object  # distill.splits.ImageDatasetSplits
     teacher: nn.Module | None  # frozen teacher (None when the run had none or no weights are given)
 
 

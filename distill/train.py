@@ -34,7 +34,8 @@ import teachers
 from distill import atomic, build, plots, rundir
 from distill import checkpoint as ckpt
 from distill.cache import open_cache
-from distill.config import Config, ConfigError, DistillConfig, OptimConfig, dump, validate
+from distill.config import Config, ConfigError, DistillConfig, OptimConfig
+from distill.recipes import dump, validate
 from distill.evaluate import evaluate
 from distill.losses import DistillationLoss
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader

@@ -60,7 +60,8 @@ def tiny_config(dataset: Path, output_dir: Path) -> dict:
 
 def make_config(dataset: Path, out: Path, **sections):
     """``tiny_config`` as a validated ``distill.config.Config``, with sections updated by ``sections``."""
-    from distill.config import Config, update, validate
+    from distill.config import Config
+    from distill.recipes import update, validate
 
     raw = tiny_config(dataset, out)
     for section, values in sections.items():

@@ -148,7 +148,8 @@ def test_students_without_two_tokens_report_not_applicable(name, reason):
 def tiny_run(tiny_dataset, tmp_path_factory):
     """A 1-epoch distilled run (teacher fine-tuned first) on the tiny image folder."""
     import distill
-    from distill.config import Config, update
+    from distill.config import Config
+    from distill.recipes import update
 
     out = tmp_path_factory.mktemp("analyze_runs")
     raw = tiny_config(tiny_dataset, out)

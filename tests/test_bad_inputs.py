@@ -27,7 +27,8 @@ from PIL import Image
 import teachers
 from distill import checkpoint as ckpt
 from distill.cli import build_parser, main as cli
-from distill.config import Config, all_keys
+from distill.config import Config
+from distill.recipes import all_keys
 from distill.train import train
 
 from conftest import _write_image_folder, make_config, tiny_config
@@ -342,7 +343,7 @@ def _garbage_cache(w: World) -> Path:
     """A one-epoch cache of the world's recipe whose stored logits were then overwritten with garbage."""
     root = w.root / "garbage_cache"
     if not root.exists():
-        from distill.cache import build_cache
+        from distill.cache_teacher import build_cache
         from distill.recipes import load_recipe
         build_cache(load_recipe(str(w.recipe), [f"teacher.cache={root}"]))
         values = root / "epoch_0000" / "values.npy"
@@ -437,7 +438,7 @@ def test_bad_input_is_one_line_and_changes_nothing(world, capfd, name, argv, pat
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     from distill.images import ImageClassificationDataset
-    from distill.sources import load_image_dataset
+    from distill.splits import load_image_dataset
 
     for c, top in enumerate((65535, 30000)):
         d = tmp_path / "train" / f"c{c}"

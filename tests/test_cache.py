@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from distill.cache import CacheError, TeacherCache, build_cache, check_cache, image_digest, replay_batch, sparse_logits
+from distill.cache import CacheError, TeacherCache, image_digest, sparse_logits
+from distill.cache_teacher import build_cache, check_cache, replay_batch
 from distill.cli import main as cli
 from distill.pipeline import image_dataset, replay_mixup
 from distill.build import load_data

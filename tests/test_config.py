@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from distill.config import Config, ConfigError, all_keys, dump, from_dict, to_dict
-from distill.recipes import apply_override, describe, list_recipes, load_recipe
+from distill.config import Config, ConfigError
+from distill.recipes import all_keys, apply_override, describe, dump, from_dict, list_recipes, load_recipe, to_dict
 
 
 def write(tmp_path, data, name="r.yaml"):

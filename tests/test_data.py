@@ -25,7 +25,8 @@ from PIL import Image
 
 from distill.transforms import build_transform
 from distill.images import ImageClassificationDataset
-from distill.sources import DataError, ImageDatasetSplits, load_eval_split, load_image_dataset
+from distill.sources import DataError
+from distill.splits import ImageDatasetSplits, load_eval_split, load_image_dataset
 
 MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / STD, written out so a change shows
 STD = (0.229, 0.224, 0.225)

@@ -16,7 +16,8 @@ import distill
 import distill.export as export
 import students
 from distill.cli import main as cli
-from distill.config import Config, update
+from distill.config import Config
+from distill.recipes import update
 from distill.export import MARKER, ExportError, export_student, load_hf_export, load_timm_export, resolve_out
 from distill.transforms import build_transform
 

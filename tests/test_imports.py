@@ -82,10 +82,10 @@ def test_students_and_teachers_use_only_the_shared_low_level_module():
 
 
 def test_run_set_up_never_imports_what_runs():
-    """cache, evaluate, analyze, export and quickstart build on build/rundir, never on train."""
+    """cache, evaluate, analyze and export build on build/rundir, never on train."""
     graph = import_graph()
-    for name in ("distill.build", "distill.rundir", "distill.cache", "distill.evaluate", "distill.analyze",
-                 "distill.export"):
+    for name in ("distill.build", "distill.rundir", "distill.cache", "distill.cache_teacher", "distill.evaluate",
+                 "distill.analyze", "distill.export", "distill.predict", "distill.report"):
         assert "distill.train" not in graph[name], name
 
 

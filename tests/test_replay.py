@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distill.images import ImageClassificationDataset
-from distill.sources import load_image_dataset
+from distill.splits import load_image_dataset
 from distill.replay import ReplayBatchSampler, ReplayMixup, position_seeds, seeded
 from distill.transforms import build_mixup, build_transform
 

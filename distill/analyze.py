@@ -142,10 +142,12 @@ def analyze_run(path: str | Path, data: str | None = None, split: str | None = N
     The run is loaded exactly as ``distill eval`` loads it (its config.yaml names the data and the
     teacher). A run folder's training curves (``training_curves.png``) are (re)drawn too.
     """
+    out = Path(out) if out is not None else Path(path) / "analysis"
+    if out.exists() and not out.is_dir():  # found before any work, not by mkdir at the end
+        raise ValueError(f"{out} is a file; pass a folder as --out (analysis.json and analysis.png go into it)")
     run = load_run(path, data=data, split=split, teacher_checkpoint=teacher_checkpoint)
     accelerator, model, loader = prepare_eval(run, batch_size=batch_size, num_workers=num_workers, cpu=cpu)
     result = {"run": str(path), **analyze(model, loader, accelerator, run.teacher, run.info.get("class_names"))}
-    out = Path(out) if out is not None else Path(path) / "analysis"
     result["files"] = {"json": str(out / ANALYSIS_JSON), "png": None, "training_curves": None}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

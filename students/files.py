@@ -9,6 +9,7 @@ caller adds (class names, mean/std).
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -37,6 +38,42 @@ def save_student(model: nn.Module, directory: str | Path, **extra) -> Path:
     return directory
 
 
+# What `distill train` writes into config.json besides the builder's arguments, and what reads it
+# back (evaluation's transform, the eval-mode head): a field of another type would fail far from here.
+_FIELDS = {
+    "img_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "crop_pct": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+    "transform": lambda v: v in ("deit", "small"),
+    "mean": lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v),
+    "std": lambda v: isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and x > 0 for x in v),
+    "class_names": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "eval_head": lambda v: v in ("joint", "cls", "dist"),
+    "joint": lambda v: v in ("logits", "softmax"),
+}
+
+
+def _check_fields(config: dict, args: dict, name: str, damaged: str, rewrite: str) -> None:
+    """One line naming the first field of ``config.json`` whose value has the wrong type."""
+    for key, ok in _FIELDS.items():
+        if key in config and not ok(config[key]):
+            raise ValueError(f"{damaged}: field {key!r} is {config[key]!r}; {rewrite}")
+    for key, value in args.items():  # the builder's arguments, against its class's typed signature
+        expected = _argument_types(name).get(key)
+        if expected is not None and value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
+            what = "an integer" if expected is int else "a number"
+            raise ValueError(f"{damaged}: field 'student.{key}' is {value!r}, not {what}; {rewrite}")
+
+
+def _argument_types(name: str) -> dict[str, type]:
+    """``{argument: int | float}`` of a registered student's class, from its signature's defaults."""
+    from students.registry import student_class
+
+    params = inspect.signature(student_class(name).__init__).parameters.values()
+    types: dict = {p.name: type(p.default) for p in params if type(p.default) in (int, float)}
+    types.update({k: (int, float) for k, t in types.items() if t is float})  # 4 is a fine float
+    return {"num_classes": int, **types}
+
+
 def load_student(directory: str | Path, map_location: str = "cpu") -> nn.Module:
     """Rebuild an exported student and load its weights (strict: every tensor must match)."""
     directory = Path(directory)
@@ -53,6 +90,7 @@ def load_student(directory: str | Path, map_location: str = "cpu") -> nn.Module:
         name = args.pop("name")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{cfg_path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); {rewrite}") from None
+    _check_fields(config, args, name, f"{cfg_path} is damaged", rewrite)
     model = create_student(name, **args)
     try:
         state = load_file(str(w_path), device=map_location)

@@ -6,8 +6,10 @@ The registry is an explicit dict; nothing is imported from a string.
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Callable
 
+import torch
 from torch import nn
 
 _STUDENTS: dict[str, Callable[..., nn.Module]] = {}
@@ -20,6 +22,16 @@ def register_student(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         raise ValueError(f"student {name!r} is registered twice")
     _STUDENTS[name] = fn
     return fn
+
+
+@functools.cache
+def student_class(name: str) -> type:
+    """The class a registered builder returns, found by building its defaults on the meta device
+    (no memory, no weights)."""
+    if name not in _STUDENTS:
+        raise _unknown(name)
+    with torch.device("meta"):
+        return type(_STUDENTS[name](num_classes=2))
 
 
 def list_students() -> list[str]:

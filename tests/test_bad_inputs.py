@@ -301,6 +301,11 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("eval_other_classes", lambda w: ["eval", str(w.finished), "--data", str(_folder(w, "three", {"test": 3}, classes=3))],
      r"the student predicts 4 classes .* labels 3"),
     ("eval_not_a_run", lambda w: ["eval", str(w.root / "recipes")], r"neither a run folder nor an exported student"),
+    ("eval_wrong_typed_config_field", lambda w: ["eval", str(_retyped_export(w))],
+     r"config.json is damaged: field 'student.img_size' is '16', not an integer"),
+    ("eval_no_teacher_export_other_class_count", lambda w: ["eval", str(w.finished / "export"), "--data", str(_three_class_ids(w))],
+     r"the student predicts 4 classes .* labels 3"),
+    ("analyze_out_is_a_file", lambda w: ["analyze", str(w.finished), "--out", str(w.recipe)], r"r.yaml is a file; pass a folder as --out"),
     # --- export ---------------------------------------------------------------------------------------
     ("export_softmax_joint_student", lambda w: ["export", str(_softmax_joint_run(w)), "--format", "timm"],
      r"predicts with the average of its two heads' softmax outputs \(student.joint=softmax\).*"
@@ -350,6 +355,26 @@ def _garbage_cache(w: World) -> Path:
         array = np.load(values)
         np.save(values, np.random.default_rng(0).normal(size=array.shape).astype(array.dtype) * 100)
     return root
+def _retyped_export(w: World) -> Path:
+    folder = _copy_run(w, "finished", "retyped") / "export"
+    config = json.loads((folder / "config.json").read_text())
+    config["student"]["img_size"] = "16"  # a hand edit: a string where the builder takes an integer
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _three_class_ids(w: World) -> Path:
+    """A table labelled with plain ids 0..2: a dataset of 3 classes, not the student's 4."""
+    path = w.root / "three_ids.parquet"
+    if not path.exists():
+        import datasets
+        images = [Image.fromarray(np.full((16, 16, 3), i * 20, dtype=np.uint8)) for i in range(9)]
+        ds = datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(9)]},
+                                        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+        ds.to_parquet(str(path))
+    return path
+
+
 def _teacher_run(w: World) -> Path:
     """A teacher stage's run folder, as `distill train-teacher` leaves it: config.yaml and export/."""
     run = w.root / "r-teacher"

@@ -76,6 +76,20 @@ def test_cli_train_end_to_end(tiny_recipe, tmp_path, capsys):
         assert export_only[key] == history[-1][key], key
 
 
+def test_eval_on_a_second_test_set_says_the_teacher_did_not_train_on_it(tiny_dataset, tmp_path, teacher_ckpt):
+    """A second test set with the same classes (as CIFAR-10.1 is for CIFAR-10) is evaluated, the
+    teacher included; that the teacher was fine-tuned on other data is said, not refused."""
+    import shutil
+
+    train(make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)}, train={"epochs": 1}))
+    second = tmp_path / "second"
+    shutil.copytree(tiny_dataset / "val", second / "test")
+    with pytest.warns(UserWarning, match=r"the teacher was fine-tuned on .*: its figures on .*second are on data it "
+                                         r"was not trained on"):
+        metrics = distill.evaluate_run(str(tmp_path / "tiny"), data=str(second), num_workers=0)
+    assert {"teacher_top1", "agreement_top1", "joint_top1"} <= set(metrics)
+
+
 def test_teacher_weights_and_bn_stats_unchanged_by_training(tiny_dataset, tmp_path, teacher_ckpt):
     cfg = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)})
     data = load_data(cfg.data)

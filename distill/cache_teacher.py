@@ -42,6 +42,7 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
     tc, dc = cfg.train, cfg.data
     precision = build.run_precision(tc.mixed_precision, cpu=tc.cpu, warn=True)
     accelerator = build.new_accelerator(cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=precision)
+    torch.set_num_threads(build.compute_threads(tc.threads))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     record = made_from(cfg, data, teacher_weights_sha256(cfg))
     K = min(cfg.teacher.cache_topk, data.num_classes)

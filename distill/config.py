@@ -276,6 +276,11 @@ class TrainConfig:
     """Show a progress bar (loss, lr, images/s)."""
     tensorboard: bool = False
     """Log metrics to TensorBoard through Accelerate (pip install tensorboard)."""
+    threads: PositiveInt | None = None
+    """CPU compute threads per process (torch.set_num_threads); null: the cores this process may run on
+    (os.sched_getaffinity) shared among the processes of this machine."""
+    compile: bool = False
+    """torch.compile the student for training (timm's --torchcompile; the first steps compile)."""
 
 
 @dataclass

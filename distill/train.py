@@ -18,6 +18,7 @@ equals an uninterrupted one for any number of DataLoader workers.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -168,6 +169,8 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
         targets.to(accelerator.device)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=tc.ema_decay) if tc.ema else None
     model_args = getattr(accelerator.unwrap_model(model), "student_args", None)
+    if tc.compile:  # in place, after the EMA's copy: the state dict keeps its names, the EMA stays eager
+        _compile(accelerator.unwrap_model(model))
 
     start_epoch, global_step = _resume_or_seed(accelerator, resume_from, tc.seed, model, optimizer, ema, model_args)
     scheduler.step_update(global_step)
@@ -217,10 +220,13 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
 
 
 def _accelerator(tc, precision: str, run_dir: Path, find_unused_parameters: bool) -> Accelerator:
-    return build.new_accelerator(
+    """The run's Accelerator (device, processes, precision, accumulation) and its CPU threads."""
+    accelerator = build.new_accelerator(
         cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum_steps,
         log_with="tensorboard" if tc.tensorboard else None, project_dir=str(run_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None)
+    torch.set_num_threads(build.compute_threads(tc.threads))
+    return accelerator
 
 
 def _resume_or_seed(accelerator: Accelerator, resume_from, seed: int, model, optimizer, ema, model_args) -> tuple[int, int]:
@@ -235,6 +241,15 @@ def _resume_or_seed(accelerator: Accelerator, resume_from, seed: int, model, opt
                                            model_args=model_args)
     accelerator.print(f"resumed from {folder} after epoch {epoch} (step {step})")
     return epoch, step
+
+
+def _compile(model: nn.Module) -> None:
+    """``torch.compile`` the student's training forward (timm's ``--torchcompile``), from a clean slate:
+    dynamo's caches are shared by every model of the process, and past its recompile limit it would
+    fall back to eager without a word (the quickstart and the tests train several students)."""
+    torch._dynamo.reset()
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on a CPU
+    model.compile()
 
 
 def _updates_per_epoch(batches: int, accum: int, cap: int | None) -> int:

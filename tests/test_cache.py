@@ -95,6 +95,17 @@ def test_cached_soft_run_with_every_class_equals_the_online_run(cache_dir, tiny_
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+@pytest.mark.slow
+def test_a_compiled_student_trains_the_same_from_the_cache(cache_dir, tiny_dataset, trained_teacher, tmp_path):
+    """train.compile keeps the cache's guarantee: the cached run equals the online one bit for bit."""
+    online = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(trained_teacher)},
+                         train={"run_name": "online", "compile": True})
+    cached = cached_config(tiny_dataset, tmp_path, trained_teacher, cache_dir, train={"run_name": "cached", "compile": True})
+    train(online), train(cached)
+    wa, wb = (load_file(str(tmp_path / r / "export" / "model.safetensors")) for r in ("online", "cached"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_sparse_logits_keep_the_top_k_and_spread_the_rest():
     torch.manual_seed(0)
     logits = torch.randn(5, 10) * 3

@@ -413,6 +413,26 @@ def test_ctrl_c_mid_epoch_with_workers_is_one_line(tiny_dataset, tmp_path, teach
 
 
 @pytest.mark.slow
+def test_a_compiled_student_resumes_exactly(tiny_dataset, tmp_path, teacher_ckpt):
+    """train.compile: a run stopped after epoch 1 and resumed ends with the uninterrupted compiled
+    run's weights bit for bit (inductor's CPU kernels are deterministic; drop path draws from the
+    generator the checkpoint restores), and compiling changes the arithmetic, not the training."""
+    common = dict(teacher={"checkpoint": str(teacher_ckpt)}, train={"compile": True})
+    full = make_config(tiny_dataset, tmp_path, **{**common, "train": {"compile": True, "run_name": "full"}})
+    train(full)
+    cut = make_config(tiny_dataset, tmp_path, **{**common, "train": {"compile": True, "run_name": "cut", "stop_after": 1}})
+    train(cut)
+    cut.train.stop_after = None
+    train(cut, resume=True)
+    eager = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(teacher_ckpt)}, train={"run_name": "eager"})
+    train(eager)
+    a, b, c = (load_file(str(tmp_path / r / "export" / "model.safetensors")) for r in ("full", "cut", "eager"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "a compiled run differs after resume"
+    assert all(torch.allclose(a[k], c[k], atol=1e-3) for k in a)  # the same training, other rounding
+    assert read_metrics(tmp_path / "full")[-1]["train_loss"] == read_metrics(tmp_path / "cut")[-1]["train_loss"]
+
+
+@pytest.mark.slow
 def test_two_process_no_teacher_baseline_and_resume(tiny_recipe, tmp_path):
     """The no-teacher baseline in 2 gloo processes (the distillation head gets no gradient, which DDP
     must be told), with DeiT's repeated augmentation and the default 2 workers per process; a run

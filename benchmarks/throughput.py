@@ -64,6 +64,9 @@ from distill.build import load_data, new_accelerator
 from distill.train import distill_step
 from distill.transforms import build_mixup
 
+import loop  # benchmarks/loop.py, next to this file
+from loop import SETTINGS as LOOP_SETTINGS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> overrides of our `deit_tiny` builder. DeiT-Ti (Touvron et al. 2021, Table 1: width 192,
@@ -326,6 +329,7 @@ def run_teacher(teacher_name, args, batches, device) -> dict:
             "teacher_optimizations": fast.optimizations, "img_s_per_block": rates}
 
 
+LOOP_COLUMNS = ["loop_img_s", "step_img_s", "loop/step", "loop_shared/idle"]
 TEACHER_COLUMNS = ["plain_img_s", "optimized_img_s", "optimized/plain", "teacher_agreement_top1"]
 COLUMNS = ["plain_img_s", "online_img_s", "cached_img_s", "timm_img_s", "online/plain", "cached/plain",
            "online/timm", "teacher_agreement_top1"]
@@ -353,6 +357,13 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the optimised teacher (teacher.compile)")
     p.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm (teacher.fold_bn=false)")
     p.add_argument("--no-channels-last", action="store_true", help="teacher.channels_last=false")
+    p.add_argument("--loop", action="store_true",
+                   help="time the real `distill train` loop against its bare step, per setting, idle and with --busy "
+                        "other processes (benchmarks/loop.py)")
+    p.add_argument("--loop-settings", nargs="+", default=["default"], metavar="NAME",
+                   help=f"settings for --loop (default: default): {', '.join(repr(s) for s in LOOP_SETTINGS)}")
+    p.add_argument("--loop-steps", type=int, default=40, help="training steps per epoch of each --loop run")
+    p.add_argument("--busy", type=int, default=1, help="other CPU-bound processes for --loop's shared-cores rows")
     p.add_argument("--teachers-only", action="store_true",
                    help="time only the teachers' forward: timm's way (plain network, no_grad) against our optimised one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -399,7 +410,14 @@ def main() -> None:
                   "batches prepared in memory beforehand (data loading not timed)",
         "rows": {},
     }
-    if args.teachers_only:
+    if args.loop:
+        unknown = [s for s in args.loop_settings if s not in LOOP_SETTINGS]
+        if unknown:
+            p.error(f"--loop-settings: unknown {unknown}; choose from {list(LOOP_SETTINGS)}")
+        results["rows"] = loop.run(args, batches)
+        results["timing"] = ("loop img/s = images/s of the 2nd epoch of a real `distill train` (metrics.jsonl); step "
+                             "img/s = median of distill_step alone on prepared batches; both in fresh processes")
+    elif args.teachers_only:
         for teacher_name in args.teachers:
             print(f"{teacher_name} ...", flush=True)
             results["rows"][teacher_name] = run_teacher(teacher_name, args, batches, device)
@@ -414,12 +432,16 @@ def main() -> None:
                 print(f"  loss |(b)-(d)|: {row['loss_diff_fp32_same_teacher']:.2e} (fp32, same teacher), "
                       f"{row['loss_diff_as_benchmarked']:.2e} (as benchmarked); teacher: {row['teacher_optimizations']}",
                       flush=True)
-    columns = TEACHER_COLUMNS if args.teachers_only else COLUMNS
+    columns = LOOP_COLUMNS if args.loop else TEACHER_COLUMNS if args.teachers_only else COLUMNS
     table = format_table(results["rows"], columns)
-    random_teachers = [t for t in args.teachers if t not in args.teacher_checkpoint]
+    random_teachers = [] if args.loop else [t for t in args.teachers if t not in args.teacher_checkpoint]
     notes = [results["timing"], f"{results['machine']}; torch {results['torch']}, timm {results['timm']}; "
              f"precision {args.precision}, {args.kind} distillation, batch {args.batch_size}, {args.steps} steps "
              f"after {args.warmup} warm-up, blocks of {args.block} after {args.block_warmup} untimed"]
+    if args.loop:
+        notes[1] = (f"{results['machine']}; torch {results['torch']}; the 96x6 DeiT student (distill.kind=none), batch "
+                    f"{args.batch_size}, fp32; loop: {args.loop_steps} steps per epoch, epoch 2; step: {args.steps} steps; "
+                    f"shared rows: {args.busy} other CPU-bound process(es)")
     if random_teachers:
         notes.append(f"random-init teachers (BatchNorm calibrated on the batches): {', '.join(random_teachers)}; "
                      "their agreement figure says little about a trained teacher")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from distill.train import distill_step
 from distill.build import new_accelerator
 from distill.config import Config
 
+sys.path.insert(0, str(REPO / "benchmarks"))  # throughput.py imports its neighbour loop.py
 spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
 throughput = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(throughput)

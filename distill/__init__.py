@@ -11,6 +11,7 @@ The Python API the CLI is built on::
     distill.analyze_run("runs/cifar10_deit_tiny")   # DeiT Sec. 4: token cosines, head agreement, confusion
     distill.predict("runs/cifar10_deit_tiny", "photo.jpg")     # top-5 classes; also an ONNX export (--format onnx)
     distill.report_runs(["runs/cifar10_deit_tiny"])           # params, GFLOPs, speed, accuracy vs the teacher
+    distill.compare_runs(["runs/a", "runs/b"], out="cmp")      # one table of every head + compare.png
 
 How the modules layer (imports only run downwards; ``tests/test_imports.py`` checks it):
 
@@ -40,7 +41,8 @@ _API = {
     "list_recipes": "distill.recipes", "DistillationLoss": "distill.losses", "train": "distill.train",
     "train_teacher": "distill.train", "evaluate": "distill.evaluate", "evaluate_run": "distill.evaluate",
     "export_student": "distill.export", "ExportError": "distill.export", "analyze_run": "distill.analyze",
-    "predict": "distill.predict", "report_runs": "distill.report",
+    "predict": "distill.predict", "report_runs": "distill.report", "compare_runs": "distill.compare",
+    "CompareError": "distill.compare",
 }
 __all__ = list(_API)
 

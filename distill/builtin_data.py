@@ -33,5 +33,13 @@ def digits_dataset(test_fraction: float = 0.2, seed: int = 0):
     return DatasetDict({"train": split(order[n_test:]), "test": split(order[:n_test])})
 
 
+def digits_dev_dataset():
+    """The digits' ``train`` split alone: with no validation split there, training carves
+    ``data.val_fraction`` of it, so settings are chosen without ever loading the 359 test images."""
+    from datasets import DatasetDict
+
+    return DatasetDict({"train": digits_dataset()["train"]})
+
+
 #: Built-in sources accepted by ``data.source`` (an explicit table, not an import-by-string).
-BUILTIN_DATASETS: dict[str, Callable[[], object]] = {"digits": digits_dataset}
+BUILTIN_DATASETS: dict[str, Callable[[], object]] = {"digits": digits_dataset, "digits_dev": digits_dev_dataset}

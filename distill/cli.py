@@ -1,6 +1,6 @@
 """``distill``: a thin command line over the Python API (``distill.train``, ``distill.evaluate_run``, ...).
 
-    distill quickstart                                  # offline demo, ~5 min on 2 CPU cores
+    distill quickstart                                  # offline demo, ~3 min on 2 CPU cores
     distill train cifar10_deit_tiny optim.lr=1e-3       # a built-in recipe + dotted overrides
     distill train my_recipe.yaml --resume               # continue the run from its last checkpoint
     distill train-teacher cifar10_deit_tiny             # fine-tune the teacher on the dataset first
@@ -9,6 +9,7 @@
     distill analyze runs/cifar10_deit_tiny              # token cosines, head agreement, confusion (JSON + PNG)
     distill predict runs/cifar10_deit_tiny photo.jpg    # top-5 classes (a folder, a dataset, an ONNX export too)
     distill report runs/cifar10_deit_tiny               # params, GFLOPs, latency, accuracy: teacher vs students
+    distill compare runs/a runs/b --out cmp             # one table of every head, one PNG of the curves
     distill students | teachers | recipes
 
 Bad input (unknown key, wrong type, missing column, wrong class count, unsafe checkpoint) ends with a
@@ -41,6 +42,7 @@ DATA_OPTION_SPELLING = {  # key: (train, train-teacher, cache-teacher, quickstar
     "val_fraction": ("data.val_fraction=<val_fraction>", "--split <split>", "--split <split>"),
     "train_subset": ("data.train_subset=<train_subset>", "--data <dataset>", "<a dataset, image or folder>"),
     "val_subset": ("data.val_subset=<val_subset>", "--data <dataset>", "<a dataset, image or folder>"),
+    "train_per_class": ("data.train_per_class=<train_per_class>", "--data <dataset>", "<a dataset, image or folder>"),
 }
 SPELLING_COLUMN = {"eval": 1, "analyze": 1, "predict": 2}  # every other command: 0
 
@@ -138,10 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput-runs", type=int, default=5, help="timed full-batch runs; the median is kept (default 5)")
     p.add_argument("--no-plots", action="store_true", help="write the Markdown and JSON only")
 
+    p = sub.add_parser("compare", help="runs side by side: every head's top-1, agreement, teacher, img/s, wall "
+                                       "time (table) and their validation curves (PNG)",
+                       description="Compare run folders from their own logs (metrics.jsonl): the last evaluated "
+                                   "epoch's top-1 of every head, the agreement with the teacher, the teacher, mean "
+                                   "training images/s and the epochs' wall time, as one table (printed, and written "
+                                   "to <out>/compare.md) and one PNG overlaying each run's validation top-1 by epoch "
+                                   "(<out>/compare.png). The runs must be of one dataset.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<name>)")
+    p.add_argument("--out", default=".", help="folder for compare.md and compare.png (default: the current folder)")
+    p.add_argument("--no-plots", action="store_true", help="print the table only; write nothing")
+
     p = sub.add_parser("quickstart", help="offline demo: teacher, student without teacher, distilled student",
-                       description="Fine-tune a CNN teacher on scikit-learn's handwritten digits, then train the "
-                                   "student without a teacher and with hard distillation; print a table.")
-    p.add_argument("--output-dir", default="runs", help="where the three runs go (default: runs)")
+                       description="DeiT's data-efficiency regime on scikit-learn's handwritten digits (30 training "
+                                   "images per class): train a CNN teacher, then the same small DeiT without a teacher "
+                                   "and with distillation from it; print a table of every head with the gain, draw "
+                                   "the three runs' validation curves (<run>-compare.png) and write the compression "
+                                   "report (<run>-report/).")
+    p.add_argument("--output-dir", default="runs", help="where the three runs, the summary and the figures go (default: runs)")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to the quickstart recipe")
 
     sub.add_parser("students", help="list registered students")
@@ -295,6 +311,14 @@ def _run(args: argparse.Namespace) -> int:
                                      throughput_runs=args.throughput_runs, plot=not args.no_plots)
         print(format_markdown(report), end="")
         print("wrote " + ", ".join(f for f in report["files"].values() if f))
+    elif args.command == "compare":
+        from distill.compare import LEGEND
+        result = distill.compare_runs(args.runs, out=None if args.no_plots else args.out)
+        print(result["table"])
+        print(LEGEND)
+        written = [str(result[k]) for k in ("markdown", "png") if result.get(k)]
+        if written:
+            print(f"wrote {', '.join(written)}")
     elif args.command == "quickstart":
         from distill.quickstart import run_quickstart
         run_quickstart(output_dir=args.output_dir, overrides=args.overrides)

@@ -69,6 +69,9 @@ class DataConfig:
     """Seed for carving a validation split and for the fixed subsets below."""
     train_subset: PositiveInt | None = None
     """Train on a fixed, seeded random subset of this many images (benchmarks)."""
+    train_per_class: PositiveInt | None = None
+    """Train on a fixed, seeded random subset of this many images of each class (the teacher stage too);
+    applied before train_subset. Few images per class is DeiT's regime: a data-starved transformer."""
     val_subset: PositiveInt | None = None
     """Evaluate on a fixed, seeded random subset of this many images."""
     img_size: PositiveInt = 224

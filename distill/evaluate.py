@@ -76,14 +76,22 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, targets=None) -
 
 
 def format_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> str:
-    """A fixed-width text table: one row per model/run, one column per metric."""
+    """A fixed-width text table: one row per model/run, one column per metric (floats with 2 decimals,
+    integers and words as they are, ``-`` where a row has no such metric)."""
     columns = columns or sorted({c for r in rows.values() for c in r})
     width = max([len(n) for n in rows] + [5])
     lines = [f"{'':<{width}}  " + "  ".join(f"{c:>14}" for c in columns)]
     for name, metrics in rows.items():
-        cells = [f"{metrics[c]:>14.2f}" if isinstance(metrics.get(c), (int, float)) else f"{'-':>14}" for c in columns]
-        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{_cell(metrics.get(c)):>14}" for c in columns))
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return str(value)
+    return "-"
 
 
 def evaluate_run(path: str, data: str | None = None, split: str | None = None, batch_size: int = 256,

@@ -60,6 +60,7 @@ def load_image_dataset(
     seed: int = 0,
     train_subset: Optional[int] = None,
     val_subset: Optional[int] = None,
+    train_per_class: Optional[int] = None,
 ) -> ImageDatasetSplits:
     """Load an image-classification dataset as a train and a validation split.
 
@@ -76,6 +77,8 @@ def load_image_dataset(
         val_fraction: fraction of train held out when there is no validation split.
         seed: seed for the held-out split and the subsets (same seed, same rows).
         train_subset / val_subset: keep a fixed, seeded random subset of this many rows.
+        train_per_class: keep a fixed, seeded random subset of this many training rows of each class
+            (before ``train_subset``); every class must have that many.
 
     Raises:
         DataError: one line naming the source and what to do.
@@ -138,6 +141,7 @@ def load_image_dataset(
         val_desc = f"{train_split} (held-out {val_fraction:g}, seed {seed})"
 
     # --- fixed random subsets ----------------------------------------------------------------
+    train = _per_class(train, train_per_class, label_column, class_names, np.random.default_rng([seed, 3]), name, train_desc)
     train = _subset(train, train_subset, "train_subset", np.random.default_rng([seed, 1]), name, train_desc)
     val = _subset(val, val_subset, "val_subset", np.random.default_rng([seed, 2]), name, val_desc)
 
@@ -295,6 +299,25 @@ def _select(ds: datasets.Dataset, indices: np.ndarray) -> datasets.Dataset:
     # Sorted indices keep reads sequential on disk (the loader shuffles anyway); keep_in_memory
     # avoids writing index files next to a shared dataset cache.
     return ds.select(np.sort(indices), keep_in_memory=True)
+
+
+def _per_class(ds: datasets.Dataset, size: Optional[int], column: str, class_names: list[str],
+               rng: np.random.Generator, name: str, split: str) -> datasets.Dataset:
+    """``size`` seeded random rows of every class (a balanced few-images-per-class split)."""
+    if size is None:
+        return ds
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        raise DataError(f"{name}: train_per_class={size!r} is not a positive integer; set {OPTION} (images per class) "
+                        "or leave it unset", "train_per_class")
+    labels = label_values(ds, column).to_numpy(zero_copy_only=False)
+    picked = []
+    for c, class_name in enumerate(class_names):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < size:
+            raise DataError(f"{name}: train_per_class={size} but class {class_name!r} has only {len(rows)} rows in split "
+                            f"'{split}'; lower {OPTION} or leave it unset", "train_per_class")
+        picked.append(rng.choice(rows, size=int(size), replace=False))
+    return _select(ds, np.concatenate(picked))
 
 
 def _subset(

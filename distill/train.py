@@ -184,6 +184,7 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
     for epoch in range(start_epoch, tc.epochs):
         if tc.stop_after is not None and epoch - start_epoch >= tc.stop_after:
             break
+        epoch_start = time.perf_counter()
         metrics, global_step = train_one_epoch(
             model, loader, sampler, mixup, epoch, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
             scheduler=scheduler, ema=ema, accelerator=accelerator, global_step=global_step, clip_grad=oc.clip_grad,
@@ -195,6 +196,7 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
             metrics.update(evaluate(model, vloader, accelerator, targets))
             if ema is not None:
                 metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, vloader, accelerator).items()})
+        metrics["time_s"] = round(time.perf_counter() - epoch_start, 2)  # the epoch's wall time: training and evaluation
         # The checkpoint first, then the log line: the log never runs ahead of what can be resumed.
         if (epoch + 1) % tc.save_every == 0 or finished:
             ckpt.save_training_state(accelerator, run_dir, model=model, optimizer=optimizer, ema=ema, epoch=epoch + 1,

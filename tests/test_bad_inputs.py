@@ -231,6 +231,8 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("hub_offline", lambda w: T + [str(w.recipe), "data.source=nobody/no-such-dataset"],
      r"could not be loaded from the Hugging Face Hub .*set data.source=<source>"),
     ("no_such_split", lambda w: T + [str(w.recipe), "data.val_split=dev"], r"no split named 'dev'.*set data.val_split=<val_split>"),
+    ("too_many_per_class", lambda w: T + [str(w.recipe), "data.train_per_class=13"],
+     r"train_per_class=13 but class 'class_0' has only 12 rows in split 'train'; lower data.train_per_class=<train_per_class>"),
     ("single_class_folder", lambda w: T + [str(w.recipe), f"data.source={_folder(w, 'one_class', {'train': 6, 'val': 2}, classes=1)}"],
      r"holds images without labels: an image folder needs one sub-folder per class, at least 2"),
     ("single_class_table", lambda w: T + [str(w.recipe), f"data.source={_single_class_parquet(w)}"],
@@ -333,6 +335,12 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     ("report_stopped_run", lambda w: ["report", str(w.stopped), "--no-timing"], r"run .*stopped has not finished .*--resume"),
     ("report_not_a_run", lambda w: ["report", str(w.root / "recipes"), "--no-timing"], r"is not a run folder \(no config.yaml\)"),
     ("report_missing_run", lambda w: ["report", str(w.finished), str(w.runs / "nope"), "--no-timing"], r"nope does not exist"),
+    # --- compare -------------------------------------------------------------------------------------------
+    ("compare_not_a_run", lambda w: ["compare", str(w.finished), str(w.root / "recipes")], r"recipes is not a run folder \(no metrics.jsonl\)"),
+    ("compare_export_folder", lambda w: ["compare", str(w.finished / "export")], r"is an export folder, not a run"),
+    ("compare_missing", lambda w: ["compare", str(w.finished), str(w.runs / "never")], r"never does not exist; pass run folders"),
+    ("compare_other_dataset", lambda w: ["compare", str(w.finished), str(_run_of_other_data(w))],
+     r"was trained on .* but .*other_data on .*elsewhere; compare runs of one dataset"),
     # --- teacher cache ------------------------------------------------------------------------------
     ("cache_not_a_cache", lambda w: T + [str(w.recipe), f"teacher.cache={_bad_cache(w)}"], r"is not a readable teacher cache"),
     ("cache_check_missing", lambda w: ["cache-teacher", str(w.recipe), "--check", f"teacher.cache={_bad_cache(w)}"],
@@ -355,6 +363,8 @@ def _garbage_cache(w: World) -> Path:
         array = np.load(values)
         np.save(values, np.random.default_rng(0).normal(size=array.shape).astype(array.dtype) * 100)
     return root
+
+
 def _retyped_export(w: World) -> Path:
     folder = _copy_run(w, "finished", "retyped") / "export"
     config = json.loads((folder / "config.json").read_text())
@@ -386,6 +396,16 @@ def _teacher_run(w: World) -> Path:
 
 def _an_image(w: World) -> Path:
     return w.data / "val" / "class_0" / "0.png"
+
+
+def _run_of_other_data(w: World) -> Path:
+    run = w.runs / "other_data"
+    if not run.exists():
+        shutil.copytree(w.finished, run)
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["data"]["source"] = str(w.root / "elsewhere")
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
 
 
 def _metrics_only(w: World) -> str:

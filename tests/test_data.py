@@ -277,6 +277,25 @@ def test_subsets_are_fixed_by_seed():
         load_image_dataset(d, train_subset=60)
 
 
+def test_images_per_class_are_a_fixed_balanced_subset():
+    d = datasets.DatasetDict({"train": memory_dataset(50), "test": memory_dataset(30)})  # labels i % 4: 13/13/12/12
+    a = load_image_dataset(d, train_per_class=5, seed=0)
+    b = load_image_dataset(d, train_per_class=5, seed=0)
+    c = load_image_dataset(d, train_per_class=5, seed=1)
+    assert sorted(a.train["label"]) == [c for c in range(4) for _ in range(5)]
+    assert ids(a.train) == ids(b.train) and ids(a.train) != ids(c.train)
+    assert len(a.val) == 30  # the validation split is untouched
+    # Carved validation rows are held out first, so the subset never takes one of them.
+    carved = load_image_dataset(datasets.DatasetDict({"train": memory_dataset(80)}), val_fraction=0.25, train_per_class=10)
+    assert len(carved.train) == 40 and not set(ids(carved.train)) & set(ids(carved.val))
+    # train_subset then draws from the balanced subset.
+    assert set(ids(load_image_dataset(d, train_per_class=5, train_subset=8).train)) <= set(ids(a.train))
+    with pytest.raises(DataError, match="train_per_class=13 but class '2' has only 12 rows in split 'train'; lower train_per_class="):
+        load_image_dataset(d, train_per_class=13)
+    with pytest.raises(DataError, match="train_per_class=0 is not a positive integer"):
+        load_image_dataset(d, train_per_class=0)
+
+
 def test_missing_path_and_offline_hub_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="path does not exist"):
         load_image_dataset(tmp_path / "nope")

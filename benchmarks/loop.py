@@ -31,6 +31,11 @@ SETTINGS = {
     "passive wait, workers 0": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["data.num_workers=0"]),
     "threads 1": ({}, ["train.threads=1"]),
     "threads 1, workers 0": ({}, ["train.threads=1", "data.num_workers=0"]),
+    # train.compile and bf16 (issue 16: compiled against eager, fp32 and bf16); the bare step follows
+    # the same setting, so loop/step compares like with like.
+    "compile": ({}, ["train.compile=true"]),
+    "bf16": ({}, ["train.mixed_precision=bf16"]),
+    "bf16, compile": ({}, ["train.mixed_precision=bf16", "train.compile=true"]),
 }
 
 
@@ -50,9 +55,9 @@ def loop_img_s(data: str, env: dict, overrides: list[str], steps: int, out: Path
 
 
 def step_img_s(batches: Path, env: dict, overrides: list[str], steps: int) -> float:
-    """Images/s of `distill_step` alone on the saved batches, in a fresh process with the same settings."""
-    threads = next((int(o.split("=")[1]) for o in overrides if o.startswith("train.threads=")), None)
-    cmd = [sys.executable, str(Path(__file__)), str(batches), str(steps), str(threads)]
+    """Images/s of `distill_step` alone on the saved batches, in a fresh process with the same settings
+    (threads, compile, precision)."""
+    cmd = [sys.executable, str(Path(__file__)), str(batches), str(steps), json.dumps(overrides)]
     result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True, text=True)
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -88,26 +93,30 @@ def run(args, prepared: list) -> dict:
     return rows
 
 
-def _bare_step(batches: str, steps: str, threads: str) -> None:
+def _bare_step(batches: str, steps: str, overrides: str) -> None:
     """Child process: time `distill_step` (plain student step) on the saved batches; print img/s."""
     import torch
 
     import students
     from distill.build import compute_threads, new_accelerator
     from distill.losses import DistillationLoss
-    from distill.train import distill_step
+    from distill.train import _compile, distill_step
     from timm.optim import create_optimizer_v2
 
-    accelerator = new_accelerator(cpu=True)
-    torch.set_num_threads(compute_threads(None if threads == "None" else int(threads)))
+    given = dict(o.split("=", 1) for o in json.loads(overrides))
+    threads = given.get("train.threads")
+    accelerator = new_accelerator(cpu=True, mixed_precision=given.get("train.mixed_precision", "no"))
+    torch.set_num_threads(compute_threads(None if threads is None else int(threads)))
     data = torch.load(batches)
     torch.manual_seed(0)
     model = students.create_student("deit_tiny", num_classes=10, img_size=32, patch_size=4, drop_path_rate=0.1,
                                     embed_dim=96, depth=6, num_heads=3)
     opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
     model, opt = accelerator.prepare(model, opt)
+    if given.get("train.compile") == "true":
+        _compile(model)
     loss_fn = DistillationLoss("none", label_smoothing=0.1)
-    for i in range(3):  # warm-up
+    for i in range(3):  # warm-up (and compilation)
         distill_step(model, *data[i % len(data)], None, loss_fn, opt, accelerator)
     rates = []
     for block in range(max(1, int(steps) // 3)):

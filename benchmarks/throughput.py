@@ -440,7 +440,7 @@ def main() -> None:
              f"after {args.warmup} warm-up, blocks of {args.block} after {args.block_warmup} untimed"]
     if args.loop:
         notes[1] = (f"{results['machine']}; torch {results['torch']}; the 96x6 DeiT student (distill.kind=none), batch "
-                    f"{args.batch_size}, fp32; loop: {args.loop_steps} steps per epoch, epoch 2; step: {args.steps} steps; "
+                    f"{args.batch_size}, fp32 unless the setting says bf16; loop: {args.loop_steps} steps per epoch, epoch 2; step: {args.steps} steps; "
                     f"shared rows: {args.busy} other CPU-bound process(es)")
     if random_teachers:
         notes.append(f"random-init teachers (BatchNorm calibrated on the batches): {', '.join(random_teachers)}; "

@@ -20,12 +20,20 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from distill.config import ConfigError
-from distill.recipes import describe, list_recipes, load_recipe
+# OpenMP's threads spin while they wait for work (GNU's default wait policy, ACTIVE). When another
+# process takes one of the cores, torch's threads then wait on each other and a 2-core run fell to
+# 0.37 of its idle speed; with PASSIVE it kept 0.60 at no measured idle cost (README, "Training speed
+# on a CPU"). OpenMP reads this once, when torch loads, so it is set before anything imports torch;
+# a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from distill.config import ConfigError  # noqa: E402  (after the OpenMP setting above)
+from distill.recipes import describe, list_recipes, load_recipe  # noqa: E402
 
 # How each command spells the data option a DataError's hint is about (``DataError.option``): the
 # recipe commands name the config key, `eval` and `analyze` their own flags (and --data for what a

@@ -252,7 +252,10 @@ class TrainConfig:
     grad_accum_steps: PositiveInt = 1
     """Batches accumulated per optimiser step (Accelerate)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Accelerate mixed precision; bf16 also works on CPUs."""
+    """Accelerate mixed precision; bf16 also works on CPUs. On a CPU, measure before you pick it: on this
+    project's AVX-512 machine bf16 made DeiT-Ti/p4 faster (57 to 74 img/s) but the 96-wide student slower
+    (296 to 273): torch's CPU flash-attention backward takes 5x longer in bf16 and outweighs the faster
+    matmuls when the model is narrow (benchmarks/bf16_profile.py). On a GPU: bf16."""
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
     seed: NonNegativeInt = 0

@@ -127,6 +127,7 @@ def test_sparse_logits_keep_the_top_k_and_spread_the_rest():
     ({"train": {"seed": 1}}, "train.seed"),
     ({"data": {"auto_augment": None}}, "data.auto_augment"),
     ({"data": {"train_subset": 40}}, "training images"),
+    ({"data": {"train_per_class": 5}}, "training images"),
 ])
 def test_a_cache_made_for_another_recipe_is_refused(cache_dir, tiny_dataset, trained_teacher, tmp_path, override, key):
     cfg = cached_config(tiny_dataset, tmp_path, trained_teacher, cache_dir, **override)

@@ -54,3 +54,23 @@ def test_bad_input_is_one_line_and_exit_2(args, expected, capsys, tmp_path, monk
 def test_console_script_and_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "distill", "train", "nope_recipe"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown recipe 'nope_recipe'")
+
+
+# torch's OpenMP reads OMP_WAIT_POLICY once, when torch loads: the CLI must set it before that.
+PROBE = ("import os, sys; import distill.cli; "
+         "import torch; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_cli_makes_openmp_threads_wait_passively_unless_told(given, expected):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    # Importing the CLI must not load torch: the setting would come too late for OpenMP.
+    loaded = subprocess.run([sys.executable, "-c", "import sys, distill.cli; print('torch' in sys.modules)"],
+                            capture_output=True, text=True, env=env)
+    assert loaded.stdout.split() == ["False"], loaded.stderr
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env)
+    assert result.stdout.split() == [expected, "True"], result.stderr

@@ -40,6 +40,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -329,6 +330,46 @@ def run_teacher(teacher_name, args, batches, device) -> dict:
             "teacher_optimizations": fast.optimizations, "img_s_per_block": rates}
 
 
+def run_parts(student_name, teacher_name, args, batches, device) -> dict:
+    """``--parts``: where a distillation step's time goes, per batch: the teacher's forward timm's way
+    and ours, and the student's forward, backward and optimiser step (interleaved like the steps).
+    The ceiling is what online/timm would be if the teacher were the only difference:
+    (student + timm's teacher) / (student + our teacher)."""
+    plain, fast = build_teachers(teacher_name, args.teacher_checkpoint.get(teacher_name), args, args.data_cfg, batches, device)
+    net = plain.model
+    student, _ = build_students(student_name, device)
+    opt = create_optimizer_v2(student, opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def teacher_timm(x, y):
+        with torch.no_grad(), autocast(device, args.precision):
+            return net(x)
+
+    def forward(x, y):
+        with autocast(device, args.precision):
+            cls_logits, dist_logits = student.forward_heads(x)
+            return torch.sum(-y * torch.log_softmax(cls_logits.float(), dim=-1), dim=-1).mean()
+
+    def forward_backward(x, y):
+        forward(x, y).backward()
+        student.zero_grad(set_to_none=True)
+
+    def full_step(x, y):
+        forward(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rates = time_interleaved({"teacher_timm": teacher_timm, "teacher_ours": lambda x, y: fast(x), "forward": forward,
+                              "forward_backward": forward_backward, "step": full_step}, batches, args, device)
+    ms = {name: 1000 * args.batch_size / statistics.median(r) for name, r in rates.items()}
+    return {"teacher_timm_ms": ms["teacher_timm"], "teacher_ours_ms": ms["teacher_ours"],
+            "student_fwd_ms": ms["forward"], "student_bwd_ms": ms["forward_backward"] - ms["forward"],
+            "optimizer_ms": ms["step"] - ms["forward_backward"], "student_step_ms": ms["step"],
+            "ceiling_online/timm": (ms["step"] + ms["teacher_timm"]) / (ms["step"] + ms["teacher_ours"]),
+            "img_s_per_block": rates}
+
+
+PARTS_COLUMNS = ["teacher_timm_ms", "teacher_ours_ms", "student_fwd_ms", "student_bwd_ms", "optimizer_ms",
+                 "ceiling_online/timm"]
 LOOP_COLUMNS = ["loop_img_s", "step_img_s", "loop/step", "loop_shared/idle"]
 TEACHER_COLUMNS = ["plain_img_s", "optimized_img_s", "optimized/plain", "teacher_agreement_top1"]
 COLUMNS = ["plain_img_s", "online_img_s", "cached_img_s", "timm_img_s", "online/plain", "cached/plain",
@@ -364,6 +405,9 @@ def main() -> None:
                    help=f"settings for --loop (default: default): {', '.join(repr(s) for s in LOOP_SETTINGS)}")
     p.add_argument("--loop-steps", type=int, default=40, help="training steps per epoch of each --loop run")
     p.add_argument("--busy", type=int, default=1, help="other CPU-bound processes for --loop's shared-cores rows")
+    p.add_argument("--parts", action="store_true",
+                   help="where a step's time goes, per pair: teacher forward (timm's way and ours), student forward, "
+                        "backward, optimiser, and the online/timm ceiling they imply")
     p.add_argument("--teachers-only", action="store_true",
                    help="time only the teachers' forward: timm's way (plain network, no_grad) against our optimised one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -400,7 +444,7 @@ def main() -> None:
     print(f"{len(batches)} augmented CIFAR-10 batches of {args.batch_size} (crop, flip, RandAugment, erasing, "
           f"mixup/cutmix) prepared in memory in {time.perf_counter() - start:.0f} s: data loading is not timed", flush=True)
     results: dict = {
-        "command": " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/throughput.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                    f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'no GPU'}",
         "torch": torch.__version__, "timm": timm.__version__, "device": str(device), "threads": args.threads,
@@ -417,6 +461,15 @@ def main() -> None:
         results["rows"] = loop.run(args, batches)
         results["timing"] = ("loop img/s = images/s of the 2nd epoch of a real `distill train` (metrics.jsonl); step "
                              "img/s = median of distill_step alone on prepared batches; both in fresh processes")
+    elif args.parts:
+        for student_name in args.students:
+            for teacher_name in args.teachers:
+                label = f"{student_name} + {teacher_name}"
+                print(f"{label} ...", flush=True)
+                results["rows"][label] = run_parts(student_name, teacher_name, args, batches, device)
+                print(format_table({label: results["rows"][label]}, PARTS_COLUMNS), flush=True)
+        results["timing"] = ("ms per batch = batch / median img/s over interleaved blocks; student_bwd = (forward + "
+                             "backward) - forward; optimizer = full step - (forward + backward)")
     elif args.teachers_only:
         for teacher_name in args.teachers:
             print(f"{teacher_name} ...", flush=True)
@@ -432,7 +485,7 @@ def main() -> None:
                 print(f"  loss |(b)-(d)|: {row['loss_diff_fp32_same_teacher']:.2e} (fp32, same teacher), "
                       f"{row['loss_diff_as_benchmarked']:.2e} (as benchmarked); teacher: {row['teacher_optimizations']}",
                       flush=True)
-    columns = LOOP_COLUMNS if args.loop else TEACHER_COLUMNS if args.teachers_only else COLUMNS
+    columns = PARTS_COLUMNS if args.parts else LOOP_COLUMNS if args.loop else TEACHER_COLUMNS if args.teachers_only else COLUMNS
     table = format_table(results["rows"], columns)
     random_teachers = [] if args.loop else [t for t in args.teachers if t not in args.teacher_checkpoint]
     notes = [results["timing"], f"{results['machine']}; torch {results['torch']}, timm {results['timm']}; "

@@ -24,7 +24,7 @@ COLUMNS = ["cls_top1", "dist_top1", "joint_top1", "top1", "agreement_top1", "tea
            "images_per_s", "wall_s"]
 #: What the columns mean, printed under the table.
 LEGEND = ("top-1 in % on each run's validation split at its last evaluated epoch; images_per_s: mean training "
-          "images/s; wall_s: seconds of the training epochs, evaluation and checkpoints included (unknown for runs "
+          "images/s; wall_s: seconds of the training epochs, evaluation included (unknown for runs "
           "logged before it was recorded)")
 RUN_HINT = "pass run folders that `distill train` or `distill train-teacher` wrote (runs/<name>)"
 

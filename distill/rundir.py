@@ -246,8 +246,6 @@ class ExportError(ValueError):
     """A student, folder or option that cannot be exported; the message says what to do."""
 
 
-
-
 def locate_export(path: str | Path) -> Path:
     """The export folder of a run folder (``<run>/export``), or ``path`` itself if it is one."""
     path = Path(path)

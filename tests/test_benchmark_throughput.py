@@ -100,3 +100,12 @@ def test_teacher_only_timing_compares_the_two_teacher_forwards():
     assert set(row["img_s_per_block"]) == {"plain", "optimized"}
     assert row["optimized/plain"] == row["optimized_img_s"] / row["plain_img_s"]
     assert row["teacher_agreement_top1"] == 100.0 and row["teacher_optimizations"]["fold_bn"] == 21
+
+
+def test_parts_add_up_to_the_step_and_the_ceiling_follows_from_them():
+    args, batches = _args("hard"), _batches()
+    row = throughput.run_parts("deit_96x6", "resnet20_cifar", args, batches, torch.device("cpu"))
+    assert set(row["img_s_per_block"]) == {"teacher_timm", "teacher_ours", "forward", "forward_backward", "step"}
+    ms = {k: 1000 * 8 / v[0] for k, v in row["img_s_per_block"].items()}  # one block each
+    assert row["student_fwd_ms"] + row["student_bwd_ms"] + row["optimizer_ms"] == pytest.approx(ms["step"])
+    assert row["ceiling_online/timm"] == pytest.approx((ms["step"] + ms["teacher_timm"]) / (ms["step"] + ms["teacher_ours"]))

@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -205,10 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         datasets.disable_progress_bars()
     # A warning is one line too (Python's format adds the file, the line and its source).
     warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    sys.unraisablehook = _keep_interrupts
     try:
         return _run(args)
     except KeyboardInterrupt:
-        pass
+        global _INTERRUPTED
+        _INTERRUPTED = True
     except Exception as e:  # user-facing errors: one line, non-zero exit, nothing overwritten
         if not _is_user_error(e):
             raise
@@ -219,6 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     print("interrupted; the last complete checkpoint is kept (continue with --resume)", file=sys.stderr)
     return 130
+
+
+_INTERRUPTED = False
+
+
+def _keep_interrupts(unraisable, default=sys.unraisablehook) -> None:
+    """A Ctrl-C that lands while Python runs a finalizer (a weakref callback during garbage collection)
+    is "ignored" there: printed as a traceback and lost, and the run went on to its end with exit 0.
+    Deliver it again, so that it reaches the training loop as a KeyboardInterrupt."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        if not _INTERRUPTED:  # once the run has stopped, a late one changes nothing: drop it quietly
+            signal.raise_signal(signal.SIGINT)
+        return
+    default(unraisable)
 
 
 def _message(e: Exception, command: str) -> str:

@@ -9,7 +9,10 @@ once into memory (``decode_all``), and applies a transform; augmentation is ``di
 from __future__ import annotations
 
 import io
+import multiprocessing
 import signal
+import sys
+import threading
 from typing import Callable, Optional
 
 import datasets
@@ -28,8 +31,22 @@ __all__ = ["ImageClassificationDataset"]
 
 def ignore_interrupt(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C to the main process: a worker killed by it would turn the
-    interrupt into a "worker exited unexpectedly" traceback; the main process shuts them down."""
+    interrupt into a "worker exited unexpectedly" traceback; the main process shuts them down.
+
+    A worker hands each batch's tensors over through a file-descriptor server thread
+    (``multiprocessing.resource_sharer``). When Ctrl-C stops the main process in the middle of that
+    handshake, the thread reports the broken connection as a traceback; the run is stopping and the
+    worker is about to be shut down, so that report is dropped (any other error still prints)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    default = sys.excepthook
+
+    def quiet_broken_handover(exc_type, exc, tb):
+        if threading.current_thread() is not threading.main_thread() and issubclass(
+                exc_type, (EOFError, ConnectionError, multiprocessing.AuthenticationError)):
+            return
+        default(exc_type, exc, tb)
+
+    sys.excepthook = quiet_broken_handover
 
 
 class ImageClassificationDataset(torch.utils.data.Dataset):

@@ -433,3 +433,27 @@ def test_cifar10_fixed_subset():
     assert np.array_equal(labels_a, labels_b)
     counts = np.bincount(labels_a, minlength=10)
     assert counts.min() > 800  # a random 20% of a balanced set stays roughly balanced
+
+
+def test_a_worker_drops_only_the_broken_batch_handover_of_an_interrupted_run(capsys):
+    """Ctrl-C in the middle of a batch handover leaves the worker's fd-server thread with a broken
+    connection: that report is dropped; an error of the worker's own main thread still prints."""
+    import signal
+    import sys
+    import threading
+
+    from distill.images import ignore_interrupt
+
+    hook, handler = sys.excepthook, signal.getsignal(signal.SIGINT)
+    try:
+        ignore_interrupt(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        thread = threading.Thread(target=lambda: sys.excepthook(ConnectionResetError, ConnectionResetError("reset"), None))
+        thread.start()
+        thread.join()
+        assert capsys.readouterr().err == ""
+        sys.excepthook(EOFError, EOFError("main thread"), None)
+        assert "main thread" in capsys.readouterr().err
+    finally:
+        sys.excepthook = hook
+        signal.signal(signal.SIGINT, handler)

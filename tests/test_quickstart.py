@@ -57,7 +57,8 @@ def test_quickstart_states_the_gain_and_draws_the_three_curves(tmp_path, capsys)
     png = next(tmp_path.glob("*-compare.png"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"curves: {png}" in out
     table = next(tmp_path.glob("*-compare.md")).read_text()
+    assert next(tmp_path.glob("*-report/report.md")).is_file()  # the quickstart ends with its compression report
     assert "teacher" in table and "student alone" in table and "wall_s" in table
     # Teacher and students trained on the same 4 images per class.
-    for run in sorted(p for p in tmp_path.iterdir() if p.is_dir()):
+    for run in sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.endswith("-report")):
         assert yaml.safe_load((run / "config.yaml").read_text())["data"]["train_per_class"] == 4

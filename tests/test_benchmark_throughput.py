@@ -109,3 +109,4 @@ def test_parts_add_up_to_the_step_and_the_ceiling_follows_from_them():
     ms = {k: 1000 * 8 / v[0] for k, v in row["img_s_per_block"].items()}  # one block each
     assert row["student_fwd_ms"] + row["student_bwd_ms"] + row["optimizer_ms"] == pytest.approx(ms["step"])
     assert row["ceiling_online/timm"] == pytest.approx((ms["step"] + ms["teacher_timm"]) / (ms["step"] + ms["teacher_ours"]))
+    assert row["ceiling_free_teacher"] == pytest.approx((ms["step"] + ms["teacher_timm"]) / ms["step"])

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from distill.compare import compare_runs
+from distill.compare import compare_runs, predicting_head
 from distill.evaluate import format_table
 from distill.recipes import apply_override, load_recipe
 from distill.report import report_runs
@@ -57,8 +57,7 @@ def run_quickstart(output_dir: str = "runs", overrides: list[str] | None = None,
     # Each student is scored with the head it predicts with: without a teacher the distillation head
     # gets no loss, so the class head; with one, the joint head (student.joint says which average).
     alone = final["none"]["cls_top1"]
-    joint = "joint_softmax_top1" if base.student.joint == "softmax" else "joint_top1"
-    distilled = final[kind][joint]
+    distilled = final[kind][predicting_head([final[kind]], kind, base.student.joint)]
     print(f"\ngain from the teacher: {distilled - alone:+.2f} points of top-1 (distilled student, joint head: "
           f"{distilled:.2f}; student alone, class head: {alone:.2f}; same images, augmentation and budget)")
     source = "held-out digits" if base.data.source == "digits" else f"validation images of {base.data.source}"

@@ -230,12 +230,31 @@ _INTERRUPTED = False
 def _keep_interrupts(unraisable, default=sys.unraisablehook) -> None:
     """A Ctrl-C that lands while Python runs a finalizer (a weakref callback during garbage collection)
     is "ignored" there: printed as a traceback and lost, and the run went on to its end with exit 0.
-    Deliver it again, so that it reaches the training loop as a KeyboardInterrupt."""
-    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-        if not _INTERRUPTED:  # once the run has stopped, a late one changes nothing: drop it quietly
-            signal.raise_signal(signal.SIGINT)
-        return
-    default(unraisable)
+    Deliver it again, so that it reaches the training loop as a KeyboardInterrupt. Not from here: raised
+    inside this hook it is "ignored" once more (Python checks for signals as soon as a call returns), so
+    another thread sends it a moment later, as a real signal that also wakes a blocking wait."""
+    try:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            if not _INTERRUPTED:  # once the run has stopped, a late one changes nothing: drop it quietly
+                _send_sigint_soon()
+            return
+        default(unraisable)
+    except KeyboardInterrupt:  # a second Ctrl-C while this hook runs: the same story
+        _send_sigint_soon()
+
+
+def _send_sigint_soon(delay: float = 0.05) -> None:
+    import threading
+
+    main = threading.main_thread().ident
+
+    def send() -> None:
+        if not _INTERRUPTED:
+            signal.pthread_kill(main, signal.SIGINT)
+
+    timer = threading.Timer(delay, send)
+    timer.daemon = True  # never keeps a finished process alive
+    timer.start()
 
 
 def _message(e: Exception, command: str) -> str:

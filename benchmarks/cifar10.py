@@ -62,7 +62,6 @@ KINDS = {
     "soft": ["distill.kind=soft", "distill.tau=3.0", "distill.alpha=0.1"],
     "hard": ["distill.kind=hard", "distill.alpha=0.5"],
 }
-STUDENT_COLUMNS = ["cls_top1", "dist_top1", "joint_top1", "agreement_top1"]
 
 
 def distill_cmd(*args: str) -> list[str]:
@@ -78,10 +77,6 @@ def run_stage(state: dict, state_file: Path, name: str, cmd: list[str]) -> None:
     finally:
         state["seconds"][name] = round(state["seconds"].get(name, 0.0) + time.perf_counter() - start, 1)
         state_file.write_text(json.dumps(state, indent=1) + "\n")
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def step_speed(model, precision: str, steps: int = 6, batch: int = 128) -> float:
@@ -139,6 +134,8 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="continue a stopped benchmark (finished stages are kept)")
     p.add_argument("--gpu-setting", action="store_true", help="full DeiT-Ti, patch 4, 300 epochs (for a GPU)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per run")
+    p.add_argument("--precision", choices=["auto", "no", "bf16"], default="auto",
+                   help="auto: time fp32 against bf16 for the teacher and the student here, keep the faster")
     p.add_argument("overrides", nargs="*", help="extra section.key=value for every run (e.g. a quick smoke test)")
     args = p.parse_args()
 
@@ -151,7 +148,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"seconds": {}}
     if "precision" not in state:  # chosen once: a resumed stage must keep the precision it started with
-        state["precision"] = choose_precision(setting, args.gpu_setting)
+        state["precision"] = (choose_precision(setting, args.gpu_setting) if args.precision == "auto" else
+                              {"teacher": args.precision, "student": args.precision, "measured": None})
         state_file.write_text(json.dumps(state, indent=1) + "\n")
     prec = state["precision"]
     print(f"precision: teacher {prec['teacher']}, students {prec['student']} (measured img/s: {prec['measured']})")
@@ -187,40 +185,45 @@ def main() -> None:
             "train", RECIPE, *common, *KINDS[kind], *teacher, f"train.run_name=cifar10-deit-{kind}",
             f"train.mixed_precision={prec['student']}", *resume))
 
-    # 4. The table and the figure.
-    teacher_top1 = metrics(teacher_run)[-1]["top1"]
-    rows = {f"teacher ({setting['teacher'][0].split('=')[1]})": {"top1": teacher_top1,
-                                                                 "minutes": round(state["seconds"].get("teacher", 0) / 60, 1)}}
-    rows["teacher cache"] = {"minutes": round(state["seconds"].get("cache", 0) / 60, 1)}
-    for kind in ("none", "soft", "hard"):
-        m = metrics(out / f"cifar10-deit-{kind}")
-        last = m[-1]
-        head = "cls_top1" if kind == "none" else "joint_top1"  # the head each student predicts with
-        rows[f"DeiT student, {kind}"] = {**{k: last[k] for k in STUDENT_COLUMNS if k in last}, "top1": last[head],
-                                         "train_img_s": round(sum(e["images_per_s"] for e in m) / len(m), 1),
-                                         "minutes": round(state["seconds"].get(f"student {kind}", 0) / 60, 1)}
-    from distill.evaluate import format_table
+    # 4. The table and the figure, through `distill compare` (each run's last epoch, its predicting head).
+    from distill import atomic
+    from distill.compare import compare_runs
 
-    columns = ["top1", *STUDENT_COLUMNS, "train_img_s", "minutes"]
-    table = format_table(rows, columns)
-    none, soft, hard = (rows[f"DeiT student, {k}"]["top1"] for k in ("none", "soft", "hard"))
-    targets = {"teacher >= 90": teacher_top1 >= 90, "hard >= none + 8": hard >= none + 8,
-               "hard > soft > none": hard > soft > none, "best student >= 70": max(none, soft, hard) >= 70}
-    total = round(sum(state["seconds"].values()) / 60, 1)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
-    print("\n" + table)
-    print(f"\ntop1: the head each predicts with (cls without a teacher, joint with one); {total} min in all on {machine}")
-    print("targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
-    results = {"machine": machine, "setting": setting, "kinds": KINDS, "precision": prec, "rows": rows,
-               "targets": targets, "total_minutes": total,
-               "curves": {k: [[e["epoch"], e.get("cls_top1" if k == "none" else "joint_top1")] for e in metrics(out / f"cifar10-deit-{k}")]
-                          for k in ("none", "soft", "hard")}}
     res = Path(args.results)
-    res.mkdir(parents=True, exist_ok=True)
-    (res / f"{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (res / f"{tag}.md").write_text(f"```\n{table}\n```\n\n{total} min in all on {machine}; "
-                                   + ", ".join(f"{k}: {'met' if v else 'not met'}" for k, v in targets.items()) + "\n")
+    teacher_name = [o for o in common if o.startswith("teacher.name=")][-1].split("=")[1]  # overrides win
+    labels = {"teacher": f"teacher ({teacher_name})", **{k: f"DeiT student, {k}" for k in ("none", "soft", "hard")}}
+    runs = [teacher_run, *(out / f"cifar10-deit-{k}" for k in ("none", "soft", "hard"))]
+    compared = compare_runs(runs, out=res, labels=list(labels.values()), name=tag,
+                            title=f"CIFAR-10 test top-1 by epoch ({'GPU' if args.gpu_setting else 'CPU'} setting)")
+    rows = compared["rows"]
+    top1 = {k: rows[label][rows[label]["predicts_with"]] for k, label in labels.items()}
+    none, soft, hard = top1["none"], top1["soft"], top1["hard"]
+    targets = {"teacher >= 90": top1["teacher"] >= 90, "hard >= none + 8": hard >= none + 8,
+               "hard > soft > none": hard > soft > none, "best student >= 70": max(none, soft, hard) >= 70}
+    # Where the time went: the training runs' own epoch clocks (they survive stops and resumes), and
+    # the cache stage's wall time as this script measured it.
+    minutes = {labels[k]: _minutes(rows[labels[k]]["wall_s"]) for k in labels}
+    minutes["teacher cache"] = _minutes(state["seconds"].get("cache"))
+    known = [m for m in minutes.values() if isinstance(m, float)]
+    total = round(sum(known), 1)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    cost = ", ".join(f"{k} {m} min" for k, m in minutes.items())
+    verdict = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items())
+    print("\n" + compared["table"])
+    print(f"\ntime: {cost}; {total} min in all on {machine}")
+    print(f"precision: teacher {prec['teacher']}, students {prec['student']}")
+    print("targets: " + verdict)
+    results = {"machine": machine, "setting": setting, "kinds": KINDS, "precision": prec, "rows": rows,
+               "predicting_top1": top1, "targets": targets, "minutes": minutes, "total_minutes": total,
+               "figure": str(compared["png"]) if compared.get("png") else None}
+    atomic.write_text(res / f"{tag}.json", json.dumps(results, indent=2) + "\n")
+    atomic.write_text(res / f"{tag}.md", compared["markdown"].read_text()
+                      + f"\nTime: {cost}; {total} min in all on {machine}. Precision: teacher {prec['teacher']}, "
+                        f"students {prec['student']} (measured img/s: {prec['measured']}).\n\nTargets: {verdict}.\n")
 
+
+def _minutes(seconds) -> float | str:
+    return round(seconds / 60, 1) if isinstance(seconds, (int, float)) else "unknown"
 
 if __name__ == "__main__":
     main()

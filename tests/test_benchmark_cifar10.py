@@ -1,0 +1,58 @@
+"""benchmarks/cifar10.py end to end on the tiny image folder: every stage runs, resumes, and the results
+(JSON, Markdown, PNG through `distill compare`) say which head each student predicts with."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TINY = ["data.img_size=16", "data.auto_augment=null", "data.mixup=0", "data.cutmix=0", "teacher.name=resnet20_cifar",
+        "teacher_train.epochs=1", "teacher_train.batch_size=16", "student.kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
+        "train.epochs=2", "train.batch_size=16"]
+
+
+def _bench(tiny_dataset, tmp_path, *extra):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "cifar10.py"), "--data", str(tiny_dataset),
+                           "--output-dir", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+                           "--workers", "0", "--precision", "no", *extra, *TINY],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+@pytest.mark.slow
+def test_every_stage_runs_and_the_results_name_each_predicting_head(tiny_dataset, tmp_path):
+    done = _bench(tiny_dataset, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "cifar10.json").read_text())
+    rows = results["rows"]
+    # Each student is scored on the head it predicts with: the class head alone, the joint head distilled.
+    assert rows["DeiT student, none"]["predicts_with"] == "cls_top1"
+    assert rows["DeiT student, soft"]["predicts_with"] == rows["DeiT student, hard"]["predicts_with"] == "joint_top1"
+    assert rows["teacher (resnet20_cifar)"]["predicts_with"] == "top1"
+    for kind in ("none", "soft", "hard"):
+        row = rows[f"DeiT student, {kind}"]
+        assert results["predicting_top1"][kind] == row[row["predicts_with"]]
+        assert {"cls_top1", "dist_top1", "joint_top1"} <= set(row)  # DeiT's Table 3 columns
+        assert ("agreement_top1" in row) == (kind != "none")  # agreement with the teacher, where there is one
+    assert set(results["targets"]) == {"teacher >= 90", "hard >= none + 8", "hard > soft > none", "best student >= 70"}
+    assert results["precision"] == {"teacher": "no", "student": "no", "measured": None}
+    assert isinstance(results["minutes"]["teacher cache"], float)
+    md = (tmp_path / "results" / "cifar10.md").read_text()
+    assert "DeiT student, hard" in md and "Targets:" in md
+    if results["figure"]:  # matplotlib present
+        assert (tmp_path / "results" / "cifar10.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Finished stages are kept: a second run without --resume refuses, with it only the report is redone.
+    again = _bench(tiny_dataset, tmp_path)
+    assert again.returncode != 0 and "pass --resume" in again.stderr
+    before = (tmp_path / "runs" / "cifar10-deit-hard" / "metrics.jsonl").read_text()
+    resumed = _bench(tiny_dataset, tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[teacher]" not in resumed.stdout and "[student" not in resumed.stdout
+    assert (tmp_path / "runs" / "cifar10-deit-hard" / "metrics.jsonl").read_text() == before
+    assert json.loads((tmp_path / "results" / "cifar10.json").read_text())["rows"] == rows

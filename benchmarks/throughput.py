@@ -40,6 +40,7 @@ import copy
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import sys
@@ -118,7 +119,7 @@ def build_teachers(name: str, checkpoint: str | None, args, dc, batches, device)
         plain.model.eval()
     fast = teachers.Teacher(plain.model, num_classes=10, mean=plain.mean, std=plain.std,
                             input_size=plain.input_size, name=name)
-    fast.optimize(precision=args.precision, fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last,
+    fast.optimize(precision=args.teacher_precision or args.precision, fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last,
                   compile=args.compile)
     fast.to(device)
     for t in (plain, fast):
@@ -260,15 +261,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict[str, Callable], batches, args, device) -> dict[str, list[float]]:
+def time_interleaved(steps: dict[str, Callable], batches, args, device) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Warm every variant up, then time ``--block`` steps of each in turn (after ``--block-warmup``
-    untimed ones, so each block measures the steady state of a loop that repeats one step); img/s per block."""
+    untimed ones, so each block measures the steady state of a loop that repeats one step). Returns img/s
+    per block and, per variant, the process's minor page faults per timed step: a count, not a timing,
+    of the memory each step takes fresh from the kernel (each fault maps and zeroes a page)."""
     n = len(batches)
     for step in steps.values():
         for i in range(args.warmup):
             step(*batches[i % n])
     sync(device)
     rates: dict[str, list[float]] = {name: [] for name in steps}
+    faults = dict.fromkeys(steps, 0)
     names = list(steps)
     cursor = 0
     for block in range(max(1, args.steps // args.block)):
@@ -278,13 +282,19 @@ def time_interleaved(steps: dict[str, Callable], batches, args, device) -> dict[
                 steps[name](*batches[cursor % n])
                 cursor += 1
             sync(device)
+            before = minor_faults()
             start = time.perf_counter()
             for _ in range(args.block):
                 steps[name](*batches[cursor % n])
                 cursor += 1
             sync(device)
             rates[name].append(args.block * args.batch_size / (time.perf_counter() - start))
-    return rates
+            faults[name] += minor_faults() - before
+    return rates, {name: round(f / (args.block * len(rates[name])), 1) for name, f in faults.items()}
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def run_pair(student_name, teacher_name, args, batches, device) -> dict:
@@ -301,8 +311,9 @@ def run_pair(student_name, teacher_name, args, batches, device) -> dict:
     with tempfile.TemporaryDirectory() as root:
         steps["cached"] = make_cached_step(student_c, fast, batches, args, Path(root))
         steps["timm"] = timm_step
-        rates = time_interleaved(steps, batches, args, device)
+        rates, faults = time_interleaved(steps, batches, args, device)
     row["img_s_per_block"] = rates
+    row["page_faults_per_step"] = faults
     med = {name: statistics.median(r) for name, r in rates.items()}
     for name in VARIANTS:
         row[f"{name}_img_s"] = med.get(name)
@@ -323,9 +334,10 @@ def run_teacher(teacher_name, args, batches, device) -> dict:
         with torch.no_grad(), autocast(device, args.precision):
             return net(x)
 
-    rates = time_interleaved({"plain": timm_way, "optimized": lambda x, y: fast(x)}, batches, args, device)
+    rates, faults = time_interleaved({"plain": timm_way, "optimized": lambda x, y: fast(x)}, batches, args, device)
     med = {name: statistics.median(r) for name, r in rates.items()}
     return {"plain_img_s": med["plain"], "optimized_img_s": med["optimized"],
+            "plain_faults": faults["plain"], "optimized_faults": faults["optimized"],
             "optimized/plain": med["optimized"] / med["plain"], **teacher_agreement(plain, fast, batches),
             "teacher_optimizations": fast.optimizations, "img_s_per_block": rates}
 
@@ -359,7 +371,7 @@ def run_parts(student_name, teacher_name, args, batches, device) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rates = time_interleaved({"teacher_timm": teacher_timm, "teacher_ours": lambda x, y: fast(x), "forward": forward,
+    rates, faults = time_interleaved({"teacher_timm": teacher_timm, "teacher_ours": lambda x, y: fast(x), "forward": forward,
                               "forward_backward": forward_backward, "step": full_step}, batches, args, device)
     ms = {name: 1000 * args.batch_size / statistics.median(r) for name, r in rates.items()}
     return {"teacher_timm_ms": ms["teacher_timm"], "teacher_ours_ms": ms["teacher_ours"],
@@ -368,15 +380,22 @@ def run_parts(student_name, teacher_name, args, batches, device) -> dict:
             "ceiling_online/timm": (ms["step"] + ms["teacher_timm"]) / (ms["step"] + ms["teacher_ours"]),
             # Even a teacher that cost nothing could not beat timm's step by more than this.
             "ceiling_free_teacher": (ms["step"] + ms["teacher_timm"]) / ms["step"],
-            "img_s_per_block": rates}
+            "teacher_timm_faults": faults["teacher_timm"], "teacher_ours_faults": faults["teacher_ours"],
+            "img_s_per_block": rates, "page_faults_per_step": faults}
 
 
 PARTS_COLUMNS = ["teacher_timm_ms", "teacher_ours_ms", "student_fwd_ms", "student_bwd_ms", "optimizer_ms",
-                 "ceiling_online/timm", "ceiling_free_teacher"]
+                 "ceiling_online/timm", "ceiling_free_teacher", "teacher_timm_faults", "teacher_ours_faults"]
 LOOP_COLUMNS = ["loop_img_s", "step_img_s", "loop/step", "loop_shared/idle"]
-TEACHER_COLUMNS = ["plain_img_s", "optimized_img_s", "optimized/plain", "teacher_agreement_top1"]
+TEACHER_COLUMNS = ["plain_img_s", "optimized_img_s", "optimized/plain", "teacher_agreement_top1", "plain_faults",
+                   "optimized_faults"]
 COLUMNS = ["plain_img_s", "online_img_s", "cached_img_s", "timm_img_s", "online/plain", "cached/plain",
            "online/timm", "teacher_agreement_top1"]
+
+
+def teacher_note(args) -> str:
+    given = args.teacher_precision
+    return "" if given in (None, args.precision) else f" (our optimised teacher: {given}; timm's: {args.precision})"
 
 
 def main() -> None:
@@ -396,6 +415,9 @@ def main() -> None:
                         "(repeatable); without, the teacher is random with BatchNorm statistics calibrated on the batches")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="autocast for every variant and the optimised teacher (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--teacher-precision", choices=["fp32", "bf16"], default=None,
+                   help="our optimised teacher's own precision (teacher.precision), when it should differ from "
+                        "--precision; timm's task always runs its teacher in the student's autocast")
     p.add_argument("--kind", choices=["hard", "soft"], default="hard", help="distillation kind (DeiT's default: hard)")
     p.add_argument("--tau", type=float, default=1.0, help="soft distillation temperature")
     p.add_argument("--compile", action="store_true", help="torch.compile the optimised teacher (teacher.compile)")
@@ -451,7 +473,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                    f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'no GPU'}",
         "torch": torch.__version__, "timm": timm.__version__, "device": str(device), "threads": args.threads,
-        "precision": args.precision, "kind": args.kind, "batch_size": args.batch_size, "steps": args.steps,
+        "precision": args.precision, "teacher_precision": args.teacher_precision or args.precision, "kind": args.kind, "batch_size": args.batch_size, "steps": args.steps,
         "warmup": args.warmup, "block": args.block, "block_warmup": args.block_warmup, "batches": len(batches),
         "timing": "img/s = median over blocks; variants interleaved block by block in one process; "
                   "batches prepared in memory beforehand (data loading not timed)",
@@ -492,7 +514,7 @@ def main() -> None:
     table = format_table(results["rows"], columns)
     random_teachers = [] if args.loop else [t for t in args.teachers if t not in args.teacher_checkpoint]
     notes = [results["timing"], f"{results['machine']}; torch {results['torch']}, timm {results['timm']}; "
-             f"precision {args.precision}, {args.kind} distillation, batch {args.batch_size}, {args.steps} steps "
+             f"precision {args.precision}{teacher_note(args)}, {args.kind} distillation, batch {args.batch_size}, {args.steps} steps "
              f"after {args.warmup} warm-up, blocks of {args.block} after {args.block_warmup} untimed"]
     if args.loop:
         notes[1] = (f"{results['machine']}; torch {results['torch']}; the 96x6 DeiT student (distill.kind=none), batch "

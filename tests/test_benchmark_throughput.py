@@ -24,7 +24,7 @@ def _args(kind: str, precision: str = "fp32") -> argparse.Namespace:
     data_cfg = Config().data
     data_cfg.img_size = 32
     accelerator = new_accelerator(cpu=True, mixed_precision={"fp32": "no"}.get(precision, precision))
-    return argparse.Namespace(kind=kind, tau=3.0, precision=precision, compile=False, no_fold_bn=False,
+    return argparse.Namespace(kind=kind, tau=3.0, precision=precision, teacher_precision=None, compile=False, no_fold_bn=False,
                               no_channels_last=False, teacher_checkpoint={}, data_cfg=data_cfg,
                               steps=1, warmup=1, block=1, block_warmup=1, batch_size=8, accelerator=accelerator)
 
@@ -110,3 +110,25 @@ def test_parts_add_up_to_the_step_and_the_ceiling_follows_from_them():
     assert row["student_fwd_ms"] + row["student_bwd_ms"] + row["optimizer_ms"] == pytest.approx(ms["step"])
     assert row["ceiling_online/timm"] == pytest.approx((ms["step"] + ms["teacher_timm"]) / (ms["step"] + ms["teacher_ours"]))
     assert row["ceiling_free_teacher"] == pytest.approx((ms["step"] + ms["teacher_timm"]) / ms["step"])
+
+
+def test_page_faults_are_counted_per_variant_and_step():
+    """The fault count tells a step that takes fresh memory from the kernel every time (a buffer above
+    malloc's mmap threshold, mapped and zeroed anew) from one that reuses memory."""
+    import numpy as np
+
+    args, batches = _args("hard"), _batches()
+    args.steps, args.block, args.warmup, args.block_warmup = 4, 2, 1, 0
+    steps = {"fresh": lambda x, y: np.ones(64 << 20, np.uint8).sum(), "reuse": lambda x, y: x.sum()}
+    rates, faults = throughput.time_interleaved(steps, batches, args, torch.device("cpu"))
+    assert set(rates) == set(faults) == {"fresh", "reuse"} and all(len(r) == 2 for r in rates.values())
+    assert faults["fresh"] >= 32  # 64 MiB: 16,384 pages of 4 KiB, or 32 huge pages of 2 MiB
+    assert faults["reuse"] < faults["fresh"] / 4
+
+
+def test_our_teacher_can_run_in_its_own_precision():
+    args, batches = _args("hard"), _batches()
+    args.teacher_precision = "bf16"
+    plain, fast = throughput.build_teachers("resnet20_cifar", None, args, args.data_cfg, batches, torch.device("cpu"))
+    assert fast.optimizations["precision"] == "bf16" and args.precision == "fp32"
+    assert fast(batches[0][0]).dtype == torch.float32  # logits come back in float32 whatever the teacher ran in

@@ -134,6 +134,9 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="continue a stopped benchmark (finished stages are kept)")
     p.add_argument("--gpu-setting", action="store_true", help="full DeiT-Ti, patch 4, 300 epochs (for a GPU)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per run")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table and figure from the runs as they stand (an unfinished "
+                        "run shows its last finished epoch in the epochs column)")
     p.add_argument("--precision", choices=["auto", "no", "bf16"], default="auto",
                    help="auto: time fp32 against bf16 for the teacher and the student here, keep the faster")
     p.add_argument("overrides", nargs="*", help="extra section.key=value for every run (e.g. a quick smoke test)")
@@ -143,7 +146,9 @@ def main() -> None:
     tag = "cifar10_gpu" if args.gpu_setting else "cifar10"
     out = Path(args.output_dir or ROOT / "runs" / ("bench-cifar10-gpu" if args.gpu_setting else "bench-cifar10"))
     state_file = out / "benchmark_state.json"
-    if state_file.is_file() and not args.resume:
+    if args.report_only and not state_file.is_file():
+        sys.exit(f"error: {out} holds no benchmark to report on; run python benchmarks/cifar10.py first")
+    if state_file.is_file() and not (args.resume or args.report_only):
         sys.exit(f"error: {out} holds a benchmark already; pass --resume to continue it, or --output-dir <new folder>")
     out.mkdir(parents=True, exist_ok=True)
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"seconds": {}}
@@ -162,7 +167,7 @@ def main() -> None:
     cache = out / "teacher-cache"
 
     # 1. The teacher, from scratch.
-    if not teacher_weights.is_file():
+    if not teacher_weights.is_file() and not args.report_only:
         resume = ["--resume"] if (teacher_run / "checkpoints").is_dir() else []
         run_stage(state, state_file, "teacher", distill_cmd("train-teacher", RECIPE, *common,
                                                             f"train.mixed_precision={prec['teacher']}", *resume))
@@ -170,14 +175,14 @@ def main() -> None:
     with_teacher = [f"teacher.checkpoint={teacher_weights}", f"teacher.cache={cache}"]
     cache_info = cache / "cache.json"
     epochs = [int(o.split("=")[1]) for o in common if o.startswith("train.epochs=")][-1]
-    if not cache_info.is_file() or json.loads(cache_info.read_text()).get("epochs", 0) < epochs \
-            or not (cache / "val").is_dir():
+    if not args.report_only and (not cache_info.is_file() or json.loads(cache_info.read_text()).get("epochs", 0) < epochs
+                                 or not (cache / "val").is_dir()):
         run_stage(state, state_file, "cache", distill_cmd("cache-teacher", RECIPE, *common, *with_teacher,
                                                           f"train.mixed_precision={prec['teacher']}"))
     # 3. The students: same data, augmentation, seed and budget; only the teacher's part differs.
     for kind in ("hard", "soft", "none"):
         run = out / f"cifar10-deit-{kind}"
-        if (run / "export" / "model.safetensors").is_file():
+        if (run / "export" / "model.safetensors").is_file() or args.report_only:
             continue
         teacher = [] if kind == "none" else with_teacher
         resume = ["--resume"] if (run / "checkpoints").is_dir() else []

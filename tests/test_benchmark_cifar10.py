@@ -56,3 +56,17 @@ def test_every_stage_runs_and_the_results_name_each_predicting_head(tiny_dataset
     assert "[teacher]" not in resumed.stdout and "[student" not in resumed.stdout
     assert (tmp_path / "runs" / "cifar10-deit-hard" / "metrics.jsonl").read_text() == before
     assert json.loads((tmp_path / "results" / "cifar10.json").read_text())["rows"] == rows
+
+    # --report-only trains nothing, even where a student is missing: it reports the runs as they stand.
+    (tmp_path / "results" / "cifar10.json").unlink()
+    (tmp_path / "runs" / "cifar10-deit-soft" / "export" / "model.safetensors").unlink()  # as if still training
+    report = _bench(tiny_dataset, tmp_path, "--report-only")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "[teacher]" not in report.stdout and "[student" not in report.stdout and "[cache]" not in report.stdout
+    assert json.loads((tmp_path / "results" / "cifar10.json").read_text())["rows"] == rows
+
+
+def test_report_only_needs_a_benchmark(tiny_dataset, tmp_path):
+    done = _bench(tiny_dataset, tmp_path, "--report-only")
+    assert done.returncode != 0 and "holds no benchmark to report on" in done.stderr
+    assert not (tmp_path / "runs" / "cifar10-teacher").exists()

@@ -163,39 +163,15 @@ def main() -> None:
               "train.progress=false", f"train.output_dir={out}", "teacher.pretrained=false", "train.run_name=cifar10",
               *setting["teacher"], *setting["student"], *args.overrides]
     teacher_run = out / "cifar10-teacher"
-    teacher_weights = teacher_run / "export" / "model.safetensors"
-    cache = out / "teacher-cache"
-
-    # 1. The teacher, from scratch.
-    if not teacher_weights.is_file() and not args.report_only:
-        resume = ["--resume"] if (teacher_run / "checkpoints").is_dir() else []
-        run_stage(state, state_file, "teacher", distill_cmd("train-teacher", RECIPE, *common,
-                                                            f"train.mixed_precision={prec['teacher']}", *resume))
-    # 2. The teacher's outputs for every epoch the students see (also extends a shorter cache).
-    with_teacher = [f"teacher.checkpoint={teacher_weights}", f"teacher.cache={cache}"]
-    cache_info = cache / "cache.json"
-    epochs = [int(o.split("=")[1]) for o in common if o.startswith("train.epochs=")][-1]
-    if not args.report_only and (not cache_info.is_file() or json.loads(cache_info.read_text()).get("epochs", 0) < epochs
-                                 or not (cache / "val").is_dir()):
-        run_stage(state, state_file, "cache", distill_cmd("cache-teacher", RECIPE, *common, *with_teacher,
-                                                          f"train.mixed_precision={prec['teacher']}"))
-    # 3. The students: same data, augmentation, seed and budget; only the teacher's part differs.
-    for kind in ("hard", "soft", "none"):
-        run = out / f"cifar10-deit-{kind}"
-        if (run / "export" / "model.safetensors").is_file() or args.report_only:
-            continue
-        teacher = [] if kind == "none" else with_teacher
-        resume = ["--resume"] if (run / "checkpoints").is_dir() else []
-        run_stage(state, state_file, f"student {kind}", distill_cmd(
-            "train", RECIPE, *common, *KINDS[kind], *teacher, f"train.run_name=cifar10-deit-{kind}",
-            f"train.mixed_precision={prec['student']}", *resume))
+    if not args.report_only:
+        train_stages(out, common, state, state_file, prec)
 
     # 4. The table and the figure, through `distill compare` (each run's last epoch, its predicting head).
     from distill import atomic
     from distill.compare import compare_runs
 
     res = Path(args.results)
-    teacher_name = [o for o in common if o.startswith("teacher.name=")][-1].split("=")[1]  # overrides win
+    teacher_name = last_value(common, "teacher.name")
     labels = {"teacher": f"teacher ({teacher_name})", **{k: f"DeiT student, {k}" for k in ("none", "soft", "hard")}}
     runs = [teacher_run, *(out / f"cifar10-deit-{k}" for k in ("none", "soft", "hard"))]
     compared = compare_runs(runs, out=res, labels=list(labels.values()), name=tag,
@@ -227,8 +203,44 @@ def main() -> None:
                         f"students {prec['student']} (measured img/s: {prec['measured']}).\n\nTargets: {verdict}.\n")
 
 
+def train_stages(out: Path, common: list[str], state: dict, state_file: Path, prec: dict) -> None:
+    """Stages 1-3, each skipped when its result is already there (a stopped one resumes)."""
+    teacher_run = out / "cifar10-teacher"
+    teacher_weights = teacher_run / "export" / "model.safetensors"
+    cache = out / "teacher-cache"
+    # 1. The teacher, from scratch.
+    if not teacher_weights.is_file():
+        resume = ["--resume"] if (teacher_run / "checkpoints").is_dir() else []
+        run_stage(state, state_file, "teacher", distill_cmd("train-teacher", RECIPE, *common,
+                                                            f"train.mixed_precision={prec['teacher']}", *resume))
+    # 2. The teacher's outputs for every epoch the students see (also extends a shorter cache).
+    with_teacher = [f"teacher.checkpoint={teacher_weights}", f"teacher.cache={cache}"]
+    cache_info = cache / "cache.json"
+    epochs = int(last_value(common, "train.epochs"))
+    if not cache_info.is_file() or json.loads(cache_info.read_text()).get("epochs", 0) < epochs \
+            or not (cache / "val").is_dir():
+        run_stage(state, state_file, "cache", distill_cmd("cache-teacher", RECIPE, *common, *with_teacher,
+                                                          f"train.mixed_precision={prec['teacher']}"))
+    # 3. The students: same data, augmentation, seed and budget; only the teacher's part differs.
+    for kind in ("hard", "soft", "none"):
+        run = out / f"cifar10-deit-{kind}"
+        if (run / "export" / "model.safetensors").is_file():
+            continue
+        teacher = [] if kind == "none" else with_teacher
+        resume = ["--resume"] if (run / "checkpoints").is_dir() else []
+        run_stage(state, state_file, f"student {kind}", distill_cmd(
+            "train", RECIPE, *common, *KINDS[kind], *teacher, f"train.run_name=cifar10-deit-{kind}",
+            f"train.mixed_precision={prec['student']}", *resume))
+
+
+def last_value(overrides: list[str], key: str) -> str:
+    """The value the last ``key=value`` in ``overrides`` gives (later overrides win, as in `distill`)."""
+    return [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")][-1]
+
+
 def _minutes(seconds) -> float | str:
     return round(seconds / 60, 1) if isinstance(seconds, (int, float)) else "unknown"
+
 
 if __name__ == "__main__":
     main()

@@ -119,7 +119,7 @@ def build_teachers(name: str, checkpoint: str | None, args, dc, batches, device)
         plain.model.eval()
     fast = teachers.Teacher(plain.model, num_classes=10, mean=plain.mean, std=plain.std,
                             input_size=plain.input_size, name=name)
-    fast.optimize(precision=args.teacher_precision or args.precision, fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last,
+    fast.optimize(precision=args.teacher_precision, fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last,
                   compile=args.compile)
     fast.to(device)
     for t in (plain, fast):
@@ -394,8 +394,9 @@ COLUMNS = ["plain_img_s", "online_img_s", "cached_img_s", "timm_img_s", "online/
 
 
 def teacher_note(args) -> str:
-    given = args.teacher_precision
-    return "" if given in (None, args.precision) else f" (our optimised teacher: {given}; timm's: {args.precision})"
+    if args.teacher_precision == args.precision:
+        return ""
+    return f" (our optimised teacher: {args.teacher_precision}; timm's: {args.precision})"
 
 
 def main() -> None:
@@ -456,6 +457,7 @@ def main() -> None:
     args.block = min(args.block, args.steps)
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.teacher_precision = args.teacher_precision or args.precision
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     # The data side of the cifar10_deit_tiny recipe: 32x32, pad-4 crop + flip, RandAugment, erasing,
@@ -473,7 +475,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                    f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'no GPU'}",
         "torch": torch.__version__, "timm": timm.__version__, "device": str(device), "threads": args.threads,
-        "precision": args.precision, "teacher_precision": args.teacher_precision or args.precision, "kind": args.kind, "batch_size": args.batch_size, "steps": args.steps,
+        "precision": args.precision, "teacher_precision": args.teacher_precision, "kind": args.kind, "batch_size": args.batch_size, "steps": args.steps,
         "warmup": args.warmup, "block": args.block, "block_warmup": args.block_warmup, "batches": len(batches),
         "timing": "img/s = median over blocks; variants interleaved block by block in one process; "
                   "batches prepared in memory beforehand (data loading not timed)",

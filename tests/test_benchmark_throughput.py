@@ -24,7 +24,7 @@ def _args(kind: str, precision: str = "fp32") -> argparse.Namespace:
     data_cfg = Config().data
     data_cfg.img_size = 32
     accelerator = new_accelerator(cpu=True, mixed_precision={"fp32": "no"}.get(precision, precision))
-    return argparse.Namespace(kind=kind, tau=3.0, precision=precision, teacher_precision=None, compile=False, no_fold_bn=False,
+    return argparse.Namespace(kind=kind, tau=3.0, precision=precision, teacher_precision=precision, compile=False, no_fold_bn=False,
                               no_channels_last=False, teacher_checkpoint={}, data_cfg=data_cfg,
                               steps=1, warmup=1, block=1, block_warmup=1, batch_size=8, accelerator=accelerator)
 

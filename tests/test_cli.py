@@ -113,5 +113,3 @@ def test_the_interrupt_hook_passes_everything_else_on():
     seen = []
     _keep_interrupts(SimpleNamespace(exc_type=ValueError), default=seen.append)
     assert len(seen) == 1
-
-

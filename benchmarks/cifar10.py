@@ -13,6 +13,11 @@ The full CIFAR-10 training set (50,000 images) and its test set (10,000), in fou
     python benchmarks/cifar10.py                 # about 3.7 h of 2 idle CPU cores; stop it any time
     python benchmarks/cifar10.py --resume        # continue where it stopped (finished stages are kept)
     python benchmarks/cifar10.py --gpu-setting   # DeiT-Ti (192 wide, 12 deep), patch 4, DeiT's 300 epochs
+    python benchmarks/cifar10.py --resume --seeds 0,1 --kinds none,hard   # a second seed of two students
+
+More seeds train the students again (each seed with its own replay cache, since the cache holds that
+seed's augmented batches) from the same teacher; the report gives every head per seed and each kind's
+mean and spread over its seeds.
 
 Every stage is a `distill` command (printed before it runs), so each can be rerun by hand. Results:
 ``benchmarks/results/cifar10{_gpu}.{json,md,png}``.
@@ -139,6 +144,12 @@ def main() -> None:
                         "run shows its last finished epoch in the epochs column)")
     p.add_argument("--precision", choices=["auto", "no", "bf16"], default="auto",
                    help="auto: time fp32 against bf16 for the teacher and the student here, keep the faster")
+    # Comma-separated lists, so that the positional overrides that follow are not swallowed.
+    p.add_argument("--seeds", type=seed_list, default=[0],
+                   help="student seeds (train.seed), e.g. 0,1: each trains the chosen students from the same teacher, "
+                        "with its own replay cache; the first seed's runs keep the plain names")
+    p.add_argument("--kinds", type=kind_list, default=list(KINDS),
+                   help="the students to train, e.g. none,hard (runs already there are reported whatever this says)")
     p.add_argument("overrides", nargs="*", help="extra section.key=value for every run (e.g. a quick smoke test)")
     args = p.parse_args()
 
@@ -164,7 +175,7 @@ def main() -> None:
               *setting["teacher"], *setting["student"], *args.overrides]
     teacher_run = out / "cifar10-teacher"
     if not args.report_only:
-        train_stages(out, common, state, state_file, prec)
+        train_stages(out, common, state, state_file, prec, seeds=args.seeds, kinds=args.kinds)
 
     # 4. The table and the figure, through `distill compare` (each run's last epoch, its predicting head).
     from distill import atomic
@@ -172,65 +183,141 @@ def main() -> None:
 
     res = Path(args.results)
     teacher_name = last_value(common, "teacher.name")
-    labels = {"teacher": f"teacher ({teacher_name})", **{k: f"DeiT student, {k}" for k in ("none", "soft", "hard")}}
-    runs = [teacher_run, *(out / f"cifar10-deit-{k}" for k in ("none", "soft", "hard"))]
-    compared = compare_runs(runs, out=res, labels=list(labels.values()), name=tag,
-                            title=f"CIFAR-10 test top-1 by epoch ({'GPU' if args.gpu_setting else 'CPU'} setting)")
+    # Every student run there is, for every seed asked for (the first seed's runs are required).
+    students = [(kind, seed) for seed in args.seeds for kind in KINDS
+                if seed == args.seeds[0] or (out / student_run(kind, seed, args.seeds[0])).is_dir()]
+    labels = {"teacher": f"teacher ({teacher_name})",
+              **{(k, s): f"DeiT student, {k}" + (f", seed {s}" if s != args.seeds[0] else "") for k, s in students}}
+    runs = [teacher_run, *(out / student_run(k, s, args.seeds[0]) for k, s in students)]
+    compared = compare_runs(runs, out=res, labels=list(labels.values()), name=tag, groups=[
+        labels["teacher"], *(f"DeiT student, {k}" for k, _ in students)],
+        title=f"CIFAR-10 test top-1 by epoch ({'GPU' if args.gpu_setting else 'CPU'} setting)")
     rows = compared["rows"]
-    top1 = {k: rows[label][rows[label]["predicts_with"]] for k, label in labels.items()}
+    per_seed = {k: {s: rows[labels[k, s]][rows[labels[k, s]]["predicts_with"]] for kk, s in students if kk == k}
+                for k in KINDS}
+    top1 = {"teacher": rows[labels["teacher"]]["top1"], **{k: _mean(v.values()) for k, v in per_seed.items()}}
     none, soft, hard = top1["none"], top1["soft"], top1["hard"]
-    targets = {"teacher >= 90": top1["teacher"] >= 90, "hard >= none + 8": hard >= none + 8,
+    seeds_table = seed_summary(per_seed)
+    # With several seeds: the gain is the mean of the seed-by-seed gains (seeds where both were trained),
+    # the order and the best student the means of each kind over its seeds.
+    targets = {"teacher >= 90": top1["teacher"] >= 90, "hard >= none + 8": seeds_table["gains"]["hard - none"]["mean"] >= 8,
                "hard > soft > none": hard > soft > none, "best student >= 70": max(none, soft, hard) >= 70}
     # Where the time went: the training runs' own epoch clocks (they survive stops and resumes), and
-    # the cache stage's wall time as this script measured it.
-    minutes = {labels[k]: _minutes(rows[labels[k]]["wall_s"]) for k in labels}
-    minutes["teacher cache"] = _minutes(state["seconds"].get("cache"))
+    # the cache stages' wall time as this script measured it (a stage run by hand is not there).
+    minutes = {label: _minutes(rows[label]["wall_s"]) for label in labels.values()}
+    for seed in args.seeds:
+        stage = cache_stage(seed, args.seeds[0])
+        if stage in state["seconds"] or seed == args.seeds[0]:
+            minutes["teacher " + stage.replace(" seed", ", seed ")] = _minutes(state["seconds"].get(stage))
     known = [m for m in minutes.values() if isinstance(m, float)]
     total = round(sum(known), 1)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     cost = ", ".join(f"{k} {m} min" for k, m in minutes.items())
     verdict = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items())
     print("\n" + compared["table"])
+    if len(args.seeds) > 1:
+        print("\n" + seeds_table["table"])
     print(f"\ntime: {cost}; {total} min in all on {machine}")
     print(f"precision: teacher {prec['teacher']}, students {prec['student']}")
     print("targets: " + verdict)
     results = {"machine": machine, "setting": setting, "kinds": KINDS, "precision": prec, "rows": rows,
-               "predicting_top1": top1, "targets": targets, "minutes": minutes, "total_minutes": total,
+               "predicting_top1": top1, "seeds": seeds_table["seeds"], "gains": seeds_table["gains"],
+               "targets": targets, "minutes": minutes, "total_minutes": total,
                "figure": str(compared["png"]) if compared.get("png") else None}
     atomic.write_text(res / f"{tag}.json", json.dumps(results, indent=2) + "\n")
-    atomic.write_text(res / f"{tag}.md", compared["markdown"].read_text()
+    seeds_md = f"\nPredicting head by seed (mean and standard deviation over seeds):\n\n```\n{seeds_table['table']}\n```\n" \
+        if len(args.seeds) > 1 else ""
+    atomic.write_text(res / f"{tag}.md", compared["markdown"].read_text() + seeds_md
                       + f"\nTime: {cost}; {total} min in all on {machine}. Precision: teacher {prec['teacher']}, "
                         f"students {prec['student']} (measured img/s: {prec['measured']}).\n\nTargets: {verdict}.\n")
 
 
-def train_stages(out: Path, common: list[str], state: dict, state_file: Path, prec: dict) -> None:
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds >= 0, e.g. 0,1,2")
+    return seeds
+
+
+def kind_list(text: str) -> list[str]:
+    kinds = text.split(",")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown student kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+    return kinds
+
+
+def student_run(kind: str, seed: int, first_seed: int) -> str:
+    """A student's run folder: the first seed's plain, the others' with the seed in the name."""
+    return f"cifar10-deit-{kind}" + (f"-seed{seed}" if seed != first_seed else "")
+
+
+def cache_stage(seed: int, first_seed: int) -> str:
+    """A replay cache's stage name, also its folder's suffix ("cache" -> teacher-cache)."""
+    return "cache" + (f" seed{seed}" if seed != first_seed else "")
+
+
+def train_stages(out: Path, common: list[str], state: dict, state_file: Path, prec: dict,
+                 seeds: list[int], kinds: list[str]) -> None:
     """Stages 1-3, each skipped when its result is already there (a stopped one resumes)."""
     teacher_run = out / "cifar10-teacher"
     teacher_weights = teacher_run / "export" / "model.safetensors"
-    cache = out / "teacher-cache"
     # 1. The teacher, from scratch.
     if not teacher_weights.is_file():
         resume = ["--resume"] if (teacher_run / "checkpoints").is_dir() else []
         run_stage(state, state_file, "teacher", distill_cmd("train-teacher", RECIPE, *common,
                                                             f"train.mixed_precision={prec['teacher']}", *resume))
-    # 2. The teacher's outputs for every epoch the students see (also extends a shorter cache).
-    with_teacher = [f"teacher.checkpoint={teacher_weights}", f"teacher.cache={cache}"]
-    cache_info = cache / "cache.json"
     epochs = int(last_value(common, "train.epochs"))
-    if not cache_info.is_file() or json.loads(cache_info.read_text()).get("epochs", 0) < epochs \
-            or not (cache / "val").is_dir():
-        run_stage(state, state_file, "cache", distill_cmd("cache-teacher", RECIPE, *common, *with_teacher,
-                                                          f"train.mixed_precision={prec['teacher']}"))
-    # 3. The students: same data, augmentation, seed and budget; only the teacher's part differs.
-    for kind in ("hard", "soft", "none"):
-        run = out / f"cifar10-deit-{kind}"
-        if (run / "export" / "model.safetensors").is_file():
-            continue
-        teacher = [] if kind == "none" else with_teacher
-        resume = ["--resume"] if (run / "checkpoints").is_dir() else []
-        run_stage(state, state_file, f"student {kind}", distill_cmd(
-            "train", RECIPE, *common, *KINDS[kind], *teacher, f"train.run_name=cifar10-deit-{kind}",
-            f"train.mixed_precision={prec['student']}", *resume))
+    for seed in seeds:
+        seeded = common + [f"train.seed={seed}"]
+        # 2. The teacher's outputs for every epoch the students see (also extends a shorter cache); the
+        #    cache holds this seed's augmented batches, so each seed has its own.
+        stage = cache_stage(seed, seeds[0])
+        cache = out / ("teacher-" + stage.replace(" ", "-"))
+        with_teacher = [f"teacher.checkpoint={teacher_weights}", f"teacher.cache={cache}"]
+        cache_info = cache / "cache.json"
+        if {"soft", "hard"} & set(kinds) and (not cache_info.is_file() or not (cache / "val").is_dir()
+                                              or json.loads(cache_info.read_text()).get("epochs", 0) < epochs):
+            run_stage(state, state_file, stage, distill_cmd("cache-teacher", RECIPE, *seeded, *with_teacher,
+                                                            f"train.mixed_precision={prec['teacher']}"))
+        # 3. The students: same data, augmentation, seed and budget; only the teacher's part differs.
+        for kind in ("hard", "soft", "none"):
+            run = out / student_run(kind, seed, seeds[0])
+            if kind not in kinds or (run / "export" / "model.safetensors").is_file():
+                continue
+            teacher = [] if kind == "none" else with_teacher
+            resume = ["--resume"] if (run / "checkpoints").is_dir() else []
+            run_stage(state, state_file, f"student {kind}" + (f" seed{seed}" if seed != seeds[0] else ""), distill_cmd(
+                "train", RECIPE, *seeded, *KINDS[kind], *teacher, f"train.run_name={run.name}",
+                f"train.mixed_precision={prec['student']}", *resume))
+
+
+def seed_summary(per_seed: dict[str, dict[int, float]]) -> dict:
+    """Each kind's predicting top-1 per seed with mean and standard deviation, and the gain of each
+    distilled kind over the student alone, seed by seed (only seeds where both were trained)."""
+    import statistics
+
+    def stats(values: dict[int, float]) -> dict:
+        v = list(values.values())
+        return {"per_seed": values, "mean": _mean(v), "std": round(statistics.stdev(v), 2) if len(v) > 1 else None}
+
+    seeds = {k: stats(v) for k, v in per_seed.items() if v}
+    gains = {f"{k} - none": stats({s: round(v[s] - per_seed["none"][s], 2) for s in v if s in per_seed["none"]})
+             for k, v in per_seed.items() if k != "none" and set(v) & set(per_seed["none"])}
+    all_seeds = sorted({s for v in per_seed.values() for s in v})
+    lines = [f"{'':14}" + "".join(f"{'seed ' + str(s):>10}" for s in all_seeds) + f"{'mean':>10}{'std':>10}"]
+    for name, st in {**seeds, **gains}.items():
+        cells = "".join(f"{st['per_seed'][s]:>10.2f}" if s in st["per_seed"] else f"{'-':>10}" for s in all_seeds)
+        lines.append(f"{name:14}{cells}{st['mean']:>10.2f}" + (f"{st['std']:>10.2f}" if st["std"] is not None else f"{'-':>10}"))
+    return {"seeds": seeds, "gains": gains, "table": "\n".join(lines)}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return round(sum(values) / len(values), 2)
 
 
 def last_value(overrides: list[str], key: str) -> str:

@@ -57,6 +57,29 @@ def test_every_stage_runs_and_the_results_name_each_predicting_head(tiny_dataset
     assert (tmp_path / "runs" / "cifar10-deit-hard" / "metrics.jsonl").read_text() == before
     assert json.loads((tmp_path / "results" / "cifar10.json").read_text())["rows"] == rows
 
+    # A second seed of two students: its own cache (the cache holds a seed's batches), the same teacher,
+    # every seed's heads in the table and the seed-by-seed gain in the results.
+    seeded = _bench(tiny_dataset, tmp_path, "--resume", "--seeds", "0,1", "--kinds", "none,hard")
+    assert seeded.returncode == 0, seeded.stderr[-3000:]
+    assert "[teacher]" not in seeded.stdout and "[student soft seed1]" not in seeded.stdout
+    assert "[cache seed1]" in seeded.stdout and "train.seed=1" in seeded.stdout
+    runs = tmp_path / "runs"
+    assert not (runs / "cifar10-deit-soft-seed1").exists()
+    assert "seed: 1" in (runs / "cifar10-deit-hard-seed1" / "config.yaml").read_text()
+    assert json.loads((runs / "teacher-cache-seed1" / "cache.json").read_text())["epochs"] == 2
+    assert (runs / "cifar10-deit-hard" / "metrics.jsonl").read_text() == before  # seed 0 untouched
+    two = json.loads((tmp_path / "results" / "cifar10.json").read_text())
+    hard1 = two["rows"]["DeiT student, hard, seed 1"]
+    none1 = two["rows"]["DeiT student, none, seed 1"]
+    assert two["seeds"]["hard"]["per_seed"] == {"0": results["predicting_top1"]["hard"], "1": hard1["joint_top1"]}
+    assert two["seeds"]["soft"]["per_seed"] == {"0": results["predicting_top1"]["soft"]}
+    gain = two["gains"]["hard - none"]
+    assert gain["per_seed"]["1"] == round(hard1["joint_top1"] - none1["cls_top1"], 2)
+    assert gain["mean"] == round((gain["per_seed"]["0"] + gain["per_seed"]["1"]) / 2, 2)
+    assert two["predicting_top1"]["none"] == round((results["predicting_top1"]["none"] + none1["cls_top1"]) / 2, 2)
+    assert isinstance(two["minutes"]["teacher cache, seed 1"], float)
+    assert "hard - none" in (tmp_path / "results" / "cifar10.md").read_text()
+
     # --report-only trains nothing, even where a student is missing: it reports the runs as they stand.
     (tmp_path / "results" / "cifar10.json").unlink()
     (tmp_path / "runs" / "cifar10-deit-soft" / "export" / "model.safetensors").unlink()  # as if still training
@@ -64,6 +87,15 @@ def test_every_stage_runs_and_the_results_name_each_predicting_head(tiny_dataset
     assert report.returncode == 0, report.stderr[-3000:]
     assert "[teacher]" not in report.stdout and "[student" not in report.stdout and "[cache]" not in report.stdout
     assert json.loads((tmp_path / "results" / "cifar10.json").read_text())["rows"] == rows
+
+
+@pytest.mark.parametrize("flag, value, message", [("--seeds", "0,x", "comma-separated list of seeds"),
+                                                  ("--seeds", "1,1", "distinct seeds"),
+                                                  ("--kinds", "none,hrad", "unknown student kind 'hrad'")])
+def test_bad_seeds_or_kinds_are_one_line(tiny_dataset, tmp_path, flag, value, message):
+    done = _bench(tiny_dataset, tmp_path, flag, value)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_report_only_needs_a_benchmark(tiny_dataset, tmp_path):

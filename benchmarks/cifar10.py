@@ -184,11 +184,12 @@ def main() -> None:
     res = Path(args.results)
     teacher_name = last_value(common, "teacher.name")
     # Every student run there is, for every seed asked for (the first seed's runs are required).
+    first = args.seeds[0]
     students = [(kind, seed) for seed in args.seeds for kind in KINDS
-                if seed == args.seeds[0] or (out / student_run(kind, seed, args.seeds[0])).is_dir()]
+                if seed == first or (out / seeded(f"cifar10-deit-{kind}", seed, first)).is_dir()]
     labels = {"teacher": f"teacher ({teacher_name})",
-              **{(k, s): f"DeiT student, {k}" + (f", seed {s}" if s != args.seeds[0] else "") for k, s in students}}
-    runs = [teacher_run, *(out / student_run(k, s, args.seeds[0]) for k, s in students)]
+              **{(k, s): seeded(f"DeiT student, {k}", s, first, ", seed {}") for k, s in students}}
+    runs = [teacher_run, *(out / seeded(f"cifar10-deit-{k}", s, first) for k, s in students)]
     compared = compare_runs(runs, out=res, labels=list(labels.values()), name=tag, groups=[
         labels["teacher"], *(f"DeiT student, {k}" for k, _ in students)],
         title=f"CIFAR-10 test top-1 by epoch ({'GPU' if args.gpu_setting else 'CPU'} setting)")
@@ -206,9 +207,9 @@ def main() -> None:
     # the cache stages' wall time as this script measured it (a stage run by hand is not there).
     minutes = {label: _minutes(rows[label]["wall_s"]) for label in labels.values()}
     for seed in args.seeds:
-        stage = cache_stage(seed, args.seeds[0])
-        if stage in state["seconds"] or seed == args.seeds[0]:
-            minutes["teacher " + stage.replace(" seed", ", seed ")] = _minutes(state["seconds"].get(stage))
+        stage = seeded("cache", seed, first, " seed{}")
+        if stage in state["seconds"] or seed == first:
+            minutes[seeded("teacher cache", seed, first, ", seed {}")] = _minutes(state["seconds"].get(stage))
     known = [m for m in minutes.values() if isinstance(m, float)]
     total = round(sum(known), 1)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
@@ -250,14 +251,10 @@ def kind_list(text: str) -> list[str]:
     return kinds
 
 
-def student_run(kind: str, seed: int, first_seed: int) -> str:
-    """A student's run folder: the first seed's plain, the others' with the seed in the name."""
-    return f"cifar10-deit-{kind}" + (f"-seed{seed}" if seed != first_seed else "")
-
-
-def cache_stage(seed: int, first_seed: int) -> str:
-    """A replay cache's stage name, also its folder's suffix ("cache" -> teacher-cache)."""
-    return "cache" + (f" seed{seed}" if seed != first_seed else "")
+def seeded(name: str, seed: int, first_seed: int, suffix: str = "-seed{}") -> str:
+    """``name`` (a run or cache folder, a stage, a label) for ``seed``: the first seed's keeps the plain
+    name, so a benchmark run with one seed is named as before there were seeds."""
+    return name if seed == first_seed else name + suffix.format(seed)
 
 
 def train_stages(out: Path, common: list[str], state: dict, state_file: Path, prec: dict,
@@ -272,26 +269,25 @@ def train_stages(out: Path, common: list[str], state: dict, state_file: Path, pr
                                                             f"train.mixed_precision={prec['teacher']}", *resume))
     epochs = int(last_value(common, "train.epochs"))
     for seed in seeds:
-        seeded = common + [f"train.seed={seed}"]
+        with_seed = common + [f"train.seed={seed}"]
         # 2. The teacher's outputs for every epoch the students see (also extends a shorter cache); the
         #    cache holds this seed's augmented batches, so each seed has its own.
-        stage = cache_stage(seed, seeds[0])
-        cache = out / ("teacher-" + stage.replace(" ", "-"))
+        cache = out / seeded("teacher-cache", seed, seeds[0])
         with_teacher = [f"teacher.checkpoint={teacher_weights}", f"teacher.cache={cache}"]
         cache_info = cache / "cache.json"
         if {"soft", "hard"} & set(kinds) and (not cache_info.is_file() or not (cache / "val").is_dir()
                                               or json.loads(cache_info.read_text()).get("epochs", 0) < epochs):
-            run_stage(state, state_file, stage, distill_cmd("cache-teacher", RECIPE, *seeded, *with_teacher,
-                                                            f"train.mixed_precision={prec['teacher']}"))
+            run_stage(state, state_file, seeded("cache", seed, seeds[0], " seed{}"), distill_cmd(
+                "cache-teacher", RECIPE, *with_seed, *with_teacher, f"train.mixed_precision={prec['teacher']}"))
         # 3. The students: same data, augmentation, seed and budget; only the teacher's part differs.
         for kind in ("hard", "soft", "none"):
-            run = out / student_run(kind, seed, seeds[0])
+            run = out / seeded(f"cifar10-deit-{kind}", seed, seeds[0])
             if kind not in kinds or (run / "export" / "model.safetensors").is_file():
                 continue
             teacher = [] if kind == "none" else with_teacher
             resume = ["--resume"] if (run / "checkpoints").is_dir() else []
-            run_stage(state, state_file, f"student {kind}" + (f" seed{seed}" if seed != seeds[0] else ""), distill_cmd(
-                "train", RECIPE, *seeded, *KINDS[kind], *teacher, f"train.run_name={run.name}",
+            run_stage(state, state_file, seeded(f"student {kind}", seed, seeds[0], " seed{}"), distill_cmd(
+                "train", RECIPE, *with_seed, *KINDS[kind], *teacher, f"train.run_name={run.name}",
                 f"train.mixed_precision={prec['student']}", *resume))
 
 

@@ -89,6 +89,25 @@ def test_every_stage_runs_and_the_results_name_each_predicting_head(tiny_dataset
     assert json.loads((tmp_path / "results" / "cifar10.json").read_text())["rows"] == rows
 
 
+@pytest.mark.slow
+def test_some_kinds_only_and_a_damaged_run_folder(tiny_dataset, tmp_path):
+    # --kinds none on a new benchmark: the teacher and the student alone, no cache; the targets that need
+    # a distilled student say "not run" instead of failing.
+    done = _bench(tiny_dataset, tmp_path, "--kinds", "none")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[cache]" not in done.stdout and "[student none]" in done.stdout and "[student hard]" not in done.stdout
+    results = json.loads((tmp_path / "results" / "cifar10.json").read_text())
+    assert set(results["rows"]) == {"teacher (resnet20_cifar)", "DeiT student, none"}
+    assert results["targets"]["hard >= none + 8"] is None and results["targets"]["hard > soft > none"] is None
+    assert "hard > soft > none: not run" in done.stdout
+    # A student folder that is not a run is one line naming it, not a traceback.
+    (tmp_path / "runs" / "cifar10-deit-hard").mkdir()
+    report = _bench(tiny_dataset, tmp_path, "--report-only")
+    assert report.returncode != 0 and "Traceback" not in report.stderr
+    assert report.stderr.strip().splitlines() == [report.stderr.strip()]
+    assert report.stderr.startswith("error: ") and "cifar10-deit-hard is not a run folder" in report.stderr
+
+
 @pytest.mark.parametrize("flag, value, message", [("--seeds", "0,x", "comma-separated list of seeds"),
                                                   ("--seeds", "1,1", "distinct seeds"),
                                                   ("--kinds", "none,hrad", "unknown student kind 'hrad'")])

@@ -231,7 +231,8 @@ def main() -> None:
     results = {"machine": machine, "setting": setting, "kinds": KINDS, "precision": prec, "rows": rows,
                "predicting_top1": top1, "seeds": seeds_table["seeds"], "gains": seeds_table["gains"],
                "targets": targets, "minutes": minutes, "total_minutes": total,
-               "figure": str(compared["png"]) if compared.get("png") else None}
+               # The figure's name, relative to this file: the results folder is committed and moved.
+               "figure": compared["png"].name if compared.get("png") else None}
     atomic.write_text(res / f"{tag}.json", json.dumps(results, indent=2) + "\n")
     seeds_md = f"\nPredicting head by seed (mean and standard deviation over seeds):\n\n```\n{seeds_table['table']}\n```\n" \
         if len(args.seeds) > 1 else ""

@@ -44,8 +44,9 @@ def test_every_stage_runs_and_the_results_name_each_predicting_head(tiny_dataset
     assert isinstance(results["minutes"]["teacher cache"], float)
     md = (tmp_path / "results" / "cifar10.md").read_text()
     assert "DeiT student, hard" in md and "Targets:" in md
-    if results["figure"]:  # matplotlib present
-        assert (tmp_path / "results" / "cifar10.png").read_bytes()[:4] == b"\x89PNG"
+    if results["figure"]:  # matplotlib present; the figure is named relative to the results file
+        assert results["figure"] == "cifar10.png"
+        assert (tmp_path / "results" / results["figure"]).read_bytes()[:4] == b"\x89PNG"
 
     # Finished stages are kept: a second run without --resume refuses, with it only the report is redone.
     again = _bench(tiny_dataset, tmp_path)

@@ -202,13 +202,13 @@ def main() -> None:
     top1 = {"teacher": rows[labels["teacher"]]["top1"], **{k: _mean(v.values()) for k, v in per_seed.items() if v}}
     seeds_table = seed_summary(per_seed)
     # With several seeds: the gain is the mean of the seed-by-seed gains (seeds where both were trained),
-    # the order and the best student the means of each kind over its seeds. A target that needs a
-    # student that was not trained is None ("not run").
+    # the best student the best mean of a kind over its seeds; the order must hold seed by seed
+    # (order_shown). A target that needs a student that was not trained is None ("not run").
     none, soft, hard = (top1.get(k) for k in ("none", "soft", "hard"))
     gain = seeds_table["gains"].get("hard - none")
     targets = {"teacher >= 90": top1["teacher"] >= 90,
                "hard >= none + 8": None if gain is None else gain["mean"] >= 8,
-               "hard > soft > none": None if None in (none, soft, hard) else hard > soft > none,
+               "hard > soft > none": order_shown(per_seed, ("hard", "soft", "none")),
                "best student >= 70": None if None in (none, soft, hard) else max(none, soft, hard) >= 70}
     # Where the time went: the training runs' own epoch clocks (they survive stops and resumes), and
     # the cache stages' wall time as this script measured it (a stage run by hand is not there).
@@ -318,6 +318,18 @@ def seed_summary(per_seed: dict[str, dict[int, float]]) -> dict:
         cells = "".join(f"{st['per_seed'][s]:>10.2f}" if s in st["per_seed"] else f"{'-':>10}" for s in all_seeds)
         lines.append(f"{name:14}{cells}{st['mean']:>10.2f}" + (f"{st['std']:>10.2f}" if st["std"] is not None else f"{'-':>10}"))
     return {"seeds": seeds, "gains": gains, "table": "\n".join(lines)}
+
+
+def order_shown(per_seed: dict[str, dict[int, float]], order: tuple[str, ...]) -> bool | None:
+    """Whether ``order[0] > order[1] > ...`` is shown beyond seed noise: it must hold in every seed where
+    all of them were trained, and in at least two such seeds. One seed cannot tell an order from the
+    seed-to-seed spread (the student alone moved 0.57 points between two seeds here, while soft and
+    alone differ by +0.26 and -0.24 in the two seeds, +0.01 on average). None when one of
+    them was not trained."""
+    if any(not per_seed.get(kind) for kind in order):
+        return None
+    common = set.intersection(*(set(per_seed[kind]) for kind in order))
+    return len(common) >= 2 and all(per_seed[a][s] > per_seed[b][s] for s in common for a, b in zip(order, order[1:]))
 
 
 def _mean(values) -> float:

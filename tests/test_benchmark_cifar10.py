@@ -2,6 +2,7 @@
 (JSON, Markdown, PNG through `distill compare`) say which head each student predicts with."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,10 @@ import sys
 import pytest
 
 from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("cifar10_bench", REPO / "benchmarks" / "cifar10.py")
+cifar10_bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cifar10_bench)
 
 TINY = ["data.img_size=16", "data.auto_augment=null", "data.mixup=0", "data.cutmix=0", "teacher.name=resnet20_cifar",
         "teacher_train.epochs=1", "teacher_train.batch_size=16", "student.kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
@@ -122,3 +127,22 @@ def test_report_only_needs_a_benchmark(tiny_dataset, tmp_path):
     done = _bench(tiny_dataset, tmp_path, "--report-only")
     assert done.returncode != 0 and "holds no benchmark to report on" in done.stderr
     assert not (tmp_path / "runs" / "cifar10-teacher").exists()
+
+
+def test_an_order_of_students_counts_only_seed_by_seed_in_two_seeds_or_more():
+    order_shown = cifar10_bench.order_shown
+    order = ("hard", "soft", "none")
+    # This benchmark's two seeds: soft is above the student alone in seed 0 and below it in seed 1, so
+    # hard > soft > none is not shown, although soft's mean (53.245) is above none's (53.235).
+    measured = {"none": {0: 52.95, 1: 53.52}, "soft": {0: 53.21, 1: 53.28}, "hard": {0: 59.61, 1: 59.03}}
+    assert sum(measured["soft"].values()) > sum(measured["none"].values())
+    assert order_shown(measured, order) is False
+    assert order_shown(measured, ("hard", "soft")) is True
+    # The order in every seed: shown. In one seed only: not (the seed-to-seed spread is unknown).
+    assert order_shown({"none": {0: 50, 1: 51}, "soft": {0: 52, 1: 51.5}, "hard": {0: 55, 1: 56}}, order) is True
+    assert order_shown({"none": {0: 50}, "soft": {0: 52}, "hard": {0: 55}}, order) is False
+    # Only the seeds where all of them were trained count: here just seed 0.
+    assert order_shown({"none": {0: 50, 1: 60}, "soft": {0: 52}, "hard": {0: 55, 1: 56}}, order) is False
+    # A student that was not trained: the target is "not run", not "not met".
+    assert order_shown({"none": {0: 50, 1: 51}, "hard": {0: 55, 1: 56}}, order) is None
+    assert order_shown({"none": {0: 50, 1: 51}, "soft": {}, "hard": {0: 55, 1: 56}}, order) is None

@@ -10,7 +10,7 @@ The full CIFAR-10 training set (50,000 images) and its test set (10,000), in fou
 4. a table of every head (class, distillation, joint) and the agreement with the teacher, like DeiT's
    Table 3, plus the time each stage took, and a PNG of validation top-1 by epoch.
 
-    python benchmarks/cifar10.py                 # about 3.7 h of 2 idle CPU cores; stop it any time
+    python benchmarks/cifar10.py                 # about 3.7-4.1 h of 2 idle CPU cores; stop it any time
     python benchmarks/cifar10.py --resume        # continue where it stopped (finished stages are kept)
     python benchmarks/cifar10.py --gpu-setting   # DeiT-Ti (192 wide, 12 deep), patch 4, DeiT's 300 epochs
     python benchmarks/cifar10.py --resume --seeds 0,1 --kinds none,hard   # a second seed of two students

@@ -28,8 +28,8 @@ from pathlib import Path
 
 # OpenMP's threads spin while they wait for work (GNU's default wait policy, ACTIVE). When another
 # process takes one of the cores, torch's threads then wait on each other and a 2-core run fell to
-# 0.37 of its idle speed; with PASSIVE it kept 0.60 at no measured idle cost (README, "Training speed
-# on a CPU"). OpenMP reads this once, when torch loads, so it is set before anything imports torch;
+# 0.37 of its idle speed; with PASSIVE it kept 0.60 at no measured idle cost (docs/benchmarks.md, "The
+# training loop on a CPU"). OpenMP reads this once, when torch loads, so it is set before anything imports torch;
 # a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

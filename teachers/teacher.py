@@ -41,7 +41,8 @@ class Teacher(nn.Module):
             A callable that is not an ``nn.Module`` is not moved by ``.to(device)``; handle that in it.
         num_classes: classes it predicts; defaults to ``model.num_classes`` and otherwise is read
             from the first output.
-        mean, std: the per-channel normalisation the teacher was trained with.
+        mean: the per-channel mean of the normalisation the teacher was trained with.
+        std: the per-channel standard deviation of that normalisation.
         input_size: ``(C, H, W)`` the teacher was trained at (used by ``resize``); ``None`` = any.
         name: for messages and logs.
 

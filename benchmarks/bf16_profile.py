@@ -20,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import students
+from distill.spread import LEGEND, mark, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = {
@@ -76,8 +77,10 @@ def main() -> None:
                     "share": round(e.self_cpu_time_total / total, 3), "calls_per_step": e.count // args.profiled}
                    for e in ops[:args.top]]
             img_s = args.batch_size / statistics.median(times)
-            results["rows"][f"{name} {precision}"] = {"img_s": round(img_s, 1), "top_ops": top}
-            lines.append(f"\n{name} {precision}: {img_s:.1f} img/s (median of {args.steps} steps)")
+            steady = spread([args.batch_size / t for t in times], digits=1)
+            results["rows"][f"{name} {precision}"] = {"img_s": round(img_s, 1), "spread": steady, "top_ops": top}
+            lines.append(f"\n{name} {precision}: {img_s:.1f}{mark(steady)} img/s (median of {args.steps} steps)"
+                         + (f"\n  {LEGEND}" if mark(steady) else ""))
             lines += [f"  {o['op']:<40} {o['self_ms_per_step']:>9.2f} ms/step {100 * o['share']:>6.1f}%  "
                       f"{o['calls_per_step']:>5} calls" for o in top]
             print("\n".join(lines[-(len(top) + 1):]), flush=True)

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from distill.spread import spread
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ["student.name=deit_tiny", "student.patch_size=4", "student.kwargs={embed_dim: 96, depth: 6, num_heads: 3}"]
 # name -> (environment, config overrides)
@@ -54,12 +56,12 @@ def loop_img_s(data: str, env: dict, overrides: list[str], steps: int, out: Path
     return json.loads(lines[-1])["images_per_s"]
 
 
-def step_img_s(batches: Path, env: dict, overrides: list[str], steps: int) -> float:
-    """Images/s of `distill_step` alone on the saved batches, in a fresh process with the same settings
-    (threads, compile, precision)."""
+def step_img_s(batches: Path, env: dict, overrides: list[str], steps: int) -> list[float]:
+    """Images/s of each block of `distill_step` alone on the saved batches, in a fresh process with the
+    same settings (threads, compile, precision)."""
     cmd = [sys.executable, str(Path(__file__)), str(batches), str(steps), json.dumps(overrides)]
     result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True, text=True)
-    return float(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run(args, prepared: list) -> dict:
@@ -78,13 +80,15 @@ def run(args, prepared: list) -> dict:
                 try:
                     time.sleep(1.0 if others else 0.0)
                     loop = loop_img_s(args.data, env, overrides, args.loop_steps, Path(tmp) / f"{name}-{others}")
-                    step = step_img_s(batches, env, overrides, args.steps)
+                    blocks = step_img_s(batches, env, overrides, args.steps)
+                    step = statistics.median(blocks)
                 finally:
                     for h in hogs:
                         h.kill()
                 label = f"{name}, {'idle' if not others else f'{others} busy'}"
+                # The loop's figure is one epoch (no repeats); the step's blocks say how steady the machine was.
                 rows[label] = {"setting": name, "busy": others, "loop_img_s": loop, "step_img_s": step,
-                               "loop/step": round(loop / step, 3)}
+                               "loop/step": round(loop / step, 3), "spread": {"step": spread(blocks)}}
                 print(f"{label}: loop {loop:.1f} img/s, step {step:.1f} img/s", flush=True)
     for name in args.loop_settings:  # how much of its idle speed each setting keeps when the cores are shared
         idle, shared = rows.get(f"{name}, idle"), rows.get(f"{name}, {args.busy} busy")
@@ -94,7 +98,7 @@ def run(args, prepared: list) -> dict:
 
 
 def _bare_step(batches: str, steps: str, overrides: str) -> None:
-    """Child process: time `distill_step` (plain student step) on the saved batches; print img/s."""
+    """Child process: time `distill_step` (plain student step) on the saved batches; print each block's img/s."""
     import torch
 
     import students
@@ -125,7 +129,7 @@ def _bare_step(batches: str, steps: str, overrides: str) -> None:
             x, y = data[(block * 3 + i) % len(data)]
             distill_step(model, x, y, None, loss_fn, opt, accelerator)
         rates.append(3 * data[0][0].shape[0] / (time.perf_counter() - start))
-    print(statistics.median(rates))
+    print(json.dumps(rates))
 
 
 if __name__ == "__main__":  # the bare step's own process (step_img_s)

@@ -60,6 +60,7 @@ import students
 import teachers
 from distill.recipes import load_recipe
 from distill.evaluate import format_table
+from distill.spread import LEGEND, mark, spread
 from distill.losses import DistillationLoss
 from distill.pipeline import image_dataset
 from distill.build import load_data, new_accelerator
@@ -313,6 +314,7 @@ def run_pair(student_name, teacher_name, args, batches, device) -> dict:
         steps["timm"] = timm_step
         rates, faults = time_interleaved(steps, batches, args, device)
     row["img_s_per_block"] = rates
+    row["spread"] = {name: spread(r) for name, r in rates.items()}
     row["page_faults_per_step"] = faults
     med = {name: statistics.median(r) for name, r in rates.items()}
     for name in VARIANTS:
@@ -339,7 +341,8 @@ def run_teacher(teacher_name, args, batches, device) -> dict:
     return {"plain_img_s": med["plain"], "optimized_img_s": med["optimized"],
             "plain_faults": faults["plain"], "optimized_faults": faults["optimized"],
             "optimized/plain": med["optimized"] / med["plain"], **teacher_agreement(plain, fast, batches),
-            "teacher_optimizations": fast.optimizations, "img_s_per_block": rates}
+            "teacher_optimizations": fast.optimizations, "img_s_per_block": rates,
+            "spread": {name: spread(r) for name, r in rates.items()}}
 
 
 def run_parts(student_name, teacher_name, args, batches, device) -> dict:
@@ -381,7 +384,8 @@ def run_parts(student_name, teacher_name, args, batches, device) -> dict:
             # Even a teacher that cost nothing could not beat timm's step by more than this.
             "ceiling_free_teacher": (ms["step"] + ms["teacher_timm"]) / ms["step"],
             "teacher_timm_faults": faults["teacher_timm"], "teacher_ours_faults": faults["teacher_ours"],
-            "img_s_per_block": rates, "page_faults_per_step": faults}
+            "img_s_per_block": rates, "spread": {name: spread(r) for name, r in rates.items()},
+            "page_faults_per_step": faults}
 
 
 PARTS_COLUMNS = ["teacher_timm_ms", "teacher_ours_ms", "student_fwd_ms", "student_bwd_ms", "optimizer_ms",
@@ -391,6 +395,20 @@ TEACHER_COLUMNS = ["plain_img_s", "optimized_img_s", "optimized/plain", "teacher
                    "optimized_faults"]
 COLUMNS = ["plain_img_s", "online_img_s", "cached_img_s", "timm_img_s", "online/plain", "cached/plain",
            "online/timm", "teacher_agreement_top1"]
+
+
+def noisy_cells(rows: dict, columns: list[str]) -> tuple[dict, bool]:
+    """The rows for the table, with ``±N%`` next to a figure (``<variant>_img_s`` or ``<variant>_ms``) whose
+    blocks disagree by more than 20 % (``distill.spread``), and whether any is marked."""
+    marked, any_marked = {}, False
+    for label, row in rows.items():
+        marked[label] = dict(row)
+        for name, s in row.get("spread", {}).items():
+            for column in (f"{name}_img_s", f"{name}_ms"):
+                if column in columns and isinstance(row.get(column), float) and mark(s):
+                    marked[label][column] = f"{row[column]:.2f}{mark(s)}"
+                    any_marked = True
+    return marked, any_marked
 
 
 def teacher_note(args) -> str:
@@ -494,7 +512,7 @@ def main() -> None:
                 label = f"{student_name} + {teacher_name}"
                 print(f"{label} ...", flush=True)
                 results["rows"][label] = run_parts(student_name, teacher_name, args, batches, device)
-                print(format_table({label: results["rows"][label]}, PARTS_COLUMNS), flush=True)
+                print(format_table(noisy_cells({label: results["rows"][label]}, PARTS_COLUMNS)[0], PARTS_COLUMNS), flush=True)
         results["timing"] = ("ms per batch = batch / median img/s over interleaved blocks; student_bwd = (forward + "
                              "backward) - forward; optimizer = full step - (forward + backward)")
     elif args.teachers_only:
@@ -508,12 +526,13 @@ def main() -> None:
                 print(f"{label} ...", flush=True)
                 row = run_pair(student_name, teacher_name, args, batches, device)
                 results["rows"][label] = row
-                print(format_table({label: row}, COLUMNS), flush=True)
+                print(format_table(noisy_cells({label: row}, COLUMNS)[0], COLUMNS), flush=True)
                 print(f"  loss |(b)-(d)|: {row['loss_diff_fp32_same_teacher']:.2e} (fp32, same teacher), "
                       f"{row['loss_diff_as_benchmarked']:.2e} (as benchmarked); teacher: {row['teacher_optimizations']}",
                       flush=True)
     columns = PARTS_COLUMNS if args.parts else LOOP_COLUMNS if args.loop else TEACHER_COLUMNS if args.teachers_only else COLUMNS
-    table = format_table(results["rows"], columns)
+    rows, noisy = noisy_cells(results["rows"], columns)
+    table = format_table(rows, columns)
     random_teachers = [] if args.loop else [t for t in args.teachers if t not in args.teacher_checkpoint]
     notes = [results["timing"], f"{results['machine']}; torch {results['torch']}, timm {results['timm']}; "
              f"precision {args.precision}{teacher_note(args)}, {args.kind} distillation, batch {args.batch_size}, {args.steps} steps "
@@ -522,6 +541,8 @@ def main() -> None:
         notes[1] = (f"{results['machine']}; torch {results['torch']}; the 96x6 DeiT student (distill.kind=none), batch "
                     f"{args.batch_size}, fp32 unless the setting says bf16; loop: {args.loop_steps} steps per epoch, epoch 2; step: {args.steps} steps; "
                     f"shared rows: {args.busy} other CPU-bound process(es)")
+    if noisy:
+        notes.append(LEGEND)
     if random_teachers:
         notes.append(f"random-init teachers (BatchNorm calibrated on the batches): {', '.join(random_teachers)}; "
                      "their agreement figure says little about a trained teacher")

@@ -30,6 +30,10 @@ How the modules layer (imports only run downwards; ``tests/test_imports.py`` che
                                       reading of weight files, the one module of this package
                                       that `students` and `teachers` import
 """
+# The package's version, in this one place: pyproject.toml reads it (setuptools' `attr:`, from this
+# file's text, without importing anything) and `distill --version` prints it.
+__version__ = "0.1.0"
+
 import importlib
 import sys
 import types

@@ -33,6 +33,7 @@ from pathlib import Path
 # a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from distill import __version__  # noqa: E402
 from distill.config import ConfigError  # noqa: E402  (after the OpenMP setting above)
 from distill.recipes import describe, list_recipes, load_recipe  # noqa: E402
 
@@ -63,6 +64,7 @@ EPILOG_KEYS = "config keys (override as section.key=value):\n" + "\n".join(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="DeiT-style knowledge distillation.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     for name, help_text in (("train", "distil a student from a recipe"),

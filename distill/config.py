@@ -280,8 +280,10 @@ class TrainConfig:
     """Update the progress bar statistics every N batches."""
     progress: bool = True
     """Show a progress bar (loss, lr, images/s)."""
-    tensorboard: bool = False
-    """Log metrics to TensorBoard through Accelerate (pip install tensorboard)."""
+    log_with: str | list[str] | None = None
+    """Experiment tracker(s) that get each epoch's metrics through Accelerate: tensorboard (events in
+    <run>/tb/), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio, or all installed;
+    one name or a list. Replaces train.tensorboard (true still works, as log_with: tensorboard)."""
     threads: PositiveInt | None = None
     """CPU compute threads per process (torch.set_num_threads); null: the cores this process may run on
     (os.sched_getaffinity) shared among the processes of this machine."""

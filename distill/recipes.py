@@ -19,11 +19,13 @@ import inspect
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 
+from distill import trackers
 from distill.atomic import closest
 from distill.config import Config, ConfigError, Range
 
@@ -138,6 +140,9 @@ def update(cfg: Any, values: dict, source: str = "config", prefix: str = "") -> 
     hints = typing.get_type_hints(type(cfg), include_extras=True)
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if dotted in RENAMED:
+            RENAMED[dotted](cfg, value, source)
+            continue
         if key not in hints:
             raise ConfigError(f"{source}: unknown key {dotted!r}{_closest_key(dotted, cfg, prefix)}")
         current = getattr(cfg, key)
@@ -147,6 +152,23 @@ def update(cfg: Any, values: dict, source: str = "config", prefix: str = "") -> 
             update(current, value, source, prefix=f"{dotted}.")
         else:
             setattr(cfg, key, _coerce(value, hints[key], dotted, source))
+
+
+def _tensorboard(train: Any, value: Any, source: str) -> None:
+    """``train.tensorboard``, the key before ``train.log_with``: ``true`` still logs to TensorBoard,
+    with one line saying what it became; ``false`` (which every older run's config.yaml holds) says nothing."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: 'train.tensorboard' must be true or false, got {value!r} (it is now "
+                          "train.log_with: tensorboard)")
+    kept = [n for n in trackers.names(train.log_with) if n != "tensorboard"] + (["tensorboard"] if value else [])
+    train.log_with = kept[0] if len(kept) == 1 else kept or None
+    if value:
+        warnings.warn(f"{source}: train.tensorboard is deprecated; it is read as train.log_with: tensorboard",
+                      FutureWarning, stacklevel=2)
+
+
+# Keys of older recipes and run folders, and what reads them now.
+RENAMED = {"train.tensorboard": _tensorboard}
 
 
 def _closest_key(dotted: str, cfg: Any, prefix: str) -> str:
@@ -240,6 +262,10 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise fail()
         return tuple(_convert(v, a, key, source) for v, a in zip(value, args))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        return [_convert(v, args[0], key, source) for v in value]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise fail()
@@ -257,6 +283,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is tuple:
         return f"a list of {len(args)} numbers"
+    if origin is list:
+        return "a list of " + {str: "strings"}.get(args[0], _type_name(args[0]))
     if tp is type(None):
         return "null"
     return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
@@ -273,6 +301,8 @@ def validate(cfg: Config) -> Config:
     if cfg.distill.kind != "none" and cfg.teacher.name is None and cfg.teacher.cache is None:
         raise ConfigError(f"config: distill.kind={cfg.distill.kind} needs a teacher; set teacher.name (see `distill teachers`) "
                           "or distill.kind=none")
+    if t.log_with:
+        trackers.check_names(t.log_with)
     return cfg
 
 

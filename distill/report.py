@@ -42,9 +42,10 @@ import teachers
 from distill.config import ConfigError
 from distill.recipes import from_dict
 from distill.rundir import export_preprocessing
+from distill.spread import LEGEND, mark, spread
 from teachers.files import TEACHER_CONFIG, TEACHER_WEIGHTS
 
-__all__ = ["report_runs", "count_flops", "time_model", "format_markdown", "ReportError"]
+__all__ = ["report_runs", "count_flops", "time_model", "time_runs", "format_markdown", "ReportError"]
 
 REPORT_MD, REPORT_JSON, REPORT_PNG = "report.md", "report.json", "report.png"
 HEAD_COLUMNS = ("cls_top1", "dist_top1", "joint_top1")
@@ -90,6 +91,12 @@ def cpu_has_bf16() -> bool:
 def time_model(model: nn.Module, batch: int, img_size: int, *, device: str = "cpu", bf16: bool = False,
                warmup: int = 3, runs: int = 10) -> float:
     """Median seconds of one forward pass of a random ``batch`` after ``warmup`` untimed passes."""
+    return statistics.median(time_runs(model, batch, img_size, device=device, bf16=bf16, warmup=warmup, runs=runs))
+
+
+def time_runs(model: nn.Module, batch: int, img_size: int, *, device: str = "cpu", bf16: bool = False,
+              warmup: int = 3, runs: int = 10) -> list[float]:
+    """Seconds of each of ``runs`` forward passes of a random ``batch`` after ``warmup`` untimed passes."""
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     cast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -103,7 +110,7 @@ def time_model(model: nn.Module, batch: int, img_size: int, *, device: str = "cp
             model(x)
             sync()
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def _cpu_name() -> str:
@@ -133,16 +140,20 @@ def _settings(timing: bool, threads: int | None, batch_size: int, warmup: int, l
     return settings
 
 
-def _time_row(model: nn.Module, img_size: int, settings: dict) -> dict:
-    out = {}
+def _time_row(model: nn.Module, img_size: int, settings: dict) -> tuple[dict, dict]:
+    """``timing[config] = {"latency_ms", "throughput"}`` (medians) and the spread of the repeats behind each."""
+    out, spreads = {}, {}
     for c in settings["configs"]:
         model.to(c["device"])
         common = dict(device=c["device"], bf16=c["bf16"], warmup=settings["warmup"])
-        latency = time_model(model, 1, img_size, runs=settings["latency_runs"], **common)
-        bulk = time_model(model, settings["batch_size"], img_size, runs=settings["throughput_runs"], **common)
-        out[c["key"]] = {"latency_ms": round(1000 * latency, 3), "throughput": round(settings["batch_size"] / bulk, 1)}
+        latency = time_runs(model, 1, img_size, runs=settings["latency_runs"], **common)
+        bulk = time_runs(model, settings["batch_size"], img_size, runs=settings["throughput_runs"], **common)
+        out[c["key"]] = {"latency_ms": round(1000 * statistics.median(latency), 3),
+                         "throughput": round(settings["batch_size"] / statistics.median(bulk), 1)}
+        spreads[c["key"]] = {"latency_ms": spread([1000 * t for t in latency]),
+                             "throughput": spread([settings["batch_size"] / t for t in bulk], digits=1)}
     model.to("cpu")
-    return out
+    return out, spreads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,7 +255,9 @@ def report_runs(paths: Sequence[str | Path], out: str | Path | None = None, *, t
     Returns ``{"rows": [...], "settings": {...}, "files": {...}}``; each row has ``params``,
     ``flops``, ``gflops``, ``top1`` (the head the model predicts with), each head's top-1,
     ``teacher_top1``, ``delta_top1`` (top-1 minus its teacher's) and ``agreement_top1``, and, with
-    ``timing``, ``timing[<config>] = {"latency_ms", "throughput"}``.
+    ``timing``, ``timing[<config>] = {"latency_ms", "throughput"}`` (medians) and
+    ``timing_spread[<config>][<figure>]``: min, median, max, relative spread and ``noisy`` of the repeats
+    (``distill.spread``).
     """
     if not paths:
         raise ReportError("no run given; pass run folders (runs/<name>)")
@@ -301,7 +314,7 @@ def report_runs(paths: Sequence[str | Path], out: str | Path | None = None, *, t
         torch.set_num_threads(settings["threads"])
         try:
             for row, model in zip(rows, models):
-                row["timing"] = _time_row(model, row["img_size"], settings)
+                row["timing"], row["timing_spread"] = _time_row(model, row["img_size"], settings)
         finally:
             torch.set_num_threads(saved_threads)
 
@@ -332,7 +345,8 @@ def format_markdown(report: dict) -> str:
         lines.append(f"- speed: CPU threads: {s['threads']} ({s['cpu']}), torch {s['torch']}"
                      + (f", GPU {s['gpu']}" if s.get("gpu") else "") + "; latency: batch 1, median of "
                      f"{s['latency_runs']} runs; throughput: batch {s['batch_size']}, median of {s['throughput_runs']} "
-                     f"runs; {s['warmup']} warm-up runs each; random input; bf16 is autocast")
+                     f"runs; {s['warmup']} warm-up runs each; random input; bf16 is autocast; min, median and max "
+                     "of the repeats in report.json (timing_spread)")
         if not any(c["key"] == "cpu_bf16" for c in s["configs"]):
             lines.append("- CPU bf16: not measured (this CPU has no native bf16: AVX512-BF16 or AMX)")
     else:
@@ -347,9 +361,12 @@ def format_markdown(report: dict) -> str:
                  f"{r['params'] / 1e6:.3f}", f"{r['gflops']:.3g}", _cell(r["top1"]), r["head"] or "–",
                  *(_cell(r[c]) for c in HEAD_COLUMNS), _cell(r["delta_top1"], "{:+.2f}"), _cell(r["agreement_top1"])]
         for c in s["configs"]:
-            t = r.get("timing", {}).get(c["key"], {})
-            cells += [_cell(t.get("latency_ms"), "{:.3g}"), _cell(t.get("throughput"), "{:.4g}")]
+            t, spreads = r.get("timing", {}).get(c["key"], {}), r.get("timing_spread", {}).get(c["key"], {})
+            cells += [_cell(t.get("latency_ms"), "{:.3g}") + mark(spreads.get("latency_ms")),
+                      _cell(t.get("throughput"), "{:.4g}") + mark(spreads.get("throughput"))]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(mark(f) for r in report["rows"] for figures in r.get("timing_spread", {}).values() for f in figures.values()):
+        lines += ["", LEGEND]
     return "\n".join(lines) + "\n"
 
 

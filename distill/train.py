@@ -25,14 +25,14 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
 import teachers
-from distill import atomic, build, plots, rundir
+from distill import atomic, build, plots, rundir, trackers
 from distill import checkpoint as ckpt
 from distill.cache import open_cache
 from distill.config import Config, ConfigError, DistillConfig, OptimConfig
@@ -59,6 +59,7 @@ def train(cfg: Config, resume: str | Path | bool | None = None) -> dict:
     ``teacher.cache`` the teacher is not run at all.
     """
     validate(cfg)
+    trackers.check_installed(cfg.train.log_with)
     resume_from = rundir.prepare(cfg.run_dir(), resume, cfg.train.epochs)  # fail before any work
     data = build.load_data(cfg.data)
     targets = None
@@ -87,6 +88,7 @@ def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=Non
     step any other dataset needs first.
     """
     validate(cfg)
+    trackers.check_installed(cfg.train.log_with)
     tt = cfg.teacher_train
     if cfg.teacher.name is None:
         raise ConfigError("train-teacher needs teacher.name (see `distill teachers`)")
@@ -176,8 +178,8 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
     scheduler.step_update(global_step)
     if accelerator.is_main_process:
         rundir.truncate_metrics(run_dir / "metrics.jsonl", start_epoch, resume_from and resume_from[1].get("metrics"))
-    if tc.tensorboard:
-        accelerator.init_trackers("tb")
+    if tc.log_with:
+        accelerator.init_trackers(run_dir.name)  # the project (wandb, comet_ml, ...) or the folder <run>/tb/<name>
 
     metrics: dict = {}
     finished = start_epoch >= tc.epochs  # resumed after the last epoch: only the export is left to write
@@ -206,7 +208,7 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
         if accelerator.is_main_process:
             rundir.append_metrics(run_dir / "metrics.jsonl", metrics)
             accelerator.print(" ".join(f"{k}={v}" for k, v in metrics.items()))
-        if tc.tensorboard:
+        if tc.log_with:
             accelerator.log(metrics, step=global_step)
 
     if finished and accelerator.is_main_process and on_finish is not None:
@@ -225,7 +227,8 @@ def _accelerator(tc, precision: str, run_dir: Path, find_unused_parameters: bool
     """The run's Accelerator (device, processes, precision, accumulation) and its CPU threads."""
     accelerator = build.new_accelerator(
         cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum_steps,
-        log_with="tensorboard" if tc.tensorboard else None, project_dir=str(run_dir),
+        log_with=tc.log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None)
     torch.set_num_threads(build.compute_threads(tc.threads))
     return accelerator

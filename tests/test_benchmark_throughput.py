@@ -72,6 +72,8 @@ def test_run_pair_measures_every_variant(tmp_path, monkeypatch):
     row = throughput.run_pair("deit_96x6", "resnet20_cifar", args, batches, torch.device("cpu"))
     assert calls.count(False) >= 2 and calls.count(True) >= 4  # plain; online and cached
     assert set(row["img_s_per_block"]) == {"plain", "online", "cached", "timm"}
+    assert set(row["spread"]) == {"plain", "online", "cached", "timm"}  # each figure's blocks, summarised
+    assert row["spread"]["plain"]["median"] == round(row["plain_img_s"], 3)
     assert row["cached_img_s"] > 0 and row["cached/plain"] == row["cached_img_s"] / row["plain_img_s"]
     assert row["plain_img_s"] > 0 and row["online/timm"] == row["online_img_s"] / row["timm_img_s"]
     assert row["teacher_optimizations"]["fold_bn"] == 21
@@ -132,3 +134,17 @@ def test_our_teacher_can_run_in_its_own_precision():
     plain, fast = throughput.build_teachers("resnet20_cifar", None, args, args.data_cfg, batches, torch.device("cpu"))
     assert fast.optimizations["precision"] == "bf16" and args.precision == "fp32"
     assert fast(batches[0][0]).dtype == torch.float32  # logits come back in float32 whatever the teacher ran in
+
+
+def test_a_figure_whose_blocks_disagree_is_marked_in_the_table():
+    """25 % between the blocks of a figure: ``±25%`` next to it; 10 %: the figure alone (synthetic blocks)."""
+    from distill.spread import spread
+
+    row = {"plain_img_s": 100.0, "online_img_s": 99.0, "online/plain": 0.99,
+           "spread": {"plain": spread([100.0, 90.0, 115.0]), "online": spread([99.0, 95.0, 105.0, 98.0])}}
+    rows, noisy = throughput.noisy_cells({"a": row}, throughput.COLUMNS)
+    assert noisy and rows["a"]["plain_img_s"] == "100.00 ±25%" and rows["a"]["online_img_s"] == 99.0
+    assert row["plain_img_s"] == 100.0  # the results JSON keeps the number
+    table = throughput.format_table(rows, throughput.COLUMNS)
+    assert "100.00 ±25%" in table and "99.00" in table
+    assert throughput.noisy_cells({"a": {**row, "spread": {"online": row["spread"]["online"]}}}, throughput.COLUMNS)[1] is False

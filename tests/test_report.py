@@ -104,6 +104,35 @@ def test_timing_states_its_settings(runs, tmp_path):
     assert ("CPU bf16 latency (ms)" in table) != ("CPU bf16: not measured" in table)
 
 
+def test_noisy_timings_are_marked(runs, tmp_path, monkeypatch):
+    """Each figure's repeats are summarised in report.json; one whose repeats disagree by more than 20 % is marked
+    in report.md with a legend under the table, one within 10 % is not (synthetic repeats: no timing asserted)."""
+    import distill.report as report_module
+
+    def repeats(model, batch, img_size, *, runs, **kw):  # batch 1 (latency): 25 % apart; throughput: 10 %
+        return [0.010, 0.009, 0.0115][:runs] if batch == 1 else [0.100, 0.095, 0.105, 0.098][:runs]
+
+    monkeypatch.setattr(report_module, "time_runs", repeats)
+    report = report_runs([runs["hard"]], out=tmp_path, threads=1, batch_size=2, warmup=0, latency_runs=3,
+                         throughput_runs=4, plot=False)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    for row in saved["rows"]:
+        latency, bulk = row["timing_spread"]["cpu_fp32"]["latency_ms"], row["timing_spread"]["cpu_fp32"]["throughput"]
+        assert latency == {"min": 9.0, "median": 10.0, "max": 11.5, "spread": 0.25, "noisy": True, "repeats": 3}
+        assert bulk["noisy"] is False and bulk["repeats"] == 4 and bulk["min"] == 19.0 and bulk["max"] == 21.1
+        assert row["timing"]["cpu_fp32"] == {"latency_ms": 10.0, "throughput": 20.2}  # the medians, as before
+    table = (tmp_path / "report.md").read_text()
+    assert table == format_markdown(report)
+    student = next(line for line in table.splitlines() if line.startswith("| hard |"))
+    assert "| 10 ±25% | 20.2 |" in student
+    assert "±N%: the timed repeats of this figure disagree" in table
+
+    monkeypatch.setattr(report_module, "time_runs", lambda *a, runs, **kw: [0.010] * runs)
+    quiet = format_markdown(report_runs([runs["hard"]], out=tmp_path / "q", threads=1, batch_size=2, warmup=0,
+                                        latency_runs=2, throughput_runs=2, plot=False))
+    assert "±" not in quiet
+
+
 def test_bad_runs_are_one_line(runs, tmp_path, capsys):
     stopped = tmp_path / "stopped"
     stopped.mkdir()

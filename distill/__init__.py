@@ -24,11 +24,12 @@ How the modules layer (imports only run downwards; ``tests/test_imports.py`` che
                                       teacher; the run folder, its exports, loading a run back
     cache, pipeline, splits, sources, the teacher cache's format, the data path (replayable
     images, transforms, replay,       augmentation), the objective, checkpoints, recipes and the
-    losses, checkpoint, recipes,      schema
-    config
-    atomic, weights                   whole-or-nothing writes and one-line write errors; safe
+    losses, checkpoint, recipes,      schema, the experiment trackers a run may log to
+    config, trackers
+    atomic, weights, spread           whole-or-nothing writes and one-line write errors; safe
                                       reading of weight files, the one module of this package
-                                      that `students` and `teachers` import
+                                      that `students` and `teachers` import; the spread of timed
+                                      repeats
 """
 # The package's version, in this one place: pyproject.toml reads it (setuptools' `attr:`, from this
 # file's text, without importing anything) and `distill --version` prints it.

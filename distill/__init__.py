@@ -26,9 +26,10 @@ How the modules layer (imports only run downwards; ``tests/test_imports.py`` che
     images, transforms, replay,       augmentation), the objective, checkpoints, recipes and the
     losses, checkpoint, recipes,      schema
     config
+    plugins                           teachers and students of installed packages (entry points)
     atomic, weights                   whole-or-nothing writes and one-line write errors; safe
-                                      reading of weight files, the one module of this package
-                                      that `students` and `teachers` import
+                                      reading of weight files; with plugins, the modules of this
+                                      package that `students` and `teachers` import
 """
 import importlib
 import sys

@@ -52,7 +52,7 @@ def discover(group: str, name: str, registry: Container[str]) -> bool:
         if failure:
             failures.append(failure)
     if name not in registry and failures:
-        raise PluginError(f"{failures[0]}, so {name!r} may be missing")
+        raise PluginError(f"{name!r} is not registered, and {failures[0]}")
     return name in registry
 
 

@@ -26,10 +26,11 @@ How the modules layer (imports only run downwards; ``tests/test_imports.py`` che
     images, transforms, replay,       augmentation), the objective, checkpoints, recipes and the
     losses, checkpoint, recipes,      schema, the experiment trackers a run may log to
     config, trackers
+    plugins                           teachers and students of installed packages (entry points)
     atomic, weights, spread           whole-or-nothing writes and one-line write errors; safe
-                                      reading of weight files, the one module of this package
-                                      that `students` and `teachers` import; the spread of timed
-                                      repeats
+                                      reading of weight files (with plugins, the modules of this
+                                      package that `students` and `teachers` import); the spread
+                                      of timed repeats
 """
 # The package's version, in this one place: pyproject.toml reads it (setuptools' `attr:`, from this
 # file's text, without importing anything) and `distill --version` prints it.

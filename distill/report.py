@@ -30,6 +30,7 @@ import math
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +41,7 @@ from torch import nn
 import students
 import teachers
 from distill.config import ConfigError
+from distill.plugins import PluginError, UnknownNameError, not_registered
 from distill.recipes import from_dict
 from distill.rundir import export_preprocessing
 from distill.spread import LEGEND, mark, spread
@@ -291,7 +293,13 @@ def report_runs(paths: Sequence[str | Path], out: str | Path | None = None, *, t
         if top1 is None and spec["checkpoint"] is not None:  # the teacher stage's own run, if the file sits in one
             stage = Path(spec["checkpoint"]).parent.parent
             top1 = _last_metrics(stage).get("top1") if (stage / "metrics.jsonl").is_file() else None
-        row, network = _teacher_row(spec, top1, run)
+        try:
+            row, network = _teacher_row(spec, top1, run)
+        except (UnknownNameError, PluginError) as e:
+            # Its students' rows keep the teacher top-1 and agreement their runs measured.
+            why = str(e) if isinstance(e, PluginError) else not_registered("teacher", spec["name"])
+            warnings.warn(f"teacher row skipped (params, GFLOPs, speed): {why}", stacklevel=2)
+            continue
         row["key"] = key
         rows.append(row)
         models.append(network)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from distill import atomic, build
 from distill import checkpoint as ckpt
 from students.base import DistilledStudent
 from distill.config import Config, ConfigError, DataConfig
+from distill.plugins import PluginError, UnknownNameError, not_registered
 from distill.recipes import from_dict
 from distill.splits import load_eval_split
 from distill.pipeline import image_dataset, val_loader
@@ -203,8 +205,30 @@ def load_run(path: str | Path, data: str | None = None, split: str | None = None
     check_classes(info.get("class_names"), splits, cfg.data.source)
     teacher = None
     if cfg.teacher.name is not None and info.get("distill") != "none" and (cfg.teacher.checkpoint or cfg.teacher.pretrained):
-        teacher = build.build_teacher(cfg, splits.num_classes, other_data_ok=True)
+        teacher = run_teacher(cfg, splits.num_classes, checkpoint_given=teacher_checkpoint is not None)
     return LoadedRun(cfg=cfg, export=export, info=info, splits=splits, teacher=teacher)
+
+
+def run_teacher(cfg: Config, num_classes: int, checkpoint_given: bool = False) -> nn.Module | None:
+    """The run's frozen teacher, or None, with one warning line, when it cannot be built here: its
+    name is not registered in this process (nor by an installed plugin), or the weights file the run
+    recorded is gone. The student is evaluated all the same; only the teacher's figures (its top-1,
+    the agreement) are skipped. A ``--teacher-checkpoint`` the user names must exist (an error)."""
+    weights = cfg.teacher.checkpoint
+    if weights is not None and not checkpoint_given and not Path(weights).is_file():
+        return _skip_teacher(f"its weights file {weights} is not there (moved or deleted); pass "
+                             "--teacher-checkpoint <file> to include them")
+    try:
+        return build.build_teacher(cfg, num_classes, other_data_ok=True)
+    except UnknownNameError:
+        return _skip_teacher(not_registered("teacher", cfg.teacher.name))
+    except PluginError as e:
+        return _skip_teacher(str(e))
+
+
+def _skip_teacher(why: str) -> None:
+    warnings.warn(f"teacher figures skipped (teacher top-1, agreement): {why}", stacklevel=3)
+    return None
 
 
 def check_classes(trained: list[str] | None, splits, source: str) -> None:

@@ -5,7 +5,6 @@ The registry is an explicit dict; nothing is imported from a string.
 """
 from __future__ import annotations
 
-import difflib
 import functools
 from typing import Callable
 
@@ -24,25 +23,43 @@ def register_student(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
-@functools.cache
 def student_class(name: str) -> type:
     """The class a registered builder returns, found by building its defaults on the meta device
     (no memory, no weights)."""
-    if name not in _STUDENTS:
-        raise _unknown(name)
+    return _built_class(_lookup(name))
+
+
+@functools.cache  # keyed by the builder, so a name a plugin registers later is still looked up
+def _built_class(builder: Callable[..., nn.Module]) -> type:
     with torch.device("meta"):
-        return type(_STUDENTS[name](num_classes=2))
+        return type(builder(num_classes=2))
 
 
 def list_students() -> list[str]:
-    """Names of all registered students, sorted."""
+    """Names of all registered students, sorted, installed plugins' included (``distill.plugins``)."""
+    from distill.plugins import STUDENTS_GROUP, load_all
+
+    load_all(STUDENTS_GROUP)
     return sorted(_STUDENTS)
 
 
+def _lookup(name: str) -> Callable[..., nn.Module]:
+    """The builder registered as ``name``; on a miss, installed plugins are looked up first (only
+    then: a built-in name never loads one)."""
+    if name not in _STUDENTS:
+        from distill.plugins import STUDENTS_GROUP, discover
+
+        discover(STUDENTS_GROUP, name, _STUDENTS)
+    if name not in _STUDENTS:
+        raise _unknown(name)
+    return _STUDENTS[name]
+
+
 def _unknown(name: str) -> KeyError:
-    close = difflib.get_close_matches(name, list(_STUDENTS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return KeyError(f"unknown student {name!r}{hint} (see `distill students` for the list)")
+    from distill.plugins import STUDENTS_GROUP, unknown
+
+    return unknown("student", name, _STUDENTS, "see `distill students` for the list", "students.register_student",
+                   STUDENTS_GROUP)
 
 
 def create_student(name: str, num_classes: int = 1000, img_size: int | None = None, **overrides) -> nn.Module:
@@ -52,12 +69,11 @@ def create_student(name: str, num_classes: int = 1000, img_size: int | None = No
     keeps the architecture's native resolution. Every student follows the interface of
     :class:`students.base.DistilledStudent`.
     """
-    if name not in _STUDENTS:
-        raise _unknown(name)
+    builder = _lookup(name)
     if img_size is not None:
         overrides["img_size"] = img_size
     try:
-        model = _STUDENTS[name](num_classes=num_classes, **overrides)
+        model = builder(num_classes=num_classes, **overrides)
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise

@@ -7,7 +7,6 @@ train-teacher`` fine-tunes it); ``create_teacher`` loads weights into it and fre
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from dataclasses import dataclass
@@ -82,8 +81,23 @@ def register_teacher(name: str, *, mean: Sequence[float] | None = None, std: Seq
 
 
 def list_teachers() -> list[str]:
-    """Names of all registered teachers, sorted."""
+    """Names of all registered teachers, sorted, installed plugins' included (``distill.plugins``)."""
+    from distill.plugins import TEACHERS_GROUP, load_all
+
+    load_all(TEACHERS_GROUP)
     return sorted(_TEACHERS)
+
+
+def _lookup(name: str) -> _Entry:
+    """The registered entry of ``name``; on a miss, installed plugins are looked up first (only then:
+    a built-in name never loads one)."""
+    if name not in _TEACHERS:
+        from distill.plugins import TEACHERS_GROUP, discover
+
+        discover(TEACHERS_GROUP, name, _TEACHERS)
+    if name not in _TEACHERS:
+        raise _unknown(name)
+    return _TEACHERS[name]
 
 
 # --- built-in teachers -------------------------------------------------------------------------
@@ -184,11 +198,9 @@ def build_teacher_network(name: str, num_classes: int, pretrained: bool = False,
     keeps the backbone and gives a fresh classifier, which is what fine-tuning wants).
     ``mean``/``std``/``input_size`` given here win over the registered and the timm values.
     """
-    if name not in _TEACHERS:
-        raise _unknown(name)
+    entry = _lookup(name)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    entry = _TEACHERS[name]
     try:
         model = entry.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
     except TypeError as e:
@@ -282,6 +294,7 @@ def _classifier_weight_key(model: nn.Module) -> str | None:
 
 
 def _unknown(name: str) -> KeyError:
-    close = difflib.get_close_matches(name, list(_TEACHERS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return KeyError(f"unknown teacher {name!r}{hint} (known: {', '.join(list_teachers())})")
+    from distill.plugins import TEACHERS_GROUP, unknown
+
+    return unknown("teacher", name, _TEACHERS, f"known: {', '.join(list_teachers())}",
+                   "teachers.register_teacher", TEACHERS_GROUP)

@@ -92,3 +92,55 @@ def tiny_recipe(tiny_dataset, tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tiny_dataset, tmp_path / "runs")))
     return path
+
+
+# A plugin package as a user would install it: a module registering a small CNN teacher, a function
+# registering a small DeiT student, and the dist-info `pip install` writes (METADATA, entry_points.txt),
+# so importlib.metadata finds its entry points on sys.path.
+PLUGIN_TEACHERS = '''
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from teachers import register_teacher
+
+LOADS = []  # one entry per import, for the tests
+LOADS.append(1)
+
+
+@register_teacher("tiny_cnn", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, input_size=(3, 16, 16))
+def tiny_cnn(num_classes: int, pretrained: bool = False, width: int = 16) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+'''
+
+PLUGIN_STUDENTS = '''
+from students import register_student
+from students.deit import VisionTransformerDistilled
+
+CALLS = []  # one entry per call of register(), for the tests
+
+
+def register():
+    CALLS.append(1)
+
+    @register_student
+    def tiny_deit(num_classes: int = 1000, img_size: int = 16, **kwargs) -> VisionTransformerDistilled:
+        args = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)
+        return VisionTransformerDistilled(num_classes=num_classes, img_size=img_size, **{**args, **kwargs})
+'''
+
+
+def write_plugin(root: Path, package: str = "tiny_zoo", dist: str = "tiny-zoo", broken: bool = False) -> Path:
+    """``package`` (teacher ``tiny_cnn``, student ``tiny_deit``) and its ``<dist>.dist-info`` under ``root``;
+    ``broken``: its teachers module fails to import. Put ``root`` on sys.path (PYTHONPATH) to install it."""
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text("")
+    teachers_source = "import no_such_module_anywhere\n" if broken else PLUGIN_TEACHERS
+    (root / package / "teachers.py").write_text(teachers_source)
+    (root / package / "students.py").write_text(PLUGIN_STUDENTS)
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[deit_distill.teachers]\ntiny_cnn = {package}.teachers\n\n"
+                                           f"[deit_distill.students]\ntiny_deit = {package}.students:register\n")
+    return root

@@ -11,8 +11,9 @@ import pytest
 from conftest import REPO
 
 PACKAGES = ("distill", "students", "teachers")
-# The one `distill` module the model packages may use: reading weight files safely.
-SHARED = {"distill", "distill.weights"}
+# The `distill` modules the model packages may use: reading weight files safely, and finding the
+# models installed packages declare (imported only when a name is not registered).
+SHARED = {"distill", "distill.weights", "distill.plugins"}
 
 
 def project_modules() -> dict[str, ast.Module]:

@@ -36,6 +36,9 @@ from accelerate.utils import InitProcessGroupKwargs
 NCCL_ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
+SIGTERM_REASON = "the launcher sent SIGTERM"
+
+
 class PeerLostError(RuntimeError):
     """Another process of the run died or stopped answering (or the launcher stopped this one).
 
@@ -108,7 +111,7 @@ def guard(accelerator, timeout_s: float, kept: Callable[[], tuple[str, Path, boo
     try:
         yield
     except _Terminated:
-        raise _lost(rank, peers, "the launcher stopped this process (SIGTERM)", kept) from None
+        raise _lost(rank, peers, SIGTERM_REASON, kept) from None
     except Exception as e:
         if not is_collective_failure(e):
             raise
@@ -122,11 +125,13 @@ def _lost(rank: int, peers: list[tuple[str, int, float]], reason: str, kept) -> 
     """The one line: which process stopped answering (and how, when it runs on this machine), why
     this process noticed, and what is complete on disk."""
     who, state = _find_lost_peer(rank, peers)
-    if who is None:
-        what = f"rank {rank} was stopped: {reason}" if "SIGTERM" in reason else f"another process stopped answering ({reason})"
+    if reason == SIGTERM_REASON and state is None:  # no process of this machine is gone: the launch was stopped
+        what = f"rank {rank} was stopped ({reason})"
+    elif who is None:
+        what = f"another process stopped answering ({reason})"
     else:
-        how = {"exited": "it exited", "paused": "it is paused (SIGSTOP)"}.get(state)
-        what = f"rank {who} stopped answering ({how + '; ' if how else ''}{reason})"
+        how = {"exited": "; it exited", "paused": "; it is paused by SIGSTOP"}.get(state, "")
+        what = f"rank {who} stopped answering ({reason}{how})"
     words, folder, resumable = kept()
     return PeerLostError(f"{what}; {words}", folder, resumable)
 

@@ -25,7 +25,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
 import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill import atomic, build
+from distill import atomic, build, collective
 from distill.cache import (ARRAYS, CACHE_FILE, FORMAT, VAL_DIR, VAL_FILE, CacheError, TeacherCache, _describe_value,
                            _first_mismatch, _read_info, default_dir, epoch_dir, image_digest, made_from, open_cache,
                            seal, teacher_weights_sha256, top_k_entries)
@@ -39,10 +39,26 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
     data = build.load_data(cfg.data)
     cfg = build.with_teacher_weights(cfg)
     teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
-    tc, dc = cfg.train, cfg.data
+    tc = cfg.train
     precision = build.run_precision(tc.mixed_precision, cpu=tc.cpu, warn=True)
-    accelerator = build.new_accelerator(cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=precision)
+    accelerator = build.new_accelerator(cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=precision,
+                                        kwargs_handlers=collective.process_group_kwargs(tc.collective_timeout_s))
     torch.set_num_threads(build.compute_threads(tc.threads))
+    # Another process that dies or freezes ends this one within train.collective_timeout_s, with one line.
+    with collective.guard(accelerator, tc.collective_timeout_s, lambda: _kept(root, tc.epochs)):
+        return _fill_cache(cfg, data, teacher, accelerator, root, precision)
+
+
+def _kept(root: Path, epochs: int) -> tuple[str, Path, bool]:
+    """The cache's complete epochs: the words of the one line, the folder, and False (a build continues
+    by itself, with no --resume)."""
+    done = sum(epoch_dir(root, epoch).is_dir() for epoch in range(epochs))
+    return f"{done} of {epochs} cache epochs in {root} are complete", root, False
+
+
+def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: str) -> Path:
+    """``build_cache`` once the Accelerator (and so the process group) exists."""
+    tc, dc = cfg.train, cfg.data
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     record = made_from(cfg, data, teacher_weights_sha256(cfg))
     K = min(cfg.teacher.cache_topk, data.num_classes)

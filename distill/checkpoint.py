@@ -175,6 +175,15 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return found[0] if found else None
 
 
+def complete_epoch(path: str | Path) -> int | None:
+    """The epoch of the newest checkpoint at ``path`` (read, not verified: for a message), or None."""
+    folder = find_checkpoint(path)
+    try:
+        return None if folder is None else int(_read_state(folder)["epoch"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _read_state(folder: Path) -> dict:
     try:
         state = json.loads((folder / STATE_FILE).read_text())

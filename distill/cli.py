@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # user-facing errors: one line, non-zero exit, nothing overwritten
         if not _is_user_error(e):
             raise
-        print(f"error: {_message(e, args.command)}", file=sys.stderr)
+        print(f"error: {_message(e, args)}", file=sys.stderr)
         return 2
     # Out of the except block the interrupted run's frames are released: collect them now, so its
     # DataLoader workers are shut down in order rather than cut off (and complaining) at exit.
@@ -259,24 +259,43 @@ def _send_sigint_soon(delay: float = 0.05) -> None:
     timer.start()
 
 
-def _message(e: Exception, command: str) -> str:
-    """The error's one line, with a data option spelled as ``command`` takes it."""
+def _message(e: Exception, args: argparse.Namespace) -> str:
+    """The error's one line, with a data option spelled as the command takes it."""
+    from distill.collective import PeerLostError
     from distill.sources import DataError
 
+    command = args.command
+    if isinstance(e, PeerLostError):
+        return f"{e}: {_continue_hint(e, args)}"
     if isinstance(e, DataError) and e.option in DATA_OPTION_SPELLING:
         return e.spelled(DATA_OPTION_SPELLING[e.option][SPELLING_COLUMN.get(command, 0)])
     return str(e.args[0] if isinstance(e, KeyError) and e.args else e)  # str(KeyError) adds quotes
 
 
+def _continue_hint(e, args: argparse.Namespace) -> str:
+    """How to continue a multi-process run that lost a process: the same command, with --resume where
+    a checkpoint is there to resume from. A teacher stage that `distill train` ran first continues by
+    itself (its student stage has nothing to resume yet); a cache build always continues by itself."""
+    import shlex
+
+    again = f"distill {args.command} {shlex.join([args.recipe, *args.overrides])}"
+    teacher_stage = args.command == "train" and e.folder.name.endswith("-teacher")
+    if e.resumable and not teacher_stage:
+        return f"continue with `{again} --resume` (launched as before)"
+    verb = "start it again" if args.command != "cache-teacher" and not teacher_stage else "continue"
+    return f"{verb} with `{again}` (launched as before)"
+
+
 def _is_user_error(e: Exception) -> bool:
     from distill.checkpoint import CheckpointError
+    from distill.collective import PeerLostError
     from distill.rundir import RunExistsError
     from distill.sources import DataError
     from distill.train import NonFiniteLossError
     from distill.weights import WeightsError
 
     return isinstance(e, (ConfigError, DataError, WeightsError, NonFiniteLossError, RunExistsError, CheckpointError,
-                          FileNotFoundError, KeyError, ValueError))
+                          PeerLostError, FileNotFoundError, KeyError, ValueError))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -289,6 +289,12 @@ class TrainConfig:
     (os.sched_getaffinity) shared among the processes of this machine."""
     compile: bool = False
     """torch.compile the student for training (timm's --torchcompile; the first steps compile)."""
+    collective_timeout_s: PositiveInt = 300
+    """Several processes: seconds a process waits for the others at a collective (gradient all-reduce,
+    barrier) before the run ends with one line (a process died or froze); also `distill cache-teacher`'s.
+    Long enough for rank 0 to write a checkpoint or the cache's validation predictions alone while the
+    others wait; short enough that a frozen process does not hold every GPU for torch's 10 (NCCL) or
+    30 (gloo) minutes. See docs/reliability.md."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import teachers
-from distill import atomic, build, plots, rundir, trackers
+from distill import atomic, build, collective, plots, rundir, trackers
 from distill import checkpoint as ckpt
 from distill.cache import open_cache
 from distill.config import Config, ConfigError, DistillConfig, OptimConfig
@@ -145,12 +145,29 @@ def fit(cfg: Config, model: nn.Module, loss_fn: DistillationLoss, data, run_dir:
         resume_from: tuple[Path, dict] | None = None, on_finish: Callable | None = None) -> dict:
     """Train ``model`` for ``cfg.train.epochs``; evaluate, checkpoint and log every epoch;
     ``on_finish(model, ema)`` once the last epoch is done (an early stop is resumed, never exported)."""
-    tc, oc, dc = cfg.train, cfg.optim, cfg.data
+    tc = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = build.run_precision(tc.mixed_precision, cpu=tc.cpu, warn=True)
     # Without a teacher the distillation head gets no gradient, which DDP must be told about.
     unused = loss_fn.kind == "none" and getattr(model, "has_dist_token", False)
     accelerator = _accelerator(tc, precision, run_dir, find_unused_parameters=unused)
+    # Another process that dies or freezes ends this one within train.collective_timeout_s, with one line.
+    with collective.guard(accelerator, tc.collective_timeout_s, lambda: _kept(run_dir)):
+        return _fit(cfg, accelerator, precision, model, loss_fn, data, run_dir, targets, resume_from, on_finish)
+
+
+def _kept(run_dir: Path) -> tuple[str, Path, bool]:
+    """What of the run is complete on disk: the words of the one line, the folder, whether it resumes."""
+    epoch = ckpt.complete_epoch(run_dir)
+    if epoch is None:
+        return f"no checkpoint of {run_dir} is complete yet", run_dir, False
+    return f"the last complete checkpoint is epoch {epoch} ({run_dir})", run_dir, True
+
+
+def _fit(cfg: Config, accelerator: Accelerator, precision: str, model: nn.Module, loss_fn: DistillationLoss, data,
+         run_dir: Path, targets, resume_from, on_finish) -> dict:
+    """``fit`` once the Accelerator (and so the process group) exists."""
+    tc, oc, dc = cfg.train, cfg.optim, cfg.data
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(tc.seed)
 
@@ -229,7 +246,8 @@ def _accelerator(tc, precision: str, run_dir: Path, find_unused_parameters: bool
         cpu=tc.cpu or build.multi_process_cpu(), mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum_steps,
         log_with=tc.log_with or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None)
+        kwargs_handlers=collective.process_group_kwargs(tc.collective_timeout_s)
+        + ([DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []))
     torch.set_num_threads(build.compute_threads(tc.threads))
     return accelerator
 

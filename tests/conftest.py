@@ -144,3 +144,36 @@ def write_plugin(root: Path, package: str = "tiny_zoo", dist: str = "tiny-zoo", 
     (info / "entry_points.txt").write_text(f"[deit_distill.teachers]\ntiny_cnn = {package}.teachers\n\n"
                                            f"[deit_distill.students]\ntiny_deit = {package}.students:register\n")
     return root
+
+
+def launch_two_processes(args: list[str], logs: Path, hold: tuple[int, int, int, Path] | None = None):
+    """``distill <args>`` in two processes on the CPU (gloo), as ``accelerate launch --multi_gpu`` starts
+    them, each process's stderr also written to ``logs`` (``rank_stderr``). ``hold``: (rank, epoch,
+    batch, marker) makes that process stop there and write its pid to the marker (tests/hold_rank.py)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    program = ["-m", "distill"] if hold is None else [str(REPO / "tests" / "hold_rank.py"), *map(str, hold)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--tee", "2",
+           "--log_dir", str(logs), *program, *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_stderr(logs: Path, rank: int) -> list[str]:
+    """The lines one process wrote to stderr (torchrun's --tee copy), its launcher's report left out."""
+    (file,) = logs.glob(f"*/attempt_0/{rank}/stderr.log")
+    return file.read_text().strip().splitlines()
+
+
+def wait_for_marker(marker: Path, proc, timeout: float = 300) -> int:
+    """The pid the held process wrote to ``marker`` once it stopped (tests/hold_rank.py)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not (marker.is_file() and marker.read_text()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None and marker.is_file(), proc.communicate()[1][-3000:] if proc.poll() is not None else "no marker"
+    return int(marker.read_text())

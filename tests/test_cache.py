@@ -22,7 +22,7 @@ from distill.pipeline import image_dataset, replay_mixup
 from distill.build import load_data
 from distill.train import train
 
-from conftest import REPO, make_config, read_metrics, tiny_config
+from conftest import REPO, launch_two_processes, make_config, rank_stderr, read_metrics, tiny_config, wait_for_marker
 
 
 def cached_config(tiny_dataset, out, trained_teacher, cache, **sections):
@@ -240,3 +240,29 @@ def test_a_cache_built_by_two_processes_equals_one_built_by_one(cache_dir, tiny_
     # Read by one process: training from it works and the teacher is never built.
     metrics = train(cached_config(tiny_dataset, tmp_path / "runs", trained_teacher, tmp_path / "two"))
     assert metrics["train_distill"] > 0 and metrics["teacher_top1"] >= 0
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_a_two_process_cache_build_with_one_line(tiny_dataset, trained_teacher, tmp_path):
+    """SIGKILL of rank 1 in the middle of the cache's second epoch: rank 0 says in one line which rank
+    stopped and how many epochs are complete; building again in two processes finishes the cache."""
+    import re
+    import signal
+
+    raw = tiny_config(tiny_dataset, tmp_path / "runs")
+    raw["teacher"].update(checkpoint=str(trained_teacher), cache=str(tmp_path / "c"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = launch_two_processes(["cache-teacher", str(recipe)], tmp_path / "logs", hold=(1, 1, 1, tmp_path / "held"))
+    os.kill(wait_for_marker(tmp_path / "held", proc), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    lines = rank_stderr(tmp_path / "logs", 0)
+    assert len(lines) == 1, "\n".join(lines[-40:])
+    assert re.fullmatch(rf"error: rank 1 stopped answering \((connection reset|the launcher sent SIGTERM); it exited\); "
+                        rf"1 of 2 cache epochs in {re.escape(str(tmp_path / 'c'))} are complete: continue with "
+                        rf"`distill cache-teacher {re.escape(str(recipe))}` \(launched as before\)", lines[0]), lines[0]
+    again = launch_two_processes(["cache-teacher", str(recipe)], tmp_path / "logs2")
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["epochs"] == 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from distill.rundir import RunExistsError
 from distill.train import NonFiniteLossError, fit, train, train_teacher
 from students.deit import VisionTransformerDistilled
 
-from conftest import REPO, make_config, read_metrics, tiny_config
+from conftest import REPO, launch_two_processes, make_config, rank_stderr, read_metrics, tiny_config, wait_for_marker
 
 
 @pytest.fixture(scope="module")
@@ -460,6 +461,66 @@ def test_two_process_no_teacher_baseline_and_resume(tiny_recipe, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2] and history[-1]["train_distill"] == 0.0
     # 48 images, batch 8: 6 global batches per epoch, 3 per rank.
     assert history[-1]["step"] == 6
+
+
+def _held_run(tiny_dataset, tmp_path, teacher_ckpt, *overrides: str):
+    """A 3-epoch run in two processes whose rank 1 stops at the second batch of epoch 2 (after the
+    checkpoint of epoch 1): the launch, the pid of rank 1, the recipe and the folder of the logs."""
+    raw = tiny_config(tiny_dataset, tmp_path / "runs")
+    raw["teacher"]["checkpoint"] = str(teacher_ckpt)
+    raw["train"]["epochs"] = 3
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    marker, logs = tmp_path / "held", tmp_path / "logs"
+    proc = launch_two_processes(["train", str(recipe), *overrides], logs, hold=(1, 1, 1, marker))
+    return proc, wait_for_marker(marker, proc), recipe, logs
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_run_with_one_line_and_resume_continues(tiny_dataset, tmp_path, teacher_ckpt):
+    """SIGKILL of rank 1 mid-epoch: rank 0 says in one line which rank stopped, the last complete
+    checkpoint and the command that continues; --resume in two processes then finishes the run."""
+    import os
+    import signal
+
+    proc, pid, recipe, logs = _held_run(tiny_dataset, tmp_path, teacher_ckpt)
+    os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    lines = rank_stderr(logs, 0)
+    assert len(lines) == 1, "\n".join(lines[-40:])
+    # Rank 0 notices by the broken connection or by the launcher's SIGTERM, whichever comes first.
+    assert re.fullmatch(rf"error: rank 1 stopped answering \((connection reset|the launcher sent SIGTERM); it exited\); "
+                        rf"the last complete checkpoint is epoch 1 \(.*\): continue with "
+                        rf"`distill train {re.escape(str(recipe))} --resume` \(launched as before\)", lines[0]), lines[0]
+    resumed = launch_two_processes(["train", str(recipe), "--resume"], tmp_path / "logs2")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert [h["epoch"] for h in read_metrics(tmp_path / "runs" / "r")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_frozen_process_ends_the_run_within_the_timeout_with_one_line(tiny_dataset, tmp_path, teacher_ckpt):
+    """SIGSTOP of rank 1 mid-epoch: it neither dies nor answers. Rank 0 gives up after
+    train.collective_timeout_s (not torch's 30 minutes) with one line, and the launch ends."""
+    import os
+    import signal
+
+    proc, pid, recipe, logs = _held_run(tiny_dataset, tmp_path, teacher_ckpt, "train.collective_timeout_s=10")
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        proc.communicate(timeout=240)  # 10 s, then torchrun's 30 s before it kills a process that ignores SIGTERM
+    finally:
+        if proc.poll() is None:
+            os.kill(pid, signal.SIGKILL)
+            proc.kill()
+    assert proc.returncode != 0
+    lines = rank_stderr(logs, 0)
+    assert len(lines) == 1, "\n".join(lines[-40:])
+    assert lines[0].startswith("error: rank 1 stopped answering (no reply within 10 s; it is paused by SIGSTOP); "
+                               "the last complete checkpoint is epoch 1 ("), lines[0]
+    assert lines[0].endswith(f"continue with `distill train {recipe} train.collective_timeout_s=10 --resume` "
+                             "(launched as before)"), lines[0]
 
 
 def test_finetune_at_another_resolution_with_the_teacher_at_its_own(tiny_dataset, tmp_path, teacher_ckpt, monkeypatch):

@@ -268,13 +268,14 @@ def _message(e: Exception, command: str) -> str:
 
 def _is_user_error(e: Exception) -> bool:
     from distill.checkpoint import CheckpointError
+    from distill.lock import FolderBusyError
     from distill.rundir import RunExistsError
     from distill.sources import DataError
     from distill.train import NonFiniteLossError
     from distill.weights import WeightsError
 
     return isinstance(e, (ConfigError, DataError, WeightsError, NonFiniteLossError, RunExistsError, CheckpointError,
-                          FileNotFoundError, KeyError, ValueError))
+                          FolderBusyError, FileNotFoundError, KeyError, ValueError))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -12,11 +12,12 @@ A new run never writes into a folder that holds a run; a resumed one needs an in
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from safetensors import SafetensorError
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 import students
-from distill import atomic, build
+from distill import atomic, build, lock
 from distill import checkpoint as ckpt
 from students.base import DistilledStudent
 from distill.config import Config, ConfigError, DataConfig
@@ -38,14 +39,21 @@ class RunExistsError(RuntimeError):
     """The run folder already holds a run and --resume was not given."""
 
 
-def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tuple[Path, dict] | None:
-    """Check the run folder before any work; returns the checkpoint to resume from, if any.
+#: What to do when another process writes the run folder.
+BUSY_FIX = "wait for it to finish, or set train.run_name=<new name> to start another run"
 
-    The folder (or the nearest folder above it that exists) must be writable; nothing is created
-    here, so a run that fails before it starts leaves no folder behind. A new run never writes into
-    a folder that already holds a run (checkpoint, export or metrics), and a resumed one must have an
-    intact checkpoint with epochs left to train.
-    """
+
+@contextlib.contextmanager
+def writing(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> Iterator[tuple[Path, dict] | None]:
+    """``prepare`` the run folder and hold its write lock (``distill.lock``) for the ``with`` block,
+    the whole run: a second run into the same folder is refused in one line, whenever it starts."""
+    check_writable(run_dir)
+    with lock.hold(run_dir, "run folder", BUSY_FIX):  # before prepare's checks: no window between them
+        yield prepare(run_dir, resume, epochs)
+
+
+def check_writable(run_dir: Path) -> None:
+    """The folder (or the nearest folder above it that exists) must be writable; one line otherwise."""
     where = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path.cwd())
     try:
         if where.is_file():
@@ -56,6 +64,17 @@ def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tup
     except OSError as e:
         what = "is a file" if where.is_file() else f"is not writable ({e.strerror or e})"
         raise ConfigError(f"cannot write the run folder {run_dir}: {where} {what}; set train.output_dir=<a writable folder>") from None
+
+
+def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tuple[Path, dict] | None:
+    """Check the run folder before any work; returns the checkpoint to resume from, if any.
+
+    The folder (or the nearest folder above it that exists) must be writable; nothing is created
+    here, so a run that fails before it starts leaves no folder behind. A new run never writes into
+    a folder that already holds a run (checkpoint, export or metrics), and a resumed one must have an
+    intact checkpoint with epochs left to train.
+    """
+    check_writable(run_dir)
     if not resume:
         held = [name for name in ("export", "export_ema", "metrics.jsonl") if (run_dir / name).exists()]
         if ckpt.find_checkpoint(run_dir) is not None:
@@ -240,6 +259,8 @@ HEADS = ("joint", "cls", "dist")
 #: Written into every folder `distill export` makes: what was exported from where. Its presence is
 #: what allows a later export to replace the folder.
 MARKER = "distill_export.json"
+#: What to do when another `distill export` writes the same folder (it holds the folder's lock).
+EXPORT_BUSY_FIX = "wait for it to finish, or pass another --out"
 
 
 class ExportError(ValueError):

@@ -572,3 +572,43 @@ def test_unreachable_hub_is_one_line(tmp_path, tiny_recipe):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
     assert re.match(r"error: 'nobody/no-such-dataset' could not be loaded from the Hugging Face Hub \(.*\); "
                     r"set data.source=<source> to a local folder or parquet file$", result.stderr.strip())
+
+
+# --- two writers, one folder: the second is refused while the first holds the folder's lock ----------
+# (tests/test_lock.py starts two real processes; here the test itself holds the lock, so the moment is
+# certain, and every writer is checked for one line naming the holder)
+BUSY = [
+    ("train", lambda w: T + [str(w.recipe), "train.run_name=busy"], lambda w: w.runs / "busy",
+     r"run folder .*busy is being written by another process \(pid \d+: .*\); wait for it to finish, or set "
+     r"train.run_name=<new name> to start another run$"),
+    ("train_resume", lambda w: T + [str(w.recipe), "train.run_name=stopped", "--resume"], lambda w: w.stopped,
+     r"run folder .*stopped is being written by another process \(pid \d+"),
+    ("train_teacher", lambda w: ["train-teacher", str(w.recipe), "train.run_name=busy"], lambda w: w.runs / "busy-teacher",
+     r"run folder .*busy-teacher is being written by another process \(pid \d+"),
+    ("cache_teacher", lambda w: ["cache-teacher", str(w.recipe), "train.run_name=busy"],
+     lambda w: w.runs / "busy-teacher-cache",
+     r"teacher cache .*busy-teacher-cache is being written by another process \(pid \d+: .*\); wait for it to "
+     r"finish, or set teacher.cache=<another folder>$"),
+    ("export", lambda w: ["export", str(w.finished), "--format", "timm"], lambda w: w.finished / "export_timm",
+     r"export folder .*export_timm is being written by another process \(pid \d+: .*\); wait for it to finish, "
+     r"or pass another --out$"),
+]
+
+
+@pytest.mark.parametrize("argv, folder, pattern", [b[1:] for b in BUSY], ids=[b[0] for b in BUSY])
+def test_a_folder_another_process_writes_is_refused_in_one_line(world, capfd, argv, folder, pattern):
+    from distill import lock
+
+    args, target = argv(world), folder(world)
+    existed = target.exists()
+    before = snapshot(world.runs)
+    with lock.hold(target, "held by the test"):  # flock: a second open file of the same process conflicts too
+        capfd.readouterr()
+        code = cli(args)
+        lines = capfd.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert re.search(pattern, lines[0]) and f"pid {os.getpid()}" in lines[0], lines[0]
+    assert_hints_exist(lines[0], args[0])
+    assert snapshot(world.runs) == before and target.exists() == existed
+    assert not lock.lock_file(target).exists()  # released and removed with the test's hold

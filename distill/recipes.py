@@ -19,6 +19,7 @@ import inspect
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -273,6 +274,12 @@ def validate(cfg: Config) -> Config:
     if cfg.distill.kind != "none" and cfg.teacher.name is None and cfg.teacher.cache is None:
         raise ConfigError(f"config: distill.kind={cfg.distill.kind} needs a teacher; set teacher.name (see `distill teachers`) "
                           "or distill.kind=none")
+    if cfg.teacher.checkpoint is not None and cfg.teacher.pretrained:
+        # A checkpoint named on top of a recipe that downloads ImageNet weights (as the built-in ones
+        # do) is the user's choice; it wins, and the resolved config says so rather than both.
+        warnings.warn(f"teacher.checkpoint={cfg.teacher.checkpoint} is used and teacher.pretrained=true is ignored "
+                      "(nothing is downloaded); the resolved config has teacher.pretrained=false", stacklevel=2)
+        cfg.teacher.pretrained = False
     return cfg
 
 

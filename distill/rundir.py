@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,12 +45,13 @@ BUSY_FIX = "wait for it to finish, or set train.run_name=<new name> to start ano
 
 
 @contextlib.contextmanager
-def writing(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> Iterator[tuple[Path, dict] | None]:
+def writing(run_dir: Path, resume: str | Path | bool | None, epochs: int,
+            epochs_key: str = "train.epochs") -> Iterator[tuple[Path, dict] | None]:
     """``prepare`` the run folder and hold its write lock (``distill.lock``) for the ``with`` block,
     the whole run: a second run into the same folder is refused in one line, whenever it starts."""
     check_writable(run_dir)
     with lock.hold(run_dir, "run folder", BUSY_FIX):  # before prepare's checks: no window between them
-        yield prepare(run_dir, resume, epochs)
+        yield prepare(run_dir, resume, epochs, epochs_key)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -66,13 +68,15 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(f"cannot write the run folder {run_dir}: {where} {what}; set train.output_dir=<a writable folder>") from None
 
 
-def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tuple[Path, dict] | None:
+def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int,
+            epochs_key: str = "train.epochs") -> tuple[Path, dict] | None:
     """Check the run folder before any work; returns the checkpoint to resume from, if any.
 
     The folder (or the nearest folder above it that exists) must be writable; nothing is created
     here, so a run that fails before it starts leaves no folder behind. A new run never writes into
     a folder that already holds a run (checkpoint, export or metrics), and a resumed one must have an
-    intact checkpoint with epochs left to train.
+    intact checkpoint with epochs left to train; a resumed run's other number of epochs (``epochs_key``)
+    is one warning line.
     """
     check_writable(run_dir)
     if not resume:
@@ -89,7 +93,26 @@ def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tup
     if state["epoch"] >= epochs and (run_dir / "export").exists():
         raise ConfigError(f"{folder} has finished all {state['epoch']} epochs; raise train.epochs to train longer, "
                           "or evaluate it with `distill eval`")
+    warn_schedule_change(run_dir, epochs, state["epoch"], epochs_key)
     return folder, state
+
+
+def warn_schedule_change(run_dir: Path, epochs: int, done: int, epochs_key: str = "train.epochs") -> None:
+    """One warning line when a run resumes with another number of epochs than it was started with:
+    the cosine schedule is a function of the step and the run's length (``train._optimizer_and_schedule``),
+    so the learning rate jumps onto the new length's curve (it is not kept as started)."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # the config that wrote the checkpoints
+        before, sched = int(saved["train"]["epochs"]), saved.get("optim", {}).get("sched", "cosine")
+    except (OSError, yaml.YAMLError, TypeError, KeyError, ValueError, AttributeError):
+        return
+    if before == epochs or sched != "cosine":
+        return
+    change = (f"was for {before} epochs and now ends at epoch {epochs}, cut short" if epochs < before else
+              f"is stretched from {before} to {epochs} epochs")
+    warnings.warn(f"{run_dir} was started with {before} epochs and resumes after epoch {done} with {epochs_key}={epochs}: "
+                  f"its cosine learning-rate schedule {change} (the learning rate jumps onto the new curve); set "
+                  f"{epochs_key}={before} to finish it as started", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------------------------

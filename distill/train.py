@@ -94,7 +94,7 @@ def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=Non
     if tt.epochs <= 0:
         raise ConfigError("train-teacher needs teacher_train.epochs > 0")
     run_dir = cfg.run_dir("-teacher")
-    with rundir.writing(run_dir, resume, tt.epochs) as resume_from:
+    with rundir.writing(run_dir, resume, tt.epochs, "teacher_train.epochs") as resume_from:
         data = data or build.load_data(cfg.data)
         set_seed(cfg.train.seed)
         network, meta = teachers.build_teacher_network(cfg.teacher.name, num_classes=data.num_classes,

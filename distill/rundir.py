@@ -7,7 +7,8 @@
       export/              the final student (or teacher), written when the last epoch is done
       export_ema/          the EMA student (train.ema)
 
-A new run never writes into a folder that holds a run; a resumed one needs an intact checkpoint.
+A new run never writes into a folder that holds a run; a resumed one needs an intact checkpoint; and
+one process at a time writes a run folder (``writing``: its lock, ``distill.lock``, held for the run).
 ``load_run`` turns a run folder (or an export folder) back into what ``eval``/``analyze`` need.
 """
 from __future__ import annotations

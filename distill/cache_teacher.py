@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill import atomic, build, collective
+from distill import atomic, build, collective, lock
 from distill.cache import (ARRAYS, CACHE_FILE, FORMAT, VAL_DIR, VAL_FILE, CacheError, TeacherCache, _describe_value,
                            _first_mismatch, _read_info, default_dir, epoch_dir, image_digest, made_from, open_cache,
                            seal, teacher_weights_sha256, top_k_entries)
@@ -36,6 +36,13 @@ def build_cache(cfg: Config, out: str | Path | None = None) -> Path:
     if cfg.teacher.name is None:
         raise ConfigError("cache-teacher needs teacher.name (see `distill teachers`)")
     root = Path(out or cfg.teacher.cache or default_dir(cfg))
+    # One builder per cache folder (distill.lock); a training run reading it needs no lock: it reads
+    # only sealed epochs, which appear whole (renamed into place).
+    with lock.hold(root, "teacher cache", "wait for it to finish, or set teacher.cache=<another folder>"):
+        return _build_cache(cfg, root)
+
+
+def _build_cache(cfg: Config, root: Path) -> Path:
     data = build.load_data(cfg.data)
     cfg = build.with_teacher_weights(cfg)
     teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
@@ -112,7 +119,7 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
         info = json.loads((root / CACHE_FILE).read_text())
         info["epochs"] = max(info.get("epochs", 0), tc.epochs)
         atomic.write_json(root / CACHE_FILE, info)
-        (root / "recipe.yaml").write_text(dump(cfg))
+        atomic.write_text(root / "recipe.yaml", dump(cfg))
     accelerator.wait_for_everyone()
     return root
 

@@ -289,13 +289,14 @@ def _continue_hint(e, args: argparse.Namespace) -> str:
 def _is_user_error(e: Exception) -> bool:
     from distill.checkpoint import CheckpointError
     from distill.collective import PeerLostError
+    from distill.lock import FolderBusyError
     from distill.rundir import RunExistsError
     from distill.sources import DataError
     from distill.train import NonFiniteLossError
     from distill.weights import WeightsError
 
     return isinstance(e, (ConfigError, DataError, WeightsError, NonFiniteLossError, RunExistsError, CheckpointError,
-                          PeerLostError, FileNotFoundError, KeyError, ValueError))
+                          PeerLostError, FolderBusyError, FileNotFoundError, KeyError, ValueError))
 
 
 def _run(args: argparse.Namespace) -> int:

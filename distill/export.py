@@ -47,9 +47,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import students
-from distill import atomic, onnx_export
+from distill import atomic, lock, onnx_export
 from distill.config import IMAGENET_MEAN, IMAGENET_STD
-from distill.rundir import (HEADS, MARKER, ExportError, locate_export, read_export_config, resolve_out,
+from distill.rundir import (EXPORT_BUSY_FIX, HEADS, MARKER, ExportError, locate_export, read_export_config, resolve_out,
                             student_output, upload)
 from students.base import DistilledStudent, StudentError
 
@@ -119,7 +119,8 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
         meta["files"] = sorted(p.name for p in folder.iterdir()) + [MARKER]
         (folder / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
 
-    atomic.write_dir(out, fill)
+    with lock.hold(out, "export folder", EXPORT_BUSY_FIX):  # one writer
+        atomic.write_dir(out, fill)
     if push_to_hub:
         upload(out, push_to_hub, commit_message=f"Add {meta['student']} ({meta['target']}) exported by deit-distill")
     return out

@@ -32,11 +32,11 @@ import yaml
 from torch import nn
 
 import students
-from distill import atomic, build
+from distill import atomic, build, lock
 from distill.config import DataConfig
 from distill.recipes import from_dict
 from distill.images import ImageClassificationDataset
-from distill.rundir import (HEADS, MARKER, ExportError, eval_transform, export_preprocessing, locate_export,
+from distill.rundir import (EXPORT_BUSY_FIX, HEADS, MARKER, ExportError, eval_transform, export_preprocessing, locate_export,
                             read_export_config, resolve_out, student_output, upload)
 
 __all__ = ["export_onnx", "ONNX_NAME", "META_NAME", "ATOL"]
@@ -102,7 +102,8 @@ def export_onnx(path: str | Path, out: str | Path | None = None, head: str | Non
                   "files": sorted(p.name for p in tmp.iterdir()) + [MARKER]}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
-    atomic.write_dir(out, fill)
+    with lock.hold(out, "export folder", EXPORT_BUSY_FIX):  # one writer
+        atomic.write_dir(out, fill)
     if push_to_hub:
         upload(out, push_to_hub, commit_message=f"Add {name} (ONNX) exported by deit-distill")
     return out

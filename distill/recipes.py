@@ -303,6 +303,12 @@ def validate(cfg: Config) -> Config:
                           "or distill.kind=none")
     if t.log_with:
         trackers.check_names(t.log_with)
+    if cfg.teacher.checkpoint is not None and cfg.teacher.pretrained:
+        # A checkpoint named on top of a recipe that downloads ImageNet weights (as the built-in ones
+        # do) is the user's choice; it wins, and the resolved config says so rather than both.
+        warnings.warn(f"teacher.checkpoint={cfg.teacher.checkpoint} is used and teacher.pretrained=true is ignored "
+                      "(nothing is downloaded); the resolved config has teacher.pretrained=false", stacklevel=2)
+        cfg.teacher.pretrained = False
     return cfg
 
 

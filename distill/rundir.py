@@ -7,17 +7,19 @@
       export/              the final student (or teacher), written when the last epoch is done
       export_ema/          the EMA student (train.ema)
 
-A new run never writes into a folder that holds a run; a resumed one needs an intact checkpoint.
+A new run never writes into a folder that holds a run; a resumed one needs an intact checkpoint; and
+one process at a time writes a run folder (``writing``: its lock, ``distill.lock``, held for the run).
 ``load_run`` turns a run folder (or an export folder) back into what ``eval``/``analyze`` need.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from safetensors import SafetensorError
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 import students
-from distill import atomic, build
+from distill import atomic, build, lock
 from distill import checkpoint as ckpt
 from students.base import DistilledStudent
 from distill.config import Config, ConfigError, DataConfig
@@ -40,14 +42,22 @@ class RunExistsError(RuntimeError):
     """The run folder already holds a run and --resume was not given."""
 
 
-def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tuple[Path, dict] | None:
-    """Check the run folder before any work; returns the checkpoint to resume from, if any.
+#: What to do when another process writes the run folder.
+BUSY_FIX = "wait for it to finish, or set train.run_name=<new name> to start another run"
 
-    The folder (or the nearest folder above it that exists) must be writable; nothing is created
-    here, so a run that fails before it starts leaves no folder behind. A new run never writes into
-    a folder that already holds a run (checkpoint, export or metrics), and a resumed one must have an
-    intact checkpoint with epochs left to train.
-    """
+
+@contextlib.contextmanager
+def writing(run_dir: Path, resume: str | Path | bool | None, epochs: int,
+            epochs_key: str = "train.epochs") -> Iterator[tuple[Path, dict] | None]:
+    """``prepare`` the run folder and hold its write lock (``distill.lock``) for the ``with`` block,
+    the whole run: a second run into the same folder is refused in one line, whenever it starts."""
+    check_writable(run_dir)
+    with lock.hold(run_dir, "run folder", BUSY_FIX):  # before prepare's checks: no window between them
+        yield prepare(run_dir, resume, epochs, epochs_key)
+
+
+def check_writable(run_dir: Path) -> None:
+    """The folder (or the nearest folder above it that exists) must be writable; one line otherwise."""
     where = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path.cwd())
     try:
         if where.is_file():
@@ -58,6 +68,19 @@ def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tup
     except OSError as e:
         what = "is a file" if where.is_file() else f"is not writable ({e.strerror or e})"
         raise ConfigError(f"cannot write the run folder {run_dir}: {where} {what}; set train.output_dir=<a writable folder>") from None
+
+
+def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int,
+            epochs_key: str = "train.epochs") -> tuple[Path, dict] | None:
+    """Check the run folder before any work; returns the checkpoint to resume from, if any.
+
+    The folder (or the nearest folder above it that exists) must be writable; nothing is created
+    here, so a run that fails before it starts leaves no folder behind. A new run never writes into
+    a folder that already holds a run (checkpoint, export or metrics), and a resumed one must have an
+    intact checkpoint with epochs left to train; a resumed run's other number of epochs (``epochs_key``)
+    is one warning line.
+    """
+    check_writable(run_dir)
     if not resume:
         held = [name for name in ("export", "export_ema", "metrics.jsonl") if (run_dir / name).exists()]
         if ckpt.find_checkpoint(run_dir) is not None:
@@ -72,7 +95,26 @@ def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int) -> tup
     if state["epoch"] >= epochs and (run_dir / "export").exists():
         raise ConfigError(f"{folder} has finished all {state['epoch']} epochs; raise train.epochs to train longer, "
                           "or evaluate it with `distill eval`")
+    warn_schedule_change(run_dir, epochs, state["epoch"], epochs_key)
     return folder, state
+
+
+def warn_schedule_change(run_dir: Path, epochs: int, done: int, epochs_key: str = "train.epochs") -> None:
+    """One warning line when a run resumes with another number of epochs than it was started with:
+    the cosine schedule is a function of the step and the run's length (``train._optimizer_and_schedule``),
+    so the learning rate jumps onto the new length's curve (it is not kept as started)."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # the config that wrote the checkpoints
+        before, sched = int(saved["train"]["epochs"]), saved.get("optim", {}).get("sched", "cosine")
+    except (OSError, yaml.YAMLError, TypeError, KeyError, ValueError, AttributeError):
+        return
+    if before == epochs or sched != "cosine":
+        return
+    change = (f"was for {before} epochs and now ends at epoch {epochs}, cut short" if epochs < before else
+              f"is stretched from {before} to {epochs} epochs")
+    warnings.warn(f"{run_dir} was started with {before} epochs and resumes after epoch {done} with {epochs_key}={epochs}: "
+                  f"its cosine learning-rate schedule {change} (the learning rate jumps onto the new curve); set "
+                  f"{epochs_key}={before} to finish it as started", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +306,8 @@ HEADS = ("joint", "cls", "dist")
 #: Written into every folder `distill export` makes: what was exported from where. Its presence is
 #: what allows a later export to replace the folder.
 MARKER = "distill_export.json"
+#: What to do when another `distill export` writes the same folder (it holds the folder's lock).
+EXPORT_BUSY_FIX = "wait for it to finish, or pass another --out"
 
 
 class ExportError(ValueError):

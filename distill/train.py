@@ -60,24 +60,25 @@ def train(cfg: Config, resume: str | Path | bool | None = None) -> dict:
     """
     validate(cfg)
     trackers.check_installed(cfg.train.log_with)
-    resume_from = rundir.prepare(cfg.run_dir(), resume, cfg.train.epochs)  # fail before any work
-    data = build.load_data(cfg.data)
-    targets = None
-    if cfg.distill.kind != "none":
-        if cfg.teacher.cache is not None:
-            targets = open_cache(cfg, data)
-        else:
-            cfg = ensure_teacher_stage(cfg, data)
-            teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
-            targets = build.OnlineTeacher(teacher, len(data.val), data.num_classes)
-    set_seed(cfg.train.seed)  # the student's initial weights depend on the seed alone
-    student = build.build_student(cfg, data.num_classes)
+    # Fail before any work; one writer per run folder for the whole run (distill.lock).
+    with rundir.writing(cfg.run_dir(), resume, cfg.train.epochs) as resume_from:
+        data = build.load_data(cfg.data)
+        targets = None
+        if cfg.distill.kind != "none":
+            if cfg.teacher.cache is not None:
+                targets = open_cache(cfg, data)
+            else:
+                cfg = ensure_teacher_stage(cfg, data)
+                teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
+                targets = build.OnlineTeacher(teacher, len(data.val), data.num_classes)
+        set_seed(cfg.train.seed)  # the student's initial weights depend on the seed alone
+        student = build.build_student(cfg, data.num_classes)
 
-    def export(model: nn.Module, ema) -> None:
-        rundir.write_student_exports(cfg, data, cfg.run_dir(), model, ema)
+        def export(model: nn.Module, ema) -> None:
+            rundir.write_student_exports(cfg, data, cfg.run_dir(), model, ema)
 
-    return fit(cfg, student, build.build_loss(cfg), data, cfg.run_dir(), targets=targets, resume_from=resume_from,
-               on_finish=export)
+        return fit(cfg, student, build.build_loss(cfg), data, cfg.run_dir(), targets=targets, resume_from=resume_from,
+                   on_finish=export)
 
 
 def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=None) -> dict:
@@ -95,36 +96,36 @@ def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=Non
     if tt.epochs <= 0:
         raise ConfigError("train-teacher needs teacher_train.epochs > 0")
     run_dir = cfg.run_dir("-teacher")
-    resume_from = rundir.prepare(run_dir, resume, tt.epochs)
-    data = data or build.load_data(cfg.data)
-    set_seed(cfg.train.seed)
-    network, meta = teachers.build_teacher_network(cfg.teacher.name, num_classes=data.num_classes,
-                                                   pretrained=cfg.teacher.pretrained, **cfg.teacher.kwargs)
-    # The teacher stage is the same loop with the teacher's own optimiser settings and no distillation.
-    stage = copy.deepcopy(cfg)
-    stage.optim = OptimConfig(opt=tt.opt, lr=tt.lr, weight_decay=tt.weight_decay, momentum=tt.momentum,
-                              smoothing=tt.smoothing, warmup_epochs=tt.warmup_epochs,
-                              clip_grad=cfg.optim.clip_grad, min_lr=0.0)
-    stage.train.epochs, stage.train.batch_size, stage.train.ema = tt.epochs, tt.batch_size, False
-    stage.train.stop_after = stage.train.max_steps_per_epoch = None  # student-stage budgets
-    stage.distill = DistillConfig(kind="none")
-    # The teacher learns in its own normalisation (timm's pretrained cfg or its registration), which
-    # is what the frozen Teacher later converts the student's batches into.
-    stage.data.mean, stage.data.std = tuple(meta.mean), tuple(meta.std)
-    if not tt.mixup:
-        stage.data.mixup = stage.data.cutmix = 0.0
-    if tt.light_augment:
-        stage.data.auto_augment, stage.data.reprob = None, 0.0
-    validate(stage)
+    with rundir.writing(run_dir, resume, tt.epochs, "teacher_train.epochs") as resume_from:
+        data = data or build.load_data(cfg.data)
+        set_seed(cfg.train.seed)
+        network, meta = teachers.build_teacher_network(cfg.teacher.name, num_classes=data.num_classes,
+                                                       pretrained=cfg.teacher.pretrained, **cfg.teacher.kwargs)
+        # The teacher stage is the same loop with the teacher's own optimiser settings and no distillation.
+        stage = copy.deepcopy(cfg)
+        stage.optim = OptimConfig(opt=tt.opt, lr=tt.lr, weight_decay=tt.weight_decay, momentum=tt.momentum,
+                                  smoothing=tt.smoothing, warmup_epochs=tt.warmup_epochs,
+                                  clip_grad=cfg.optim.clip_grad, min_lr=0.0)
+        stage.train.epochs, stage.train.batch_size, stage.train.ema = tt.epochs, tt.batch_size, False
+        stage.train.stop_after = stage.train.max_steps_per_epoch = None  # student-stage budgets
+        stage.distill = DistillConfig(kind="none")
+        # The teacher learns in its own normalisation (timm's pretrained cfg or its registration), which
+        # is what the frozen Teacher later converts the student's batches into.
+        stage.data.mean, stage.data.std = tuple(meta.mean), tuple(meta.std)
+        if not tt.mixup:
+            stage.data.mixup = stage.data.cutmix = 0.0
+        if tt.light_augment:
+            stage.data.auto_augment, stage.data.reprob = None, 0.0
+        validate(stage)
 
-    def export(model: nn.Module, ema) -> None:  # a plain state dict + what built it and how it sees images
-        seen_as = {"mean": list(stage.data.mean), "std": list(stage.data.std), "input_size": [3, cfg.data.img_size, cfg.data.img_size]}
-        record = {"name": cfg.teacher.name, "num_classes": data.num_classes, **rundir.export_info(stage, data),
-                  "teacher_input": seen_as}
-        rundir.write_export(run_dir / "export", lambda folder: save_teacher(model, folder, record))
+        def export(model: nn.Module, ema) -> None:  # a plain state dict + what built it and how it sees images
+            seen_as = {"mean": list(stage.data.mean), "std": list(stage.data.std), "input_size": [3, cfg.data.img_size, cfg.data.img_size]}
+            record = {"name": cfg.teacher.name, "num_classes": data.num_classes, **rundir.export_info(stage, data),
+                      "teacher_input": seen_as}
+            rundir.write_export(run_dir / "export", lambda folder: save_teacher(model, folder, record))
 
-    loss_fn = DistillationLoss("none", label_smoothing=tt.smoothing)
-    return fit(stage, network, loss_fn, data, run_dir, resume_from=resume_from, on_finish=export)
+        loss_fn = DistillationLoss("none", label_smoothing=tt.smoothing)
+        return fit(stage, network, loss_fn, data, run_dir, resume_from=resume_from, on_finish=export)
 
 
 def ensure_teacher_stage(cfg: Config, data=None) -> Config:

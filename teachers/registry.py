@@ -7,11 +7,14 @@ train-teacher`` fine-tunes it); ``create_teacher`` loads weights into it and fre
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import timm
 import torch
@@ -202,7 +205,8 @@ def build_teacher_network(name: str, num_classes: int, pretrained: bool = False,
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     try:
-        model = entry.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
+        with _hub_download(pretrained) as hub:
+            model = entry.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
     except TypeError as e:
         unknown = _unexpected_keyword(e)
         if unknown is None or unknown not in kwargs:
@@ -212,8 +216,10 @@ def build_teacher_network(name: str, num_classes: int, pretrained: bool = False,
     except (OSError, RuntimeError) as e:  # what failed downloads raise (HF Hub / urllib errors are OSErrors)
         if not pretrained:
             raise
+        why = f"the Hugging Face Hub at {hub['endpoint']} cannot be reached and they are not in the local cache" \
+            if hub["unreachable"] else type(e).__name__
         raise WeightsError(
-            f"could not get the pretrained weights of teacher {name!r} ({type(e).__name__}); this needs "
+            f"could not get the pretrained weights of teacher {name!r} ({why}); this needs "
             "the network: connect, or pass a local weights file with teacher.checkpoint=<file>") from None
     cfg = getattr(model, "pretrained_cfg", None) or {}
     meta = TeacherMeta(
@@ -222,6 +228,43 @@ def build_teacher_network(name: str, num_classes: int, pretrained: bool = False,
         input_size=_size(input_size) or entry.input_size or _size(cfg.get("input_size")) or (3, 224, 224),
     )
     return model, meta
+
+
+@contextlib.contextmanager
+def _hub_download(pretrained: bool) -> Iterator[dict]:
+    """Around timm's download of pretrained weights: huggingface_hub's log lines silenced (the one
+    error line quotes the cause), and no retries when the Hub cannot be reached at all: it would
+    retry each file's request 5 times with growing waits (about a minute, 22 log lines), so an
+    unreachable Hub is found with one connection attempt and the download runs in the Hub's
+    offline mode (weights already in the local cache still load). Yields what it found."""
+    found = {"unreachable": False, "endpoint": None}
+    if not pretrained:
+        yield found
+        return
+    from huggingface_hub import constants
+
+    from distill.sources import _quiet_libraries
+
+    offline = constants.HF_HUB_OFFLINE
+    found["endpoint"] = constants.ENDPOINT
+    found["unreachable"] = not offline and not _reachable(constants.ENDPOINT)
+    try:
+        with _quiet_libraries():
+            constants.HF_HUB_OFFLINE = offline or found["unreachable"]  # read on every request (is_offline_mode)
+            yield found
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens (refused or unresolvable: at once)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def create_teacher(name: str, num_classes: int = 1000, checkpoint: str | Path | None = None,

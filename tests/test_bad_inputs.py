@@ -572,3 +572,101 @@ def test_unreachable_hub_is_one_line(tmp_path, tiny_recipe):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
     assert re.match(r"error: 'nobody/no-such-dataset' could not be loaded from the Hugging Face Hub \(.*\); "
                     r"set data.source=<source> to a local folder or parquet file$", result.stderr.strip())
+
+
+# --- two writers, one folder: the second is refused while the first holds the folder's lock ----------
+# (tests/test_lock.py starts two real processes; here the test itself holds the lock, so the moment is
+# certain, and every writer is checked for one line naming the holder)
+BUSY = [
+    ("train", lambda w: T + [str(w.recipe), "train.run_name=busy"], lambda w: w.runs / "busy",
+     r"run folder .*busy is being written by another process \(pid \d+: .*\); wait for it to finish, or set "
+     r"train.run_name=<new name> to start another run$"),
+    ("train_resume", lambda w: T + [str(w.recipe), "train.run_name=stopped", "--resume"], lambda w: w.stopped,
+     r"run folder .*stopped is being written by another process \(pid \d+"),
+    ("train_teacher", lambda w: ["train-teacher", str(w.recipe), "train.run_name=busy"], lambda w: w.runs / "busy-teacher",
+     r"run folder .*busy-teacher is being written by another process \(pid \d+"),
+    ("cache_teacher", lambda w: ["cache-teacher", str(w.recipe), "train.run_name=busy"],
+     lambda w: w.runs / "busy-teacher-cache",
+     r"teacher cache .*busy-teacher-cache is being written by another process \(pid \d+: .*\); wait for it to "
+     r"finish, or set teacher.cache=<another folder>$"),
+    ("export", lambda w: ["export", str(w.finished), "--format", "timm"], lambda w: w.finished / "export_timm",
+     r"export folder .*export_timm is being written by another process \(pid \d+: .*\); wait for it to finish, "
+     r"or pass another --out$"),
+]
+
+
+@pytest.mark.parametrize("argv, folder, pattern", [b[1:] for b in BUSY], ids=[b[0] for b in BUSY])
+def test_a_folder_another_process_writes_is_refused_in_one_line(world, capfd, argv, folder, pattern):
+    from distill import lock
+
+    args, target = argv(world), folder(world)
+    existed = target.exists()
+    before = snapshot(world.runs)
+    with lock.hold(target, "held by the test"):  # flock: a second open file of the same process conflicts too
+        capfd.readouterr()
+        code = cli(args)
+        lines = capfd.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert re.search(pattern, lines[0]) and f"pid {os.getpid()}" in lines[0], lines[0]
+    assert_hints_exist(lines[0], args[0])
+    assert snapshot(world.runs) == before and target.exists() == existed
+    assert not lock.lock_file(target).exists()  # released and removed with the test's hold
+
+
+def test_pretrained_teacher_with_an_unreachable_hub_is_one_line_without_retries(tmp_path, tiny_recipe):
+    """teacher.pretrained=true, no network (and no offline flag): huggingface_hub would retry each
+    file's request 5 times and log every retry (22 lines before the error); one connection attempt
+    finds the Hub unreachable, the download runs offline (an empty cache here), one line says why."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound but not listening: connections are refused
+        result = _cli_in_subprocess(["train-teacher", str(tiny_recipe), "teacher.name=resnet18", "teacher.pretrained=true"],
+                                    HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}",
+                                    HF_HOME=str(tmp_path / "hf"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Retry" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert re.match(r"error: could not get the pretrained weights of teacher 'resnet18' \(the Hugging Face Hub at "
+                    r"http://127.0.0.1:\d+ cannot be reached and they are not in the local cache\); this needs the "
+                    r"network: connect, or pass a local weights file with teacher.checkpoint=<file>$", result.stderr.strip())
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_teacher_checkpoint_with_pretrained_true_says_which_is_used(world, capfd):
+    """The checkpoint wins (a built-in recipe sets teacher.pretrained=true): one warning line, and the
+    resolved config shows what is used."""
+    capfd.readouterr()
+    with pytest.warns(UserWarning) as warned:  # pytest takes the warnings; the CLI prints each as one line
+        assert cli(T + [str(world.recipe), "teacher.pretrained=true", "--print-config"]) == 0
+    out, err = capfd.readouterr()
+    checkpoint = yaml.safe_load(world.recipe.read_text())["teacher"]["checkpoint"]
+    assert [str(w.message) for w in warned] == [
+        f"teacher.checkpoint={checkpoint} is used and teacher.pretrained=true is ignored (nothing is "
+        "downloaded); the resolved config has teacher.pretrained=false"] and not err
+    resolved = yaml.safe_load(out)["teacher"]
+    assert resolved["pretrained"] is False and resolved["checkpoint"] is not None
+
+
+@pytest.mark.parametrize("epochs, change", [(1, "was for 2 epochs and now ends at epoch 1, cut short"),
+                                            (3, "is stretched from 2 to 3 epochs")])
+def test_resuming_with_another_number_of_epochs_says_the_schedule_changed(world, epochs, change):
+    """The stopped run was started for 2 epochs (1 done); resuming with 1 finishes it at once with a
+    schedule cut short, with 3 stretches the cosine: one warning line either way, and the run goes on."""
+    run = _copy_run(world, "stopped", f"schedule_{epochs}")
+    result = _cli_in_subprocess(T + [str(world.recipe), f"train.run_name={run.name}", f"train.epochs={epochs}", "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"warning: {run} was started with 2 epochs and resumes after epoch 1 with train.epochs={epochs}: its cosine "
+        f"learning-rate schedule {change} (the learning rate jumps onto the new curve); set train.epochs=2 to finish "
+        "it as started"]
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+def test_resuming_with_the_same_number_of_epochs_says_nothing(world):
+    from distill import rundir
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rundir.warn_schedule_change(world.stopped, 2, 1)
+    with pytest.warns(UserWarning, match="stretched from 2 to 5 epochs"):
+        rundir.warn_schedule_change(world.stopped, 5, 1)

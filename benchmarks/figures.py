@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,10 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
+# As the `distill` command does: torch's threads must not spin while they wait, or a run on a shared
+# machine collapses (docs: Training speed on a CPU). OpenMP reads it once, when torch loads, below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

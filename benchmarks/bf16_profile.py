@@ -5,7 +5,7 @@ For each student (the 96x6 DeiT of the CIFAR benchmarks and DeiT-Ti at patch 4) 
 AdamW step) on a random batch of 128 32x32 images, then profiles a few of them with
 ``torch.profiler`` and lists the operators with the most self CPU time.
 
-    python benchmarks/bf16_profile.py            # writes benchmarks/results/bf16_profile.{json,md}
+    python benchmarks/bf16_profile.py            # writes benchmarks/results/bf16_profile/bf16_profile.{json,md}
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12, help="timed steps (median of them)")
     p.add_argument("--profiled", type=int, default=4, help="profiled steps")
     p.add_argument("--top", type=int, default=8, help="operators listed per row")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bf16_profile.json"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bf16_profile" / "bf16_profile.json"))
     args = p.parse_args()
 
     results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",

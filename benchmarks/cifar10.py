@@ -20,7 +20,7 @@ seed's augmented batches) from the same teacher; the report gives every head per
 mean and spread over its seeds.
 
 Every stage is a `distill` command (printed before it runs), so each can be rerun by hand. Results:
-``benchmarks/results/cifar10{_gpu}.{json,md,png}``.
+``benchmarks/results/cifar10/cifar10{_gpu}.{json,md,png}``.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="CIFAR-10: Hub id or local folder")
     p.add_argument("--output-dir", default=None, help="run folders (default runs/bench-cifar10[-gpu])")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "cifar10"))
     p.add_argument("--resume", action="store_true", help="continue a stopped benchmark (finished stages are kept)")
     p.add_argument("--gpu-setting", action="store_true", help="full DeiT-Ti, patch 4, 300 epochs (for a GPU)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per run")

@@ -10,7 +10,7 @@ fine-tuned on that subset, then students trained for the same number of epochs e
     python benchmarks/cifar10_small.py                       # suite distill, ~30 min on 2 CPU cores
     python benchmarks/cifar10_small.py --suite students --teacher-checkpoint runs/bench-cifar10/teacher-teacher/export/model.safetensors
 
-Prints a table and writes ``benchmarks/results/cifar10_small_<suite>.{json,md}``.
+Prints a table and writes ``benchmarks/results/cifar10_small/<suite>.{json,md}``.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch
 
 import distill
 import students
+from distill import atomic
 from distill.evaluate import format_table
 from distill.recipes import apply_override, load_recipe
 from teachers.files import TEACHER_WEIGHTS
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> dict:
         m = json.loads((teacher_dir / "metrics.jsonl").read_text().splitlines()[-1])
         results["rows"][f"teacher {base.teacher.name}"] = {"top1": m["top1"], "top5": m["top5"],
                                                           "minutes": _minutes(teacher_dir)}
-    results["teacher_checkpoint"] = teacher_ckpt
+    # Relative to the results file, which is committed: no folder of this machine in it.
+    results["teacher_checkpoint"] = atomic.relative_path(teacher_ckpt, args.results)
 
     plan = ([("DeiT", k) for k in ("none", "soft", "hard")] if args.suite == "distill"
             else [(f, k) for f in FAMILIES for k in ("none", "hard")])
@@ -139,7 +141,7 @@ def main() -> None:
     p.add_argument("--teacher-checkpoint", help="reuse a fine-tuned teacher instead of training one")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--output-dir", default=str(ROOT / "runs" / "bench-cifar10"))
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "cifar10_small"))
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = p.parse_args()
 
@@ -151,8 +153,8 @@ def main() -> None:
     print(f"\n{results['machine']}; {results['total_minutes']} min of runs in all")
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"cifar10_small_{args.suite}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"cifar10_small_{args.suite}.md").write_text(
+    (out / f"{args.suite}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{args.suite}.md").write_text(
         f"```\n{table}\n```\n\n{results['machine']}; {results['total_minutes']} min of runs in all; "
         f"students {args.epochs} epochs each, teacher {args.teacher_epochs} epochs\n")
 

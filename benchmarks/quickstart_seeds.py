@@ -9,7 +9,7 @@ carved from the training images).
     python benchmarks/quickstart_seeds.py                   # seeds 0 1 2
     python benchmarks/quickstart_seeds.py --seeds 0 1 2 3 4
 
-Prints mean and standard deviation per row, and writes ``benchmarks/results/quickstart_seeds.{json,md}``
+Prints mean and standard deviation per row, and writes ``benchmarks/results/quickstart_seeds/quickstart_seeds.{json,md}``
 and ``quickstart_seeds.png`` (every seed's validation curves, drawn by ``distill compare``).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--output-dir", default=str(ROOT / "runs" / "quickstart-seeds"))
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "quickstart_seeds"))
     p.add_argument("overrides", nargs="*", help="extra section.key=value for every seed (default: none; the recipe as is)")
     args = p.parse_args()
 

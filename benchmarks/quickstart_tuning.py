@@ -9,7 +9,7 @@ in the teacher) and records validation top-1 of every head.
     python benchmarks/quickstart_tuning.py --name chosen --seeds 0 1 2            # the recipe as it is
     python benchmarks/quickstart_tuning.py --name hard --seeds 0 -- distill.kind=hard data.train_per_class=20
 
-Every setting tried is appended to ``benchmarks/results/quickstart_tuning.json`` (a re-run of a name
+Every setting tried is appended to ``benchmarks/results/quickstart_tuning/quickstart_tuning.json`` (a re-run of a name
 replaces its entry). A teacher is reused between settings that give it the same data and budget.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--name", required=True, help="label of this setting in the results file")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--output-dir", default=str(ROOT / "runs" / "quickstart-tuning"))
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "quickstart_tuning.json"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "quickstart_tuning" / "quickstart_tuning.json"))
     p.add_argument("--note", default="", help="why this setting was tried")
     p.add_argument("overrides", nargs="*", help="section.key=value on top of the quickstart recipe")
     args = p.parse_args()

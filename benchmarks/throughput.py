@@ -26,12 +26,12 @@ batches.
 
     python benchmarks/throughput.py --teacher-checkpoint resnet20_cifar=PATH   # all 4 pairs, 30 steps each
     python benchmarks/throughput.py --steps 2 --warmup 1 --block 1               # smoke run
-    python benchmarks/throughput.py --teachers-only --out benchmarks/results/throughput_teachers.json
+    python benchmarks/throughput.py --teachers-only --out benchmarks/results/throughput/teachers.json
 
 ``--teachers-only`` times the teachers' forward alone: timm's way (the plain network under
 ``no_grad`` and the caller's autocast) against our optimised ``Teacher``, interleaved the same way.
 
-Prints a table and writes ``benchmarks/results/throughput.{json,md}`` (``--out``).
+Prints a table and writes ``benchmarks/results/throughput/steps.{json,md}`` (``--out``).
 """
 from __future__ import annotations
 
@@ -458,7 +458,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 (Hub id or local folder)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput.json"),
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput" / "steps.json"),
                    help="JSON results file; the table goes next to it as .md")
     args = p.parse_args()
     pairs = []

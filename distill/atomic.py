@@ -54,6 +54,15 @@ def write_json(path: Path, value) -> None:
     write_text(path, json.dumps(value, indent=1) + "\n")
 
 
+def relative_path(path: str | Path, folder: str | Path) -> str:
+    """``path`` as a file written into ``folder`` should name it: relative to that folder, so results
+    that are committed or moved name no directory of the machine that wrote them."""
+    try:
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+    except ValueError:  # Windows: another drive has no relative path; its name is all that travels
+        return Path(path).name
+
+
 def write_error(error: BaseException, where: Path) -> tuple[str, str]:
     """``(what went wrong, what to do)`` for a failed write; torch's and safetensors' writers wrap the
     OS error, so its code is also looked for in the message, on the disk and in the process limits."""

@@ -9,6 +9,7 @@ would not be comparable.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -119,7 +120,9 @@ def compare_runs(paths: list[str | Path], out: str | Path | None = None, labels:
         out.mkdir(parents=True, exist_ok=True)
         heads = "; ".join(f"{label}: {row['predicts_with']}" for label, row in rows.items())
         md = out / f"{name}.md"
-        atomic.write_text(md, f"Runs on {runs[0]['source']}: {LEGEND}.\n\n```\n{table}\n```\n\n"
+        source = runs[0]["source"]  # a local folder relative to the table's own, a Hub id or name as is
+        source = atomic.relative_path(source, out) if os.path.isabs(source) else source
+        atomic.write_text(md, f"Runs on {source}: {LEGEND}.\n\n```\n{table}\n```\n\n"
                       f"Curves in {name}.png, with the head each run predicts with ({heads}).\n")
         result["markdown"] = md
         result["png"] = save_curves(runs, groups or labels, out / f"{name}.png", title=title)

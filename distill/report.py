@@ -40,6 +40,7 @@ from torch import nn
 
 import students
 import teachers
+from distill import atomic
 from distill.config import ConfigError
 from distill.plugins import PluginError, UnknownNameError, not_registered
 from distill.recipes import from_dict
@@ -334,8 +335,17 @@ def report_runs(paths: Sequence[str | Path], out: str | Path | None = None, *, t
         png = _plot(report, out / REPORT_PNG)
         report["files"]["png"] = None if png is None else str(png)
     (out / REPORT_MD).write_text(format_markdown(report))
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    (out / REPORT_JSON).write_text(json.dumps(_relative_paths(report, out), indent=2) + "\n")
     return report
+
+
+def _relative_paths(report: dict, out: Path) -> dict:
+    """The report as ``report.json`` records it: every path (runs, teacher checkpoints, its own files)
+    relative to the report's folder, so a report that is committed or moved names no machine's folders."""
+    def rel(path):
+        return None if path is None else atomic.relative_path(path, out)
+    rows = [{**row, **{k: rel(row[k]) for k in ("run", "checkpoint") if k in row}} for row in report["rows"]]
+    return {**report, "rows": rows, "files": {k: rel(v) for k, v in report["files"].items()}}
 
 
 def _cell(value, fmt: str = "{:.2f}") -> str:

@@ -6,6 +6,7 @@ import re
 import shutil
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -30,7 +31,7 @@ def runs(tiny_dataset, trained_teacher, tmp_path_factory):
     return {"teacher": trained_teacher.parents[1], "none": out / "none", "hard": out / "hard"}
 
 
-def test_the_table_is_the_runs_own_metrics(runs, tmp_path):
+def test_the_table_is_the_runs_own_metrics(runs, tiny_dataset, tmp_path):
     result = compare_runs(list(runs.values()), out=tmp_path)
     rows = result["rows"]
     assert list(rows) == ["tiny-teacher", "none", "hard"]
@@ -49,6 +50,9 @@ def test_the_table_is_the_runs_own_metrics(runs, tmp_path):
     line = next(x for x in result["table"].splitlines() if x.startswith("hard "))
     assert f"{rows['hard']['joint_top1']:.2f}" in line.split() and f"{rows['hard']['agreement_top1']:.2f}" in line.split()
     assert result["table"] in (tmp_path / "compare.md").read_text()
+    # The data folder (absolute here) is named relative to the table's folder: results get committed and moved.
+    source = (tmp_path / "compare.md").read_text().split(":")[0].removeprefix("Runs on ")
+    assert not Path(source).is_absolute() and (tmp_path / source).resolve() == tiny_dataset.resolve()
     assert result["png"] == tmp_path / "compare.png" and result["png"].read_bytes()[:8] == PNG
     assert not list(tmp_path.glob("*.tmp"))
 

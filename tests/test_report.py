@@ -69,7 +69,20 @@ def test_rows_are_computed_from_the_runs(runs, tiny_dataset, tmp_path):
     assert rows["alone"]["agreement_top1"] is None  # trained without the teacher: nothing compared
 
     files = report["files"]
-    assert json.loads(Path(files["json"]).read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    saved = json.loads(Path(files["json"]).read_text())
+    paths = ("run", "checkpoint")
+
+    def without_paths(rows):
+        return [{k: v for k, v in row.items() if k not in paths} for row in rows]
+
+    assert without_paths(saved["rows"]) == without_paths(json.loads(json.dumps(report["rows"])))
+    # report.json names runs, the teacher's weights and its own files relative to its folder (reports get
+    # committed and moved: no folder of this machine in them), and they are the same files.
+    named = [(row[k], given[k]) for row, given in zip(saved["rows"], report["rows"]) for k in paths if row.get(k)]
+    assert len(named) == 4  # the teacher's run and checkpoint, each student's run
+    for recorded, given in named:
+        assert not Path(recorded).is_absolute() and (tmp_path / "r" / recorded).resolve() == Path(given).resolve()
+    assert saved["files"] == {k: v and Path(v).name for k, v in files.items()}
     table = Path(files["markdown"]).read_text()
     assert table == format_markdown(report) and "speed: not measured" in table
     body = [line for line in table.splitlines() if line.startswith("| ")]

@@ -104,7 +104,7 @@ def _bare_step(batches: str, steps: str, overrides: str) -> None:
     import students
     from distill.build import compute_threads, new_accelerator
     from distill.losses import DistillationLoss
-    from distill.train import _compile, distill_step
+    from distill.train import compile_model, distill_step
     from timm.optim import create_optimizer_v2
 
     given = dict(o.split("=", 1) for o in json.loads(overrides))
@@ -118,7 +118,7 @@ def _bare_step(batches: str, steps: str, overrides: str) -> None:
     opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
     model, opt = accelerator.prepare(model, opt)
     if given.get("train.compile") == "true":
-        _compile(model)
+        compile_model(model)
     loss_fn = DistillationLoss("none", label_smoothing=0.1)
     for i in range(3):  # warm-up (and compilation)
         distill_step(model, *data[i % len(data)], None, loss_fn, opt, accelerator)

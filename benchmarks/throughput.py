@@ -245,7 +245,7 @@ def same_work_check(ours, theirs, plain, fast, task, batch, args, device) -> dic
         torch.manual_seed(1234)
         with autocast(device, precision):
             cls_logits, dist_logits = ours(x)
-        return loss_fn(cls_logits.float(), dist_logits.float(), y, teacher(x)).item()
+        return loss_fn(cls_logits.float(), dist_logits.float(), y, teacher(x))[0].item()
 
     def timm_loss(precision):
         torch.manual_seed(1234)

@@ -201,7 +201,8 @@ def _read_info(root: Path) -> dict:
 
 
 class TeacherCache:
-    """Read side: the teacher's logits for (epoch, global batch), memory-mapped per epoch."""
+    """Read side: ``distill.targets.Targets`` from disk, memory-mapped per epoch. The logits are the
+    cached top K exactly, the rest of the probability mass spread evenly."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -237,21 +238,24 @@ class TeacherCache:
                              f"{self.root / CACHE_FILE}; build the cache again with `distill cache-teacher <recipe>`")
 
     def logits(self, epoch: int, batch: int, images: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits for global batch ``batch`` of ``epoch`` (``images`` only names the device)."""
-        return self.teacher_logits(epoch, batch, images.device)
-
-    def to(self, device) -> "TeacherCache":
-        return self  # read from disk, moved per batch
-
-    def teacher_logits(self, epoch: int, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(B, C) logits: the cached top K exactly, the rest of the probability mass spread evenly."""
+        device = images.device  # the images only name the device
         a = self.arrays(epoch)
         values = torch.from_numpy(np.array(a["values"][batch])).to(device)
         classes = torch.from_numpy(a["classes"][batch].astype(np.int64)).to(device)
         lse = torch.from_numpy(np.array(a["lse"][batch])).to(device)
         return sparse_logits(values, classes, lse, self.num_classes)
 
-    def val_predictions(self) -> torch.Tensor:
+    def to(self, device) -> "TeacherCache":
+        return self  # read from disk, moved per batch
+
+    def check(self, epochs) -> None:
+        """Every file of ``epochs`` and of the validation predictions against its checksum (and its
+        classes against the cache's)."""
+        for epoch in epochs:
+            self.arrays(epoch)
+        self._val_predictions()
+
+    def _val_predictions(self) -> torch.Tensor:
         """The teacher's top-5 classes for every validation image (its accuracy, the agreement)."""
         if self._val is None:
             folder = self.root / VAL_DIR
@@ -264,7 +268,7 @@ class TeacherCache:
         return self._val
 
     def val_top5(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        return self.val_predictions()[indices].to(images.device)
+        return self._val_predictions()[indices].to(images.device)
 
 
 def sparse_logits(values: torch.Tensor, classes: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:

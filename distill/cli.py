@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from distill import __version__  # noqa: E402
-from distill.config import ConfigError  # noqa: E402  (after the OpenMP setting above)
+from distill.errors import DistillError  # noqa: E402  (after the OpenMP setting above)
 from distill.recipes import describe, list_recipes, load_recipe  # noqa: E402
 
 # How each command spells the data option a DataError's hint is about (``DataError.option``): the
@@ -214,11 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         global _INTERRUPTED
         _INTERRUPTED = True
-    except Exception as e:  # user-facing errors: one line, non-zero exit, nothing overwritten
-        if not _is_user_error(e):
-            raise
+    except DistillError as e:  # user-facing errors: one line, non-zero exit, nothing overwritten
         print(f"error: {_message(e, args)}", file=sys.stderr)
         return 2
+    except Exception:  # anything else is ours to fix: the whole traceback, then what to do with it
+        traceback.print_exc()
+        print(bug_line(), file=sys.stderr)
+        return 1
     # Out of the except block the interrupted run's frames are released: collect them now, so its
     # DataLoader workers are shut down in order rather than cut off (and complaining) at exit.
     gc.collect()
@@ -286,17 +289,17 @@ def _continue_hint(e, args: argparse.Namespace) -> str:
     return f"{verb} with `{again}` (launched as before)"
 
 
-def _is_user_error(e: Exception) -> bool:
-    from distill.checkpoint import CheckpointError
-    from distill.collective import PeerLostError
-    from distill.lock import FolderBusyError
-    from distill.rundir import RunExistsError
-    from distill.sources import DataError
-    from distill.train import NonFiniteLossError
-    from distill.weights import WeightsError
+def bug_line() -> str:
+    """The last line under a traceback that is not the user's fault: whose it is and where to say so."""
+    import importlib.metadata
 
-    return isinstance(e, (ConfigError, DataError, WeightsError, NonFiniteLossError, RunExistsError, CheckpointError,
-                          PeerLostError, FolderBusyError, FileNotFoundError, KeyError, ValueError))
+    try:
+        urls = importlib.metadata.metadata("deit-distill").get_all("Project-URL") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        urls = []
+    where = next((url.split(", ", 1)[1] for url in urls if url.startswith("Issues, ")), "the project's issue tracker")
+    return (f"distill {__version__} hit a bug (not a problem with your input): please report it with the "
+            f"traceback above at {where}")
 
 
 def _run(args: argparse.Namespace) -> int:

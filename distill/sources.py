@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional, Union
 import datasets
 from datasets.data_files import NON_WORDS_CHARS, SPLIT_KEYWORDS
 
-from distill.atomic import first_line
+from distill.errors import DistillError, first_line
 
 __all__ = ["DataError", "read_splits", "describe_source"]
 
@@ -42,7 +42,7 @@ Source = Union[str, os.PathLike, datasets.Dataset, datasets.DatasetDict]
 OPTION = "{option}"  # where a DataError message names its option
 
 
-class DataError(ValueError):
+class DataError(DistillError, ValueError):
     """Bad or unreadable input data; the message is one line saying what to do.
 
     ``option`` is the key of the option the hint is about (``val_split``, ``source``, ...), written

@@ -36,11 +36,8 @@ from torch import nn
 
 from distill import weights
 from students.files import CONFIG_NAME, WEIGHTS_NAME
-
-
-class StudentError(ValueError):
-    """A student asked for something its family cannot give (a conversion without an equivalent, a
-    checkpoint of another family); the message says what to do instead."""
+from distill.errors import NotFoundError
+from students.registry import StudentError
 
 
 #: Every student class, in the order they are defined (see ``DistilledStudent.__init_subclass__``):
@@ -137,7 +134,7 @@ class DistilledStudent(nn.Module):
         An export folder stands for its weights file and is named as the folder."""
         if isinstance(source, (str, Path)) and Path(source).is_dir():
             if not (Path(source) / WEIGHTS_NAME).is_file():
-                raise FileNotFoundError(f"{source} is a folder without {WEIGHTS_NAME}; point student.checkpoint at a "
+                raise NotFoundError(f"{source} is a folder without {WEIGHTS_NAME}; point student.checkpoint at a "
                                         "weights file or at an export folder (runs/<name>/export)")
             return weights.load_state_dict_file(Path(source) / WEIGHTS_NAME), str(source)
         if isinstance(source, (str, Path)):
@@ -225,7 +222,7 @@ def joint_logits(cls_logits: torch.Tensor, dist_logits: torch.Tensor, joint: str
     if joint == "softmax":
         both = torch.stack((cls_logits.log_softmax(dim=-1), dist_logits.log_softmax(dim=-1)))
         return torch.logsumexp(both, dim=0) - math.log(2.0)
-    raise ValueError(f"unknown joint rule {joint!r}; use student.joint=logits or student.joint=softmax")
+    raise StudentError(f"unknown joint rule {joint!r}; use student.joint=logits or student.joint=softmax")
 
 
 def init_vit_weights(m: nn.Module) -> None:

@@ -13,7 +13,7 @@ from conftest import REPO
 PACKAGES = ("distill", "students", "teachers")
 # The `distill` modules the model packages may use: reading weight files safely, and finding the
 # models installed packages declare (imported only when a name is not registered).
-SHARED = {"distill", "distill.weights", "distill.plugins"}
+SHARED = {"distill", "distill.errors", "distill.weights", "distill.plugins"}
 
 
 def project_modules() -> dict[str, ast.Module]:
@@ -102,4 +102,4 @@ def test_the_model_packages_do_not_load_the_training_code():
     code = "import students, teachers, sys; print(sorted(m for m in sys.modules if m.startswith('distill')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "['distill', 'distill.weights']"
+    assert result.stdout.strip() == "['distill', 'distill.errors', 'distill.weights']"

@@ -1,0 +1,34 @@
+"""The one root of every error the user can act on.
+
+``distill`` (the command line) prints a ``DistillError`` as one ``error: ...`` line and exits with
+status 2; anything else is a bug in this project, shown with its traceback. Each module's error class
+derives from ``DistillError`` and keeps the built-in base its callers may catch (``ValueError``,
+``KeyError``, ``FileNotFoundError``, ``RuntimeError``).
+"""
+from __future__ import annotations
+
+
+class DistillError(Exception):
+    """A fault of the input, the files or the machine (never of this code); its message is one line
+    saying what to do."""
+
+
+class InputError(DistillError, ValueError):
+    """A value the user passed that cannot work, where no module-specific class fits."""
+
+
+class NotFoundError(DistillError, FileNotFoundError):
+    """A path the user named that is not there (or not what it should be); the message says what to pass."""
+
+
+def message_line(error: BaseException) -> str:
+    """The first line of ``error``'s message ("" when it has none): a library's error inside one of ours."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (cut at ``limit``)."""
+    text = message_line(error)
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -10,7 +10,6 @@ batches from their seeds, compares the images bit for bit and reruns the teacher
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +84,11 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
     class_dtype = np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32
     for epoch in range(tc.epochs):
         final = epoch_dir(root, epoch)
-        tmp = final.with_suffix(".tmp")
+        tmp = atomic.staging(final)
         if final.is_dir():
             continue
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            atomic.fresh_staging(final)
             shapes = {"index": ((nb, B), np.int64), "seed": ((nb, B), np.uint64), "values": ((nb, B, K), np.float32),
                       "classes": ((nb, B, K), class_dtype), "lse": ((nb, B), np.float32), "digest": ((nb, 16), np.uint8)}
             for name, (shape, dtype) in shapes.items():
@@ -111,7 +109,7 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
         accelerator.wait_for_everyone()
         if main:
             seal(tmp)
-            tmp.rename(final)
+            atomic.commit(final)
             accelerator.print(f"cached epoch {epoch + 1}/{tc.epochs} in {final}")
     if main and not (root / VAL_DIR).is_dir():
         _cache_val_predictions(cfg, data, teacher, accelerator, root)
@@ -166,9 +164,7 @@ def check_cache(cfg: Config, batches: int = 4) -> dict:
     cfg.teacher.cache = str(root)
     open_cache(cfg, data)
     epochs = [e for e in range(cache.info["epochs"]) if epoch_dir(root, e).is_dir()]
-    for epoch in epochs:  # every file against its checksum, before anything is replayed
-        cache.arrays(epoch)
-    cache.val_predictions()
+    cache.check(epochs)  # every file against its checksum, before anything is replayed
     cfg = build.with_teacher_weights(cfg)
     teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
     accelerator = build.new_accelerator(cpu=cfg.train.cpu, mixed_precision=cache.info["mixed_precision"])

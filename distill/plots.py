@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from distill import atomic
+
 CURVES_NAME = "training_curves.png"
 ANALYSIS_NAME = "analysis.png"
 INSTALL_HINT = "pip install deit-distill[plots]"
@@ -73,9 +75,7 @@ def save_training_curves(run_dir: str | Path) -> Path | None:
     if ax_acc.lines:
         ax_acc.legend(fontsize="small")
     fig.suptitle(run_dir.name)
-    out = run_dir / CURVES_NAME
-    fig.savefig(out, dpi=110)
-    return out
+    return atomic.write_file(run_dir / CURVES_NAME, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def save_analysis_plots(analysis: dict, out_dir: str | Path) -> Path | None:
@@ -93,8 +93,7 @@ def save_analysis_plots(analysis: dict, out_dir: str | Path) -> Path | None:
     fig.suptitle(f"{run}  ({analysis['student']}, {analysis['num_images']} validation images)")
     out = Path(out_dir) / ANALYSIS_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return atomic.write_file(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def _plot_cosine(ax, tc: dict) -> None:

@@ -2,7 +2,7 @@
 
 Every command builds through here (``train``, ``cache-teacher``, ``eval``, ``analyze``), so a
 student, a teacher or a dataset means the same thing in all of them. Nothing here trains: the
-teacher stage (fine-tuning a teacher first) is orchestrated by ``distill.train``; ``build_teacher``
+teacher stage (fine-tuning a teacher first) is orchestrated by ``distill.loop``; ``build_teacher``
 only builds from weights that exist.
 """
 from __future__ import annotations

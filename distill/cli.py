@@ -326,7 +326,7 @@ def _run(args: argparse.Namespace) -> int:
                                  "the cache does not belong to this data or code: build it again")
         else:
             if cfg.teacher.name is not None:
-                from distill.train import ensure_teacher_stage
+                from distill.loop import ensure_teacher_stage
                 cfg = ensure_teacher_stage(cfg)  # fine-tunes the teacher first when the recipe asks for it
             root = build_cache(cfg)
             print(f"teacher cache in {root}; train from it with: distill train {args.recipe} teacher.cache={root}")

@@ -7,6 +7,11 @@ derives from ``DistillError`` and keeps the built-in base its callers may catch 
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from typing import Iterator
+
 
 class DistillError(Exception):
     """A fault of the input, the files or the machine (never of this code); its message is one line
@@ -32,3 +37,22 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     text = message_line(error)
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence datasets' and huggingface_hub's log lines and warnings for the duration of a load
+    (retries against an unreachable Hub, a parquet reader's complaint): the DataError raised after
+    them already quotes the cause, and nothing should surround that one line. The loggers' levels
+    are restored afterwards, so the rest of the process logs as configured."""
+    loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub", "fsspec")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

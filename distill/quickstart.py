@@ -24,7 +24,7 @@ from distill.compare import compare_runs, predicting_head
 from distill.evaluate import format_table
 from distill.recipes import apply_override, load_recipe
 from distill.report import report_runs
-from distill.train import train, train_teacher
+from distill.loop import train, train_teacher
 from teachers.files import TEACHER_WEIGHTS
 
 COLUMNS = ["cls_top1", "dist_top1", "joint_top1", "top1", "agreement_top1"]

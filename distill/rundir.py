@@ -102,7 +102,7 @@ def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int,
 
 def warn_schedule_change(run_dir: Path, epochs: int, done: int, epochs_key: str = "train.epochs") -> None:
     """One warning line when a run resumes with another number of epochs than it was started with:
-    the cosine schedule is a function of the step and the run's length (``train._optimizer_and_schedule``),
+    the cosine schedule is a function of the step and the run's length (``loop._optimizer_and_schedule``),
     so the learning rate jumps onto the new length's curve (it is not kept as started)."""
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # the config that wrote the checkpoints

@@ -1,7 +1,7 @@
 """What the loop asks of the teacher's side, written once: the *targets* of distillation.
 
 Two classes give them: the frozen teacher run on every batch (``distill.build.OnlineTeacher``) and
-its replay cache read from disk (``distill.cache.TeacherCache``). The loop (``distill.train``) and
+its replay cache read from disk (``distill.cache.TeacherCache``). The loop (``distill.loop``) and
 evaluation (``distill.evaluate``) never ask which one they hold.
 """
 from __future__ import annotations

@@ -22,6 +22,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from distill.errors import quiet_libraries
 from distill.weights import WeightsError, load_state_dict_file, load_strict
 from teachers.teacher import Teacher, TeacherError
 
@@ -243,13 +244,11 @@ def _hub_download(pretrained: bool) -> Iterator[dict]:
         return
     from huggingface_hub import constants
 
-    from distill.sources import _quiet_libraries
-
     offline = constants.HF_HUB_OFFLINE
     found["endpoint"] = constants.ENDPOINT
     found["unreachable"] = not offline and not _reachable(constants.ENDPOINT)
     try:
-        with _quiet_libraries():
+        with quiet_libraries():
             constants.HF_HUB_OFFLINE = offline or found["unreachable"]  # read on every request (is_offline_mode)
             yield found
     finally:

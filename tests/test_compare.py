@@ -22,7 +22,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def runs(tiny_dataset, trained_teacher, tmp_path_factory):
     """The tiny teacher's own run, a student trained without it and one distilled from it (2 epochs each)."""
-    from distill.train import train
+    from distill.loop import train
 
     out = tmp_path_factory.mktemp("compare_runs")
     for kind in ("none", "hard"):

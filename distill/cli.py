@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="head the exported model outputs (default: the one the student predicts with: joint, "
                         "or cls for a student trained without a teacher). timm and transformers fuse the joint "
                         "head by logits, so a student.joint=softmax student exports cls or dist")
+    p.add_argument("--hf-processor", choices=["timm", "transformers"], default="timm",
+                   help="--format hf: the image processor the folder carries. timm (default): timm's eval transform "
+                        "inside transformers (TimmWrapperImageProcessor), exactly `distill eval`'s tensors; needs timm "
+                        "and RGB images. transformers: the model's own processor, no timm, any image mode, but its center "
+                        "crop can sit one pixel off on some image sizes")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (user/name)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip loading the folder back with the target library to compare logits")
@@ -342,7 +347,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from distill.export import MARKER
         out = distill.export_student(args.path, args.format, out=args.out, push_to_hub=args.push_to_hub,
-                                     head=args.head, verify=not args.no_verify)
+                                     head=args.head, verify=not args.no_verify, hf_processor=args.hf_processor)
         meta = json.loads((out / MARKER).read_text())
         diff = meta["checked_max_abs_diff"]
         checked = (f"logits match the student's (max abs diff {diff:.1e})" if diff is not None

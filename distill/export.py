@@ -49,13 +49,20 @@ from torch import nn
 import students
 from distill import atomic, lock, onnx_export
 from distill.config import IMAGENET_MEAN, IMAGENET_STD
-from distill.rundir import (EXPORT_BUSY_FIX, HEADS, MARKER, ExportError, locate_export, read_export_config, resolve_out,
-                            student_output, upload)
+from distill.rundir import (EXPORT_BUSY_FIX, HEADS, MARKER, ExportError, eval_transform, locate_export,
+                            read_export_config, resolve_out, student_output, upload)
 from students.base import DistilledStudent, StudentError
 
-__all__ = ["export_student", "ExportError", "FORMATS", "HEADS", "MARKER"]
+__all__ = ["export_student", "ExportError", "FORMATS", "HEADS", "HF_PROCESSORS", "MARKER"]
 
 FORMATS = ("timm", "hf", "onnx")
+#: The image processor a ``hf`` folder carries (``preprocessor_config.json``):
+#: ``timm``: transformers' ``TimmWrapperImageProcessor`` running timm's eval transform, the very
+#: tensors `distill eval` evaluates (needs timm beside transformers >= 4.48, and RGB images);
+#: ``transformers``: the model's own processor (no timm; any image mode), whose center crop starts at
+#: ``margin // 2`` where torchvision's starts at ``round(margin / 2)``: on images whose resized long side
+#: leaves a margin of 4k + 3 pixels it sits one pixel off (logits then differ by ~1e-2).
+HF_PROCESSORS = ("timm", "transformers")
 #: Tolerance of the load-back check, relative to the largest logit (at least 1). timm and
 #: transformers gave logits within 1e-7 of ours in every test (0 for DeiT-S at 224 with logits
 #: up to 22); a wrong mapping moves them by far more: transformers' default LayerNorm eps by
@@ -69,7 +76,7 @@ VERIFY_RTOL = 1e-5
 
 
 def export_student(path: str | Path, format: str, out: str | Path | None = None, push_to_hub: str | None = None,
-                   head: str | None = None, verify: bool = True) -> Path:
+                   head: str | None = None, verify: bool = True, hf_processor: str = "timm") -> Path:
     """Convert the student in ``path`` (``runs/<name>`` or an export folder) to ``format`` ("timm"/"hf").
 
     Args:
@@ -79,7 +86,9 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
         head: "joint", "cls" or "dist": the head the exported model outputs (module docstring);
             default: the one the student predicts with.
         verify: load the folder back with the target library and compare logits (skipped for
-            ``hf`` when transformers is not installed).
+            ``hf`` when transformers is not installed); with ``hf_processor="timm"`` also the
+            processor's tensors against `distill eval`'s.
+        hf_processor: the image processor of a ``hf`` folder, "timm" or "transformers" (``HF_PROCESSORS``).
 
     Returns the output folder. Nothing is written if any step fails.
     """
@@ -89,6 +98,8 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
         return onnx_export.export_onnx(path, out=out, head=head, verify=verify, push_to_hub=push_to_hub)
     if head is not None and head not in HEADS:
         raise ExportError(f"unknown head {head!r}; use --head joint, --head cls or --head dist")
+    if hf_processor not in HF_PROCESSORS:
+        raise ExportError(f"unknown image processor {hf_processor!r}; use --hf-processor timm or --hf-processor transformers")
     export_dir = locate_export(path)
     info = read_export_config(export_dir)
     model = students.load_student(export_dir).eval()
@@ -108,10 +119,14 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
     meta: dict[str, Any] = {}
 
     def fill(folder: Path) -> None:  # checked before it replaces `out` (resolve_out: a previous export's)
-        writer = _write_timm if format == "timm" else _write_hf
         with torch.no_grad():
-            meta.update(writer(plan, model, info, folder))
+            if format == "timm":
+                meta.update(_write_timm(plan, model, info, folder))
+            else:
+                meta.update(_write_hf(plan, model, info, folder, hf_processor))
             meta["checked_max_abs_diff"] = _verify(format, model, head, folder, meta, plan) if verify else None
+            if verify and format == "hf" and hf_processor == "timm" and meta["checked_max_abs_diff"] is not None:
+                _verify_processor(folder, info)
         meta.update(format=format, head=head, eval_head=model.eval_head, joint=model.joint,
                     has_dist_token=model.has_dist_token, source=str(export_dir.resolve()),
                     student=info["student"]["name"])
@@ -223,15 +238,20 @@ def _write_timm(plan: tuple, model: nn.Module, info: dict[str, Any], folder: Pat
 # --------------------------------------------------------------------------------------------------
 
 
-def hf_image_processor_config(info: dict[str, Any], model_type: str) -> dict[str, Any]:
-    """``preprocessor_config.json`` that reproduces our eval transform (PIL backend; see NOTES).
+def hf_image_processor_config(info: dict[str, Any], model_type: str, processor: str = "timm") -> dict[str, Any]:
+    """``preprocessor_config.json`` that reproduces our eval transform (``HF_PROCESSORS``).
 
-    ``deit``: the short side to ``floor(img_size / crop_pct)`` (bicubic), then a center crop.
-    ``DeiTImageProcessor``/``ViTImageProcessor`` only take a ``shortest_edge`` size from
+    ``timm``: ``TimmWrapperImageProcessor`` with the timm data config of :func:`timm_data_config`,
+    so transformers runs timm's own eval transform: exact for every image size.
+    ``transformers``, ``deit`` style: the short side to ``floor(img_size / crop_pct)`` (bicubic), then a
+    center crop. ``DeiTImageProcessor``/``ViTImageProcessor`` only take a ``shortest_edge`` size from
     transformers 5 on, so this is written as ``BitImageProcessor``, which does exactly that in 4.x
-    and 5.x. ``small``: resize to ``img_size`` x ``img_size`` (no-op for images already that size)
-    with the model's own processor.
+    and 5.x (PIL backend). ``small``: resize to ``img_size`` x ``img_size`` (no-op for images already
+    that size) with the model's own processor.
     """
+    if processor == "timm":
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in timm_data_config(info).items()}
+        return dict(image_processor_type="TimmWrapperImageProcessor", pretrained_cfg=cfg)
     size = info["img_size"]
     common = dict(
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
@@ -249,7 +269,7 @@ def hf_image_processor_config(info: dict[str, Any], model_type: str) -> dict[str
                 do_center_crop=False, crop_size={"height": size, "width": size}, do_convert_rgb=True, **common)
 
 
-def _write_hf(plan: tuple, model: nn.Module, info: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _write_hf(plan: tuple, model: nn.Module, info: dict[str, Any], folder: Path, processor_kind: str) -> dict[str, Any]:
     model_type, arch, state, family_config = plan
     names = list(info.get("class_names") or [f"LABEL_{i}" for i in range(model.num_classes)])
     config = {"architectures": [arch], "model_type": model_type, **family_config,
@@ -257,9 +277,10 @@ def _write_hf(plan: tuple, model: nn.Module, info: dict[str, Any], folder: Path)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})  # transformers refuses safetensors files without this metadata
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    processor = hf_image_processor_config(info, model_type)
+    processor = hf_image_processor_config(info, model_type, processor_kind)
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    return {"target": f"transformers {arch}", "architecture": arch, "image_processor": processor["image_processor_type"]}
+    return {"target": f"transformers {arch}", "architecture": arch, "image_processor": processor["image_processor_type"],
+            "hf_processor": processor_kind}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,6 +345,33 @@ def _verify(format: str, model: nn.Module, head: str, folder: Path, meta: dict, 
     return diff
 
 
+def _verify_processor(folder: Path, info: dict[str, Any]) -> None:
+    """The folder's image processor, loaded back by transformers, must give `distill eval`'s tensors.
+    Checked on an image whose resized long side leaves a margin of 4k + 3 pixels, where a crop that
+    rounds the other way than torchvision's would sit one pixel off."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor
+    from transformers.utils import logging as hf_logging
+
+    size, short = info["img_size"], math.floor(info["img_size"] / info["crop_pct"])
+    long = size + 3 + 4 * max(0, math.ceil((short - size - 3) / 4))  # >= the short side, margin 4k + 3
+    pixels = np.random.default_rng(0).integers(0, 256, (long, short, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its notice that this processor has no torchvision backend is noise here
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(folder))
+        theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+    finally:
+        hf_logging.set_verbosity(level)
+    ours = eval_transform(info)(image)
+    if theirs.shape != ours.shape or not torch.equal(theirs, ours):
+        raise ExportError(f"the exported image processor ({type(processor).__name__}) does not reproduce `distill eval`'s "
+                          "input tensors; nothing was written. Please report this with your timm/transformers versions, "
+                          "or pass --hf-processor transformers")
+
+
 # --------------------------------------------------------------------------------------------------
 # Model card and upload
 # --------------------------------------------------------------------------------------------------
@@ -371,9 +419,12 @@ def _model_card(meta: dict, info: dict, repo: str | None, folder: Path) -> str:
     else:
         library = "transformers"
         source = repo or str(folder)
+        load = (f"processor = AutoImageProcessor.from_pretrained(\"{source}\")  # timm's eval transform (needs timm)\n"
+                if meta.get("hf_processor") == "timm" else
+                f"processor = AutoImageProcessor.from_pretrained(\"{source}\", backend=\"pil\")  # PIL resizing, as in training\n")
         usage = ("import numpy as np\nimport torch\nfrom PIL import Image\n"
                  f"from transformers import AutoImageProcessor, {meta['architecture']}\n\n"
-                 f"processor = AutoImageProcessor.from_pretrained(\"{source}\", backend=\"pil\")  # PIL resizing, as in training\n"
+                 f"{load}"
                  f"model = {meta['architecture']}.from_pretrained(\"{source}\").eval()\n"
                  f"{read}with torch.no_grad():\n    logits = model(**processor(image, return_tensors=\"pt\")).logits")
     shown = ", ".join(map(str, names[:10])) + (", ..." if len(names) > 10 else "")

@@ -191,16 +191,27 @@ def test_hf_layer_norm_eps_matters(saved, tmp_path):
         assert _max_diff(model(pixel_values=x).logits, ours(x)) > TOL
 
 
-@pytest.mark.parametrize("style, sizes", [
-    ("deit", [(16, 16), (40, 40), (40, 30), (30, 47), (37, 61), (12, 20)]),
-    ("small", [(16, 16), (40, 30), (33, 50), (12, 20)]),
+#: Image sizes (width, height) for the processors. At 16 px, crop_pct 0.875 (short side 18), the
+#: timm processor must be exact on all of them; the transformers one is exact only where the resized
+#: long side leaves no margin of 4k + 3 pixels, which these avoid.
+EVEN_MARGINS = [(16, 16), (40, 40), (40, 30), (30, 47), (37, 61), (12, 20)]
+
+
+@pytest.mark.parametrize("processor_kind, style, sizes", [
+    ("timm", "deit", EVEN_MARGINS + [(33, 50), (50, 33), (18, 21), (13, 29), (101, 37)]),
+    ("timm", "small", [(16, 16), (40, 30), (33, 50), (12, 20)]),
+    ("transformers", "deit", EVEN_MARGINS),
+    ("transformers", "small", [(16, 16), (40, 30), (33, 50), (12, 20)]),
 ])
-def test_hf_image_processor_equals_our_eval_transform(saved, tmp_path, style, sizes):
+def test_hf_image_processor_equals_our_eval_transform(saved, tmp_path, processor_kind, style, sizes):
     transformers = _transformers()
     student = students.load_student(saved["deit_tiny"])
     src = students.save_student(student, tmp_path / "src", **dict(INFO, transform=style))
-    out = export_student(src, "hf", out=tmp_path / "hf")
-    processor = transformers.AutoImageProcessor.from_pretrained(str(out), **_pil_backend(transformers))
+    out = export_student(src, "hf", out=tmp_path / "hf", hf_processor=processor_kind)
+    kwargs = _pil_backend(transformers) if processor_kind == "transformers" else {}
+    processor = transformers.AutoImageProcessor.from_pretrained(str(out), **kwargs)
+    assert type(processor).__name__.startswith("TimmWrapperImageProcessor" if processor_kind == "timm" else
+                                               "BitImageProcessor" if style == "deit" else "DeiTImageProcessor")
     ours = build_transform(16, False, style=style, crop_pct=0.875, mean=INFO["mean"], std=INFO["std"])
     for w, h in sizes:
         img = _image(w, h)
@@ -208,14 +219,55 @@ def test_hf_image_processor_equals_our_eval_transform(saved, tmp_path, style, si
         assert _max_diff(theirs, ours(img)) < 1e-6, (w, h)
 
 
+def test_default_hf_processor_is_exact_on_every_size(saved, tmp_path):
+    """Image sizes from 12 to 40 px a side: the default export's processor gives exactly the tensors
+    `distill eval` evaluates, where the transformers processor is one pixel off on some of them."""
+    transformers = _transformers()
+    src = students.save_student(students.load_student(saved["deit_tiny"]), tmp_path / "src", **dict(INFO, transform="deit"))
+    out = export_student(src, "hf", out=tmp_path / "hf")
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_processor_type"] == "TimmWrapperImageProcessor"
+    assert "timm's eval transform (needs timm)" in (out / "README.md").read_text()
+    processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+    native = transformers.AutoImageProcessor.from_pretrained(
+        str(export_student(src, "hf", out=tmp_path / "native", hf_processor="transformers")), **_pil_backend(transformers))
+    ours = build_transform(16, False, style="deit", crop_pct=0.875, mean=INFO["mean"], std=INFO["std"])
+    off = 0
+    for w in range(12, 41, 3):
+        for h in range(12, 41):
+            img = _image(w, h)
+            want = ours(img)
+            assert torch.equal(processor(img, return_tensors="pt")["pixel_values"][0], want), (w, h)
+            off += _max_diff(native(img, return_tensors="pt")["pixel_values"][0], want) > 1e-6
+    assert off > 0  # the case the default processor exists for is among these sizes
+
+
+def test_export_checks_its_processor_against_distill_eval(saved, tmp_path, monkeypatch):
+    """The processor written is loaded back and compared with `distill eval`'s tensors before the folder
+    is moved into place: one that rounds its crop the other way is refused, and nothing is written."""
+    _transformers()
+    src = students.save_student(students.load_student(saved["deit_tiny"]), tmp_path / "src", **dict(INFO, transform="deit"))
+    native = export.hf_image_processor_config
+    monkeypatch.setattr(export, "hf_image_processor_config", lambda info, model_type, processor="timm":
+                        native(info, model_type, "transformers"))
+    with pytest.raises(export.ExportError, match="does not reproduce `distill eval`'s input tensors"):
+        export_student(src, "hf", out=tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_unknown_hf_processor_is_one_line(saved, tmp_path):
+    with pytest.raises(export.ExportError, match="--hf-processor timm or --hf-processor transformers"):
+        export_student(saved["deit_tiny"], "hf", out=tmp_path / "hf", hf_processor="pil")
+
+
 def test_hf_center_crop_rounds_down_where_torchvision_rounds_half_to_even(saved, tmp_path):
-    """A 33x50 image resized to 18x27: 11 rows to cut. torchvision (ours, timm) starts the crop at
-    round(5.5) = 6, transformers at 11 // 2 = 5, so the crop sits one row higher."""
+    """With ``hf_processor="transformers"``: a 33x50 image resized to 18x27: 11 rows to cut. torchvision
+    (ours, timm) starts the crop at round(5.5) = 6, transformers at 11 // 2 = 5, so the crop sits one
+    row higher (why the default processor is timm's)."""
     transformers = _transformers()
     student = students.load_student(saved["deit_tiny"])
     src = students.save_student(student, tmp_path / "src", **dict(INFO, transform="deit"))
     processor = transformers.AutoImageProcessor.from_pretrained(
-        str(export_student(src, "hf", out=tmp_path / "hf")), **_pil_backend(transformers))
+        str(export_student(src, "hf", out=tmp_path / "hf", hf_processor="transformers")), **_pil_backend(transformers))
     img = _image(33, 50)
     theirs = processor(img, return_tensors="pt")["pixel_values"][0]
     ours = build_transform(16, False, style="deit", crop_pct=0.875, mean=INFO["mean"], std=INFO["std"])(img)
@@ -257,7 +309,7 @@ def test_trained_student_exports_the_head_it_predicts_with(trained_run, capsys):
     with torch.no_grad():
         assert _max_diff(load_hf_export(joint)(pixel_values=x).logits, model.heads(x)["joint"]) < TOL
     # Its processor prepares a dataset image exactly as `distill eval` does.
-    processor = transformers.AutoImageProcessor.from_pretrained(str(trained_run / "export_hf"), **_pil_backend(transformers))
+    processor = transformers.AutoImageProcessor.from_pretrained(str(trained_run / "export_hf"))
     info = json.loads((trained_run / "export" / "config.json").read_text())
     img = _image(16, 16, seed=3)
     ours = build_transform(16, False, style=info["transform"], crop_pct=info["crop_pct"], mean=info["mean"], std=info["std"])
@@ -463,17 +515,20 @@ def _as_the_card_says(image: Image.Image) -> Image.Image:
     return namespace["image"]
 
 
+@pytest.mark.parametrize("processor_kind", ["timm", "transformers"])
 @pytest.mark.parametrize("style", ["deit", "small"])
-def test_exports_preprocess_every_image_distill_eval_reads(saved, tmp_path, style):
-    """Greyscale, RGBA and 16-bit images: transformers' processor takes each as it is, and after the
-    model card's RGB conversion timm's and transformers' preprocessing equal our eval transform."""
+def test_exports_preprocess_every_image_distill_eval_reads(saved, tmp_path, style, processor_kind):
+    """Greyscale, RGBA and 16-bit images: after the model card's RGB conversion timm's and transformers'
+    preprocessing equal our eval transform; transformers' own processor also takes each as it is."""
     from distill.images import to_rgb  # how `distill eval` decodes an image
 
     transformers = _transformers()
     src = students.save_student(students.load_student(saved["deit_tiny"]), tmp_path / "src",
                                 **dict(INFO, transform=style))
-    timm_out, hf_out = export_student(src, "timm", out=tmp_path / "timm"), export_student(src, "hf", out=tmp_path / "hf")
-    processor = transformers.AutoImageProcessor.from_pretrained(str(hf_out), **_pil_backend(transformers))
+    timm_out = export_student(src, "timm", out=tmp_path / "timm")
+    hf_out = export_student(src, "hf", out=tmp_path / "hf", hf_processor=processor_kind)
+    kwargs = _pil_backend(transformers) if processor_kind == "transformers" else {}
+    processor = transformers.AutoImageProcessor.from_pretrained(str(hf_out), **kwargs)
     timm_transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=load_timm_export(timm_out)))
     ours = build_transform(16, False, style=style, crop_pct=0.875, mean=INFO["mean"], std=INFO["std"])
     for out in (timm_out, hf_out):
@@ -482,9 +537,12 @@ def test_exports_preprocess_every_image_distill_eval_reads(saved, tmp_path, styl
     for mode, image in _images().items():
         assert image.mode == mode
         want = ours(to_rgb(image))
-        assert processor(image, return_tensors="pt")["pixel_values"][0].shape == want.shape, mode  # no error
+        if processor_kind == "transformers":
+            assert processor(image, return_tensors="pt")["pixel_values"][0].shape == want.shape, mode  # no error
         rgb = _as_the_card_says(image)
         assert _max_diff(processor(rgb, return_tensors="pt")["pixel_values"][0], want) < 1e-6, mode
         assert _max_diff(timm_transform(rgb), want) < 1e-6, mode
-    grey = _images()["L"]  # greyscale needs no conversion by hand
-    assert _max_diff(processor(grey, return_tensors="pt")["pixel_values"][0], ours(to_rgb(grey))) < 1e-6
+    if processor_kind == "transformers":
+        grey = _images()["L"]  # greyscale needs no conversion by hand
+        assert _max_diff(processor(grey, return_tensors="pt")["pixel_values"][0], ours(to_rgb(grey))) < 1e-6
+

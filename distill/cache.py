@@ -128,7 +128,7 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _first_mismatch(recorded: dict, current: dict) -> str | None:
+def first_mismatch(recorded: dict, current: dict) -> str | None:
     for key, value in recorded.items():
         if key == "teacher weights (sha256)" and current.get(key) is None:
             continue  # the weights are not on this machine: the cache's record is all there is
@@ -137,7 +137,7 @@ def _first_mismatch(recorded: dict, current: dict) -> str | None:
     return None
 
 
-def _describe_value(key: str, value) -> str:
+def describe_value(key: str, value) -> str:
     if key.endswith("images") or "sha256" in key:
         return f"{str(value)[:12]}..." if value else "unknown"
     return f"{value!r}"
@@ -180,7 +180,7 @@ def image_digest(images: torch.Tensor) -> bytes:
     return hashlib.blake2b(images.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
-def _read_info(root: Path) -> dict:
+def read_info(root: Path) -> dict:
     try:
         info = json.loads((root / CACHE_FILE).read_text())
         version = info.get("format")
@@ -206,7 +206,7 @@ class TeacherCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.info = _read_info(self.root)
+        self.info = read_info(self.root)
         self.num_classes, self.topk = self.info["num_classes"], self.info["topk"]
         self._epoch: tuple[int, dict[str, np.ndarray]] | None = None
         self._val: torch.Tensor | None = None
@@ -290,10 +290,10 @@ def open_cache(cfg: Config, data) -> TeacherCache:
     if sha is None and cfg.teacher.name is not None and not cfg.teacher.pretrained:
         print(f"note: the teacher's weights are not on this machine; the cache {cache.root} is trusted to come from them")
     record = made_from(cfg, data, sha)
-    key = _first_mismatch(info["made_from"], record)
+    key = first_mismatch(info["made_from"], record)
     if key is not None:
-        raise CacheError(f"teacher cache {cache.root} was made with {key}: {_describe_value(key, info['made_from'][key])}, "
-                         f"the recipe has {_describe_value(key, record.get(key))}; build one for this recipe with "
+        raise CacheError(f"teacher cache {cache.root} was made with {key}: {describe_value(key, info['made_from'][key])}, "
+                         f"the recipe has {describe_value(key, record.get(key))}; build one for this recipe with "
                          f"`distill cache-teacher <recipe> teacher.cache=<new folder>`")
     if info["epochs"] < cfg.train.epochs:
         raise CacheError(f"teacher cache {cache.root} covers {info['epochs']} epochs, the recipe trains {cfg.train.epochs}; "

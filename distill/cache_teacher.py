@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from distill import atomic, build, collective, lock
-from distill.cache import (ARRAYS, CACHE_FILE, FORMAT, VAL_DIR, VAL_FILE, CacheError, TeacherCache, _describe_value,
-                           _first_mismatch, _read_info, default_dir, epoch_dir, image_digest, made_from, open_cache,
+from distill.cache import (ARRAYS, CACHE_FILE, FORMAT, VAL_DIR, VAL_FILE, CacheError, TeacherCache, describe_value,
+                           first_mismatch, read_info, default_dir, epoch_dir, image_digest, made_from, open_cache,
                            seal, teacher_weights_sha256, top_k_entries)
 from distill.config import Config, ConfigError
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
@@ -126,10 +126,10 @@ def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_cla
     root.mkdir(parents=True, exist_ok=True)
     file = root / CACHE_FILE
     if file.is_file():
-        info = _read_info(root)
-        key = _first_mismatch(info["made_from"], record)
+        info = read_info(root)
+        key = first_mismatch(info["made_from"], record)
         if key is not None or info["topk"] != K:
-            what = f"{key}: {_describe_value(key, info['made_from'][key])} there, {_describe_value(key, record.get(key))} " \
+            what = f"{key}: {describe_value(key, info['made_from'][key])} there, {describe_value(key, record.get(key))} " \
                    "in this recipe" if key else f"top-{info['topk']} there, top-{K} asked"
             raise CacheError(f"{root} holds a teacher cache of another recipe ({what}); set teacher.cache=<new folder>")
         return

@@ -151,7 +151,7 @@ def _labels(paths: list[Path]) -> list[str]:
 def save_curves(runs: list[dict], labels: list[str], png: Path, title: str | None = None) -> Path | None:
     """Overlay the runs' validation top-1 by epoch (each with its predicting head; runs of one label share
     a colour and a legend entry); None without matplotlib."""
-    fig = plots._figure(7.5, 4.6)
+    fig = plots.figure(7.5, 4.6)
     if fig is None:
         return None
     ax = fig.subplots()

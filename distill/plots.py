@@ -18,7 +18,7 @@ ANALYSIS_NAME = "analysis.png"
 INSTALL_HINT = "pip install deit-distill[plots]"
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     """A matplotlib Figure, or None (with a one-line note) when matplotlib is not installed."""
     try:
         from matplotlib.figure import Figure
@@ -44,7 +44,7 @@ def save_training_curves(run_dir: str | Path) -> Path | None:
     rows = read_metrics(run_dir)
     if not rows:
         return None
-    fig = _figure(13.5, 3.6)
+    fig = figure(13.5, 3.6)
     if fig is None:
         return None
     ax_loss, ax_lr, ax_acc = fig.subplots(1, 3)
@@ -82,7 +82,7 @@ def save_analysis_plots(analysis: dict, out_dir: str | Path) -> Path | None:
     """Draw ``analysis.png`` (what ``distill.analyze.analyze_run`` returns): the cosine between the
     class and distillation tokens layer by layer, the agreement between heads and teacher, and the
     joint head's confusion matrix. Returns the PNG's path, or None without matplotlib."""
-    fig = _figure(16.5, 5.0)
+    fig = figure(16.5, 5.0)
     if fig is None:
         return None
     ax_cos, ax_agree, ax_conf = fig.subplots(1, 3)

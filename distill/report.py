@@ -392,14 +392,14 @@ def format_markdown(report: dict) -> str:
 def _plot(report: dict, png: Path) -> Path | None:
     """Top-1 against CPU fp32 latency (GFLOPs without timing): teacher squares, student dots, and the
     Pareto front (no other model is both faster and more accurate)."""
-    from distill.plots import _figure
+    from distill.plots import figure
 
     rows = [r for r in report["rows"] if r["top1"] is not None]
     timed = report["settings"]["timing"]
     xs = [r["timing"]["cpu_fp32"]["latency_ms"] if timed else r["gflops"] for r in rows]
     if not rows:
         return None
-    fig = _figure(6.4, 4.4)
+    fig = figure(6.4, 4.4)
     if fig is None:
         return None
     ax = fig.subplots()

@@ -35,14 +35,36 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from distill import weights
-from students.files import CONFIG_NAME, WEIGHTS_NAME
 from distill.errors import NotFoundError
+from students.files import CONFIG_NAME, WEIGHTS_NAME
 from students.registry import StudentError
 
 
 #: Every student class, in the order they are defined (see ``DistilledStudent.__init_subclass__``):
 #: the families asked to recognise a checkpoint that does not fit.
 _FAMILIES: list[type["DistilledStudent"]] = []
+
+
+class ExportWeights:
+    """The student's state dict as a family's ``to_timm``/``to_hf`` receives it (``distill.export``
+    builds it); every tensor must be taken or dropped by name, so a converter
+    that forgets one (a new parameter in a student) fails loudly instead of exporting without it."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state, self.used = state, set()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        self.used.add(key)
+        return self.state[key]
+
+    def drop(self, *keys: str) -> None:
+        self.used.update(k for k in keys if k in self.state)
+
+    def check_all_used(self) -> None:
+        left = sorted(set(self.state) - self.used)
+        if left:
+            raise RuntimeError(f"the export does not know where to put {left[:5]}; the student has tensors this "
+                               "converter was not written for")
 
 
 class DistilledStudent(nn.Module):
@@ -178,7 +200,7 @@ class DistilledStudent(nn.Module):
         distillation token cosine does not apply."""
         return None, f"no token probes for {type(self).__name__}"
 
-    def to_timm(self, head: str, weights) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    def to_timm(self, head: str, weights: ExportWeights) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
         """``(timm architecture, its model args, the state dict it loads strictly)`` of this student
         outputting ``head`` ("joint", "cls" or "dist"), for ``distill export --format timm``.
 
@@ -188,7 +210,7 @@ class DistilledStudent(nn.Module):
         equivalent raises :class:`StudentError`."""
         raise StudentError(self._no_equivalent())
 
-    def to_hf(self, head: str, weights) -> tuple[str, str, dict[str, torch.Tensor], dict[str, Any]]:
+    def to_hf(self, head: str, weights: ExportWeights) -> tuple[str, str, dict[str, torch.Tensor], dict[str, Any]]:
         """``(model_type, architecture class, state dict in transformers' names, config entries)`` for
         ``distill export --format hf``; the export adds the labels. ``weights`` as in :meth:`to_timm`."""
         raise StudentError(self._no_equivalent())

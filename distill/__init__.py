@@ -41,6 +41,8 @@ checks it against the table of docs/development.md):
 __version__ = "0.1.0"
 
 import importlib
+import sys
+import types
 
 # The public API, imported on first use: `students` and `teachers` import `distill.weights`, which
 # runs this file first, and must not pull in the training code that imports them in turn.
@@ -65,3 +67,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_API))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``distill.predict`` or ``distill.evaluate`` binds it as the package
+    attribute of that name; the API function of that name must win (``distill.predict(...)``). The
+    loop's module is ``distill.loop``, so ``distill.train`` needs no such help."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

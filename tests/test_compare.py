@@ -156,8 +156,8 @@ def test_runs_of_one_group_share_a_colour_and_a_legend_entry(runs, tmp_path, mon
     from distill import plots
 
     figures = []
-    real = plots._figure
-    monkeypatch.setattr(plots, "_figure", lambda w, h: figures.append(real(w, h)) or figures[-1])
+    real = plots.figure
+    monkeypatch.setattr(plots, "figure", lambda w, h: figures.append(real(w, h)) or figures[-1])
     twin = shutil.copytree(runs["hard"], tmp_path / "hard_seed1")
     compare_runs([runs["none"], runs["hard"], twin], out=tmp_path, groups=["alone", "distilled", "distilled"])
     ax = figures[-1].axes[0]

@@ -6,7 +6,7 @@ RandAugment, erasing, mixup/cutmix) on CIFAR-10, the 96x6 DeiT student without a
 (``distill.kind=none``: the loop, not the teacher), ``--loop-steps`` steps per epoch, 2 epochs; the
 loop's figure is the second epoch's images/s from ``metrics.jsonl`` (data loading, augmentation,
 the step, the bookkeeping). Next to it, in a fresh process with the same settings, the bare step:
-``distill.train.distill_step`` alone on batches prepared in memory. Both are measured idle and with
+``distill.loop.distill_step`` alone on batches prepared in memory. Both are measured idle and with
 ``--busy`` other CPU-bound processes (a Python busy loop each) sharing the cores, which is what a
 shared machine does to a run.
 """
@@ -104,7 +104,7 @@ def _bare_step(batches: str, steps: str, overrides: str) -> None:
     import students
     from distill.build import compute_threads, new_accelerator
     from distill.losses import DistillationLoss
-    from distill.train import _compile, distill_step
+    from distill.loop import compile_model, distill_step
     from timm.optim import create_optimizer_v2
 
     given = dict(o.split("=", 1) for o in json.loads(overrides))
@@ -118,7 +118,7 @@ def _bare_step(batches: str, steps: str, overrides: str) -> None:
     opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
     model, opt = accelerator.prepare(model, opt)
     if given.get("train.compile") == "true":
-        _compile(model)
+        compile_model(model)
     loss_fn = DistillationLoss("none", label_smoothing=0.1)
     for i in range(3):  # warm-up (and compilation)
         distill_step(model, *data[i % len(data)], None, loss_fn, opt, accelerator)

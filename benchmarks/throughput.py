@@ -64,7 +64,7 @@ from distill.spread import LEGEND, mark, spread
 from distill.losses import DistillationLoss
 from distill.pipeline import image_dataset
 from distill.build import load_data, new_accelerator
-from distill.train import distill_step
+from distill.loop import distill_step
 from distill.transforms import build_mixup
 
 import loop  # benchmarks/loop.py, next to this file
@@ -151,7 +151,7 @@ def distillation_loss(args) -> DistillationLoss:
 
 
 def our_step(student, teacher_logits_of: Callable | None, args) -> Callable:
-    """Our training step as ``distill train`` runs it: ``distill.train.distill_step`` on the student and
+    """Our training step as ``distill train`` runs it: ``distill.loop.distill_step`` on the student and
     its optimiser prepared by Accelerate (which runs the student's forward in the run's autocast), with
     the teacher's logits for batch ``x`` from ``teacher_logits_of(x)``, or none for (a)."""
     opt = create_optimizer_v2(student, opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
@@ -245,7 +245,7 @@ def same_work_check(ours, theirs, plain, fast, task, batch, args, device) -> dic
         torch.manual_seed(1234)
         with autocast(device, precision):
             cls_logits, dist_logits = ours(x)
-        return loss_fn(cls_logits.float(), dist_logits.float(), y, teacher(x)).item()
+        return loss_fn(cls_logits.float(), dist_logits.float(), y, teacher(x))[0].item()
 
     def timm_loss(precision):
         torch.manual_seed(1234)

@@ -13,24 +13,28 @@ The Python API the CLI is built on::
     distill.report_runs(["runs/cifar10_deit_tiny"])           # params, GFLOPs, speed, accuracy vs the teacher
     distill.compare_runs(["runs/a", "runs/b"], out="cmp")      # one table of every head + compare.png
 
-How the modules layer (imports only run downwards; ``tests/test_imports.py`` checks it):
+How the modules layer (each imports only its own layer and those below; ``tests/test_imports.py``
+checks it against the table of docs/development.md):
 
-    cli, quickstart                   the commands
-    train                             the loop: fit, train_one_epoch, distill_step
+    cli, __main__, quickstart         the commands
+    loop                              the loop: train, train_teacher, fit, train_one_epoch,
+                                      distill_step
     cache_teacher, evaluate, analyze, what else runs: building the teacher cache, evaluation, the
     export, onnx_export, predict,     DeiT Sec. 4 analysis, timm / transformers / ONNX exports,
     report, compare                   prediction, the compression report, comparing runs
-    build, rundir                     run set-up: config -> data, Accelerator, student, frozen
-                                      teacher; the run folder, its exports, loading a run back
-    cache, pipeline, splits, sources, the teacher cache's format, the data path (replayable
-    images, transforms, replay,       augmentation), the objective, checkpoints, recipes and the
-    losses, checkpoint, recipes,      schema, the experiment trackers a run may log to
-    config, trackers
-    plugins                           teachers and students of installed packages (entry points)
-    atomic, weights, spread           whole-or-nothing writes and one-line write errors; safe
-                                      reading of weight files (with plugins, the modules of this
-                                      package that `students` and `teachers` import); the spread
-                                      of timed repeats
+    build, rundir, cache              run set-up: config -> data, Accelerator, student, frozen
+                                      teacher; the run folder, its exports, loading a run back;
+                                      the teacher cache's format and reader
+    losses, targets, checkpoint,      parts: the objective, the targets contract, checkpoints, the
+    pipeline, replay, transforms,     data path (replayable augmentation), figures, one writer
+    sources, splits, images,          per folder, collective time-outs
+    builtin_data, plots, lock,
+    collective
+    config, recipes, trackers         the schema, recipes, the experiment trackers a run may log to
+    students, teachers                the models
+    errors, atomic, weights,          helpers: the error root, whole-or-nothing writes, safe
+    plugins, spread                   reading of weight files, installed packages' models, the
+                                      spread of timed repeats (what `students` and `teachers` import)
 """
 # The package's version, in this one place: pyproject.toml reads it (setuptools' `attr:`, from this
 # file's text, without importing anything) and `distill --version` prints it.
@@ -44,11 +48,11 @@ import types
 # runs this file first, and must not pull in the training code that imports them in turn.
 _API = {
     "Config": "distill.config", "ConfigError": "distill.config", "load_recipe": "distill.recipes",
-    "list_recipes": "distill.recipes", "DistillationLoss": "distill.losses", "train": "distill.train",
-    "train_teacher": "distill.train", "evaluate": "distill.evaluate", "evaluate_run": "distill.evaluate",
+    "list_recipes": "distill.recipes", "DistillationLoss": "distill.losses", "train": "distill.loop",
+    "train_teacher": "distill.loop", "evaluate": "distill.evaluate", "evaluate_run": "distill.evaluate",
     "export_student": "distill.export", "ExportError": "distill.export", "analyze_run": "distill.analyze",
     "predict": "distill.predict", "report_runs": "distill.report", "compare_runs": "distill.compare",
-    "CompareError": "distill.compare",
+    "CompareError": "distill.compare", "DistillError": "distill.errors",
 }
 __all__ = list(_API)
 
@@ -66,8 +70,9 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Importing the submodule ``distill.train`` binds it as the package attribute ``train``; the API
-    function of that name must win (``distill.train(cfg)``), as when this file imported eagerly."""
+    """Importing the submodule ``distill.predict`` or ``distill.evaluate`` binds it as the package
+    attribute of that name; the API function of that name must win (``distill.predict(...)``). The
+    loop's module is ``distill.loop``, so ``distill.train`` needs no such help."""
 
     def __setattr__(self, name: str, value) -> None:
         if name in _API and isinstance(value, types.ModuleType):

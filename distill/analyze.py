@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill import plots
+from distill import atomic, plots
+from distill.errors import InputError
 from distill.evaluate import model_joint
 from distill.rundir import load_run, prepare_eval
 from students.base import DistilledStudent
@@ -61,7 +62,7 @@ def analyze(model: nn.Module, loader, accelerator, teacher: nn.Module | None = N
     """Token cosines, head/teacher agreement, accuracies and the joint confusion matrix over ``loader``."""
     inner = accelerator.unwrap_model(model)
     if not isinstance(inner, DistilledStudent):
-        raise ValueError(f"{type(inner).__name__} has no class and distillation heads; `distill analyze` needs a student")
+        raise InputError(f"{type(inner).__name__} has no class and distillation heads; `distill analyze` needs a student")
     joint = model_joint(inner)
     joint_key = "joint_softmax" if joint == "softmax" else "joint"
     probes, reason = inner.token_probes()
@@ -92,7 +93,7 @@ def analyze(model: nn.Module, loader, accelerator, teacher: nn.Module | None = N
             handle.remove()
     y = torch.cat(labels)
     if len(y) == 0:
-        raise ValueError("the evaluation split is empty; check data.val_split or --split")
+        raise InputError("the evaluation split is empty; check data.val_split or --split")
     p = {k: torch.cat(v) for k, v in preds.items()}
 
     def pct(mask: torch.Tensor) -> float:
@@ -144,7 +145,7 @@ def analyze_run(path: str | Path, data: str | None = None, split: str | None = N
     """
     out = Path(out) if out is not None else Path(path) / "analysis"
     if out.exists() and not out.is_dir():  # found before any work, not by mkdir at the end
-        raise ValueError(f"{out} is a file; pass a folder as --out (analysis.json and analysis.png go into it)")
+        raise InputError(f"{out} is a file; pass a folder as --out (analysis.json and analysis.png go into it)")
     run = load_run(path, data=data, split=split, teacher_checkpoint=teacher_checkpoint)
     accelerator, model, loader = prepare_eval(run, batch_size=batch_size, num_workers=num_workers, cpu=cpu)
     result = {"run": str(path), **analyze(model, loader, accelerator, run.teacher, run.info.get("class_names"))}
@@ -156,7 +157,7 @@ def analyze_run(path: str | Path, data: str | None = None, split: str | None = N
             result["files"]["png"] = None if png is None else str(png)
             if (Path(path) / "metrics.jsonl").is_file() and png is not None:
                 result["files"]["training_curves"] = str(plots.save_training_curves(path))
-        (out / ANALYSIS_JSON).write_text(json.dumps(result, indent=2) + "\n")
+        atomic.write_text(out / ANALYSIS_JSON, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -17,37 +17,66 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
+from distill.errors import first_line
+
 
 def write_dir(target: Path, write: Callable[[Path], object]) -> Path:
     """``write(folder)`` into a fresh temporary sibling of ``target``, then put it in ``target``'s
     place (replacing an existing ``target``); on any failure the temporary folder is removed and
     ``target`` is as it was."""
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging(target)
     try:
-        tmp.mkdir()
+        fresh_staging(target)
         write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        commit(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` in one step: a reader sees the old file or the new one."""
+def staging(target: Path) -> Path:
+    """Where a whole-or-nothing write of ``target`` is prepared: its hidden sibling ``.<name>.tmp``."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.tmp")
+
+
+def fresh_staging(target: Path) -> Path:
+    """``staging(target)`` as an empty folder (what an interrupted write left there is removed), for
+    writers that fill it in several steps or processes before ``commit``."""
+    tmp = staging(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(target: Path) -> Path:
+    """Put the complete ``staging(target)`` folder in ``target``'s place (replacing an existing one)."""
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    staging(target).rename(target)
+    return target
+
+
+def write_file(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(file)`` into a temporary sibling of ``path``, then replace ``path`` in one step: a reader
+    sees the old file or the new one (a figure, a report)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = staging(path)
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step: a reader sees the old file or the new one."""
+    write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, value) -> None:
@@ -93,13 +122,6 @@ def _file_size_limited() -> bool:
         return soft != resource.RLIM_INFINITY
     except (ImportError, OSError, ValueError):
         return False
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message`` (cut at ``limit``): a library's error inside one of ours."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def closest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:

@@ -2,7 +2,7 @@
 
 Every command builds through here (``train``, ``cache-teacher``, ``eval``, ``analyze``), so a
 student, a teacher or a dataset means the same thing in all of them. Nothing here trains: the
-teacher stage (fine-tuning a teacher first) is orchestrated by ``distill.train``; ``build_teacher``
+teacher stage (fine-tuning a teacher first) is orchestrated by ``distill.loop``; ``build_teacher``
 only builds from weights that exist.
 """
 from __future__ import annotations
@@ -200,13 +200,10 @@ def source_id(source: str) -> str:
 
 
 class OnlineTeacher:
-    """The frozen teacher run on every batch: the distillation targets of ``distill.train``.
+    """The frozen teacher run on every batch: ``distill.targets.Targets``, as the replay cache is.
 
-    The same small interface as the replay cache (``distill.cache.TeacherCache``), so the loop never
-    asks where the targets come from: ``logits(epoch, batch, images)`` for a training batch and
-    ``val_top5(indices, images)`` for a validation batch. The validation predictions are kept per
-    sample: the teacher is frozen and the eval transform deterministic, so they are computed once and
-    reused every epoch.
+    The validation predictions are kept per sample: the teacher is frozen and the eval transform
+    deterministic, so they are computed once and reused every epoch.
     """
 
     def __init__(self, teacher: teachers.Teacher, num_val: int, num_classes: int) -> None:

@@ -128,7 +128,7 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _first_mismatch(recorded: dict, current: dict) -> str | None:
+def first_mismatch(recorded: dict, current: dict) -> str | None:
     for key, value in recorded.items():
         if key == "teacher weights (sha256)" and current.get(key) is None:
             continue  # the weights are not on this machine: the cache's record is all there is
@@ -137,7 +137,7 @@ def _first_mismatch(recorded: dict, current: dict) -> str | None:
     return None
 
 
-def _describe_value(key: str, value) -> str:
+def describe_value(key: str, value) -> str:
     if key.endswith("images") or "sha256" in key:
         return f"{str(value)[:12]}..." if value else "unknown"
     return f"{value!r}"
@@ -180,7 +180,7 @@ def image_digest(images: torch.Tensor) -> bytes:
     return hashlib.blake2b(images.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
-def _read_info(root: Path) -> dict:
+def read_info(root: Path) -> dict:
     try:
         info = json.loads((root / CACHE_FILE).read_text())
         version = info.get("format")
@@ -201,11 +201,12 @@ def _read_info(root: Path) -> dict:
 
 
 class TeacherCache:
-    """Read side: the teacher's logits for (epoch, global batch), memory-mapped per epoch."""
+    """Read side: ``distill.targets.Targets`` from disk, memory-mapped per epoch. The logits are the
+    cached top K exactly, the rest of the probability mass spread evenly."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.info = _read_info(self.root)
+        self.info = read_info(self.root)
         self.num_classes, self.topk = self.info["num_classes"], self.info["topk"]
         self._epoch: tuple[int, dict[str, np.ndarray]] | None = None
         self._val: torch.Tensor | None = None
@@ -237,21 +238,24 @@ class TeacherCache:
                              f"{self.root / CACHE_FILE}; build the cache again with `distill cache-teacher <recipe>`")
 
     def logits(self, epoch: int, batch: int, images: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits for global batch ``batch`` of ``epoch`` (``images`` only names the device)."""
-        return self.teacher_logits(epoch, batch, images.device)
-
-    def to(self, device) -> "TeacherCache":
-        return self  # read from disk, moved per batch
-
-    def teacher_logits(self, epoch: int, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(B, C) logits: the cached top K exactly, the rest of the probability mass spread evenly."""
+        device = images.device  # the images only name the device
         a = self.arrays(epoch)
         values = torch.from_numpy(np.array(a["values"][batch])).to(device)
         classes = torch.from_numpy(a["classes"][batch].astype(np.int64)).to(device)
         lse = torch.from_numpy(np.array(a["lse"][batch])).to(device)
         return sparse_logits(values, classes, lse, self.num_classes)
 
-    def val_predictions(self) -> torch.Tensor:
+    def to(self, device) -> "TeacherCache":
+        return self  # read from disk, moved per batch
+
+    def check(self, epochs) -> None:
+        """Every file of ``epochs`` and of the validation predictions against its checksum (and its
+        classes against the cache's)."""
+        for epoch in epochs:
+            self.arrays(epoch)
+        self._val_predictions()
+
+    def _val_predictions(self) -> torch.Tensor:
         """The teacher's top-5 classes for every validation image (its accuracy, the agreement)."""
         if self._val is None:
             folder = self.root / VAL_DIR
@@ -264,7 +268,7 @@ class TeacherCache:
         return self._val
 
     def val_top5(self, indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        return self.val_predictions()[indices].to(images.device)
+        return self._val_predictions()[indices].to(images.device)
 
 
 def sparse_logits(values: torch.Tensor, classes: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -286,10 +290,10 @@ def open_cache(cfg: Config, data) -> TeacherCache:
     if sha is None and cfg.teacher.name is not None and not cfg.teacher.pretrained:
         print(f"note: the teacher's weights are not on this machine; the cache {cache.root} is trusted to come from them")
     record = made_from(cfg, data, sha)
-    key = _first_mismatch(info["made_from"], record)
+    key = first_mismatch(info["made_from"], record)
     if key is not None:
-        raise CacheError(f"teacher cache {cache.root} was made with {key}: {_describe_value(key, info['made_from'][key])}, "
-                         f"the recipe has {_describe_value(key, record.get(key))}; build one for this recipe with "
+        raise CacheError(f"teacher cache {cache.root} was made with {key}: {describe_value(key, info['made_from'][key])}, "
+                         f"the recipe has {describe_value(key, record.get(key))}; build one for this recipe with "
                          f"`distill cache-teacher <recipe> teacher.cache=<new folder>`")
     if info["epochs"] < cfg.train.epochs:
         raise CacheError(f"teacher cache {cache.root} covers {info['epochs']} epochs, the recipe trains {cfg.train.epochs}; "

@@ -10,15 +10,14 @@ batches from their seeds, compares the images bit for bit and reruns the teacher
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from distill import atomic, build, collective, lock
-from distill.cache import (ARRAYS, CACHE_FILE, FORMAT, VAL_DIR, VAL_FILE, CacheError, TeacherCache, _describe_value,
-                           _first_mismatch, _read_info, default_dir, epoch_dir, image_digest, made_from, open_cache,
+from distill.cache import (ARRAYS, CACHE_FILE, FORMAT, VAL_DIR, VAL_FILE, CacheError, TeacherCache, describe_value,
+                           first_mismatch, read_info, default_dir, epoch_dir, image_digest, made_from, open_cache,
                            seal, teacher_weights_sha256, top_k_entries)
 from distill.config import Config, ConfigError
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
@@ -85,12 +84,11 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
     class_dtype = np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32
     for epoch in range(tc.epochs):
         final = epoch_dir(root, epoch)
-        tmp = final.with_suffix(".tmp")
+        tmp = atomic.staging(final)
         if final.is_dir():
             continue
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            atomic.fresh_staging(final)
             shapes = {"index": ((nb, B), np.int64), "seed": ((nb, B), np.uint64), "values": ((nb, B, K), np.float32),
                       "classes": ((nb, B, K), class_dtype), "lse": ((nb, B), np.float32), "digest": ((nb, 16), np.uint8)}
             for name, (shape, dtype) in shapes.items():
@@ -111,7 +109,7 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
         accelerator.wait_for_everyone()
         if main:
             seal(tmp)
-            tmp.rename(final)
+            atomic.commit(final)
             accelerator.print(f"cached epoch {epoch + 1}/{tc.epochs} in {final}")
     if main and not (root / VAL_DIR).is_dir():
         _cache_val_predictions(cfg, data, teacher, accelerator, root)
@@ -128,10 +126,10 @@ def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_cla
     root.mkdir(parents=True, exist_ok=True)
     file = root / CACHE_FILE
     if file.is_file():
-        info = _read_info(root)
-        key = _first_mismatch(info["made_from"], record)
+        info = read_info(root)
+        key = first_mismatch(info["made_from"], record)
         if key is not None or info["topk"] != K:
-            what = f"{key}: {_describe_value(key, info['made_from'][key])} there, {_describe_value(key, record.get(key))} " \
+            what = f"{key}: {describe_value(key, info['made_from'][key])} there, {describe_value(key, record.get(key))} " \
                    "in this recipe" if key else f"top-{info['topk']} there, top-{K} asked"
             raise CacheError(f"{root} holds a teacher cache of another recipe ({what}); set teacher.cache=<new folder>")
         return
@@ -166,9 +164,7 @@ def check_cache(cfg: Config, batches: int = 4) -> dict:
     cfg.teacher.cache = str(root)
     open_cache(cfg, data)
     epochs = [e for e in range(cache.info["epochs"]) if epoch_dir(root, e).is_dir()]
-    for epoch in epochs:  # every file against its checksum, before anything is replayed
-        cache.arrays(epoch)
-    cache.val_predictions()
+    cache.check(epochs)  # every file against its checksum, before anything is replayed
     cfg = build.with_teacher_weights(cfg)
     teacher = build.build_teacher(cfg, data.num_classes, class_names=data.class_names)
     accelerator = build.new_accelerator(cpu=cfg.train.cpu, mixed_precision=cache.info["mixed_precision"])

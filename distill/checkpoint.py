@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from distill import atomic
 from distill.weights import load_strict
+from distill.errors import DistillError
 
 STATE_FILE = "trainer_state.json"
 # 1 was Accelerate's save_state folder (pickled EMA and RNG states): refused. 2 had no digest of its
@@ -44,7 +45,7 @@ STATE_FILE = "trainer_state.json"
 FORMAT = 3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DistillError, ValueError):
     """A checkpoint that cannot be written or used; the message is one line saying what to do."""
 
 

@@ -23,8 +23,10 @@ import json
 import os
 import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
+from typing import Callable
 
 # OpenMP's threads spin while they wait for work (GNU's default wait policy, ACTIVE). When another
 # process takes one of the cores, torch's threads then wait on each other and a 2-core run fell to
@@ -33,8 +35,9 @@ from pathlib import Path
 # a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import distill  # noqa: E402
 from distill import __version__  # noqa: E402
-from distill.config import ConfigError  # noqa: E402  (after the OpenMP setting above)
+from distill.errors import DistillError  # noqa: E402  (after the OpenMP setting above)
 from distill.recipes import describe, list_recipes, load_recipe  # noqa: E402
 
 # How each command spells the data option a DataError's hint is about (``DataError.option``): the
@@ -219,11 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         global _INTERRUPTED
         _INTERRUPTED = True
-    except Exception as e:  # user-facing errors: one line, non-zero exit, nothing overwritten
-        if not _is_user_error(e):
-            raise
+    except DistillError as e:  # user-facing errors: one line, non-zero exit, nothing overwritten
         print(f"error: {_message(e, args)}", file=sys.stderr)
         return 2
+    except Exception:  # anything else is ours to fix: the whole traceback, then what to do with it
+        traceback.print_exc()
+        print(bug_line(), file=sys.stderr)
+        return 1
     # Out of the except block the interrupted run's frames are released: collect them now, so its
     # DataLoader workers are shut down in order rather than cut off (and complaining) at exit.
     gc.collect()
@@ -291,118 +296,148 @@ def _continue_hint(e, args: argparse.Namespace) -> str:
     return f"{verb} with `{again}` (launched as before)"
 
 
-def _is_user_error(e: Exception) -> bool:
-    from distill.checkpoint import CheckpointError
-    from distill.collective import PeerLostError
-    from distill.lock import FolderBusyError
-    from distill.rundir import RunExistsError
-    from distill.sources import DataError
-    from distill.train import NonFiniteLossError
-    from distill.weights import WeightsError
+def bug_line() -> str:
+    """The last line under a traceback that is not the user's fault: whose it is and where to say so."""
+    import importlib.metadata
 
-    return isinstance(e, (ConfigError, DataError, WeightsError, NonFiniteLossError, RunExistsError, CheckpointError,
-                          PeerLostError, FolderBusyError, FileNotFoundError, KeyError, ValueError))
+    try:
+        urls = importlib.metadata.metadata("deit-distill").get_all("Project-URL") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        urls = []
+    where = next((url.split(", ", 1)[1] for url in urls if url.startswith("Issues, ")), "the project's issue tracker")
+    return (f"distill {__version__} hit a bug (not a problem with your input): please report it with the "
+            f"traceback above at {where}")
+
+
+def _train(args: argparse.Namespace) -> int | None:
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        from distill.recipes import dump
+        print(dump(cfg), end="")
+        return 0
+    run = distill.train if args.command == "train" else distill.train_teacher
+    metrics = run(cfg, resume=args.resume)
+    print(json.dumps(metrics))
+
+
+def _cache_teacher(args: argparse.Namespace) -> int | None:
+    from distill.cache import CacheError
+    from distill.cache_teacher import build_cache, check_cache
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.check:
+        report = check_cache(cfg, batches=args.check_batches)
+        print(json.dumps(report))
+        if not report["images_identical"]:
+            raise CacheError(f"replayed images differ from the cached ones in {report['batches']} checked batches; "
+                             "the cache does not belong to this data or code: build it again")
+    else:
+        if cfg.teacher.name is not None:
+            from distill.loop import ensure_teacher_stage
+            cfg = ensure_teacher_stage(cfg)  # fine-tunes the teacher first when the recipe asks for it
+        root = build_cache(cfg)
+        print(f"teacher cache in {root}; train from it with: distill train {args.recipe} teacher.cache={root}")
+
+
+def _eval(args: argparse.Namespace) -> int | None:
+    from distill.evaluate import format_table
+    metrics = distill.evaluate_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size,
+                                   teacher_checkpoint=args.teacher_checkpoint, num_workers=args.num_workers,
+                                   cpu=args.cpu)
+    print(format_table({args.path: metrics}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+
+
+def _export(args: argparse.Namespace) -> int | None:
+    from distill.export import MARKER
+    out = distill.export_student(args.path, args.format, out=args.out, push_to_hub=args.push_to_hub,
+                                 head=args.head, verify=not args.no_verify, hf_processor=args.hf_processor)
+    meta = json.loads((out / MARKER).read_text())
+    diff = meta["checked_max_abs_diff"]
+    checked = (f"logits match the student's (max abs diff {diff:.1e})" if diff is not None
+               else "logits not checked" + (" (transformers is not installed)" if not args.no_verify else ""))
+    if diff is not None and meta.get("checked_on"):
+        checked += f" on {meta['checked_on']}"
+    print(f"wrote {out}: {meta['target']}, {meta['head']} head; {checked}")
+    if args.push_to_hub:
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
+
+
+def _analyze(args: argparse.Namespace) -> int | None:
+    from distill.analyze import analyze_run, format_summary
+    result = analyze_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size,
+                         teacher_checkpoint=args.teacher_checkpoint, num_workers=args.num_workers, cpu=args.cpu,
+                         out=args.out, plot=not args.no_plots)
+    print(format_summary(result))
+
+
+def _predict(args: argparse.Namespace) -> int | None:
+    from distill.predict import check_output_path, format_predictions, write_csv, write_json
+    outputs = [(check_output_path(f, option), write) for f, option, write in
+               ((args.json, "--json", write_json), (args.csv, "--csv", write_csv)) if f]
+    result = distill.predict(args.path, args.inputs, top_k=args.top_k, head=args.head, split=args.split,
+                             batch_size=args.batch_size, num_workers=args.num_workers, cpu=args.cpu)
+    for path, write in outputs:
+        write(result, path)
+    if outputs:
+        print(f"wrote {len(result['predictions'])} predictions ({result['head']} head) to "
+              + ", ".join(str(p) for p, _ in outputs))
+    else:
+        print(format_predictions(result))
+    if result["top1"] is not None:
+        print(f"top-1 of the {result['head']} head: {result['top1']:.2f}% on {len(result['predictions'])} labelled images")
+
+
+def _report(args: argparse.Namespace) -> int | None:
+    from distill.report import format_markdown
+    report = distill.report_runs(args.runs, out=args.out, timing=not args.no_timing, threads=args.threads,
+                                 batch_size=args.batch_size, warmup=args.warmup, latency_runs=args.latency_runs,
+                                 throughput_runs=args.throughput_runs, plot=not args.no_plots)
+    print(format_markdown(report), end="")
+    print("wrote " + ", ".join(f for f in report["files"].values() if f))
+
+
+def _compare(args: argparse.Namespace) -> int | None:
+    from distill.compare import LEGEND
+    result = distill.compare_runs(args.runs, out=None if args.no_plots else args.out)
+    print(result["table"])
+    print(LEGEND)
+    written = [str(result[k]) for k in ("markdown", "png") if result.get(k)]
+    if written:
+        print(f"wrote {', '.join(written)}")
+
+
+def _quickstart(args: argparse.Namespace) -> int | None:
+    from distill.quickstart import run_quickstart
+    run_quickstart(output_dir=args.output_dir, overrides=args.overrides)
+
+
+def _students(args: argparse.Namespace) -> int | None:
+    import students
+    print("\n".join(students.list_students()))
+
+
+def _teachers(args: argparse.Namespace) -> int | None:
+    import teachers
+    print("\n".join(teachers.list_teachers()))
+
+
+def _recipes(args: argparse.Namespace) -> int | None:
+    for name, path in list_recipes().items():
+        print(f"{name:<34} {path}")
+
+
+# Each subcommand with its handler (a handler returns the exit status, or None for 0).
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
+    "train": _train, "train-teacher": _train, "cache-teacher": _cache_teacher, "eval": _eval, "export": _export,
+    "analyze": _analyze, "predict": _predict, "report": _report, "compare": _compare, "quickstart": _quickstart,
+    "students": _students, "teachers": _teachers, "recipes": _recipes,
+}
 
 
 def _run(args: argparse.Namespace) -> int:
-    import distill
-    from distill.cache import CacheError
-
-    if args.command in ("train", "train-teacher"):
-        cfg = load_recipe(args.recipe, args.overrides)
-        if args.print_config:
-            from distill.recipes import dump
-            print(dump(cfg), end="")
-            return 0
-        run = distill.train if args.command == "train" else distill.train_teacher
-        metrics = run(cfg, resume=args.resume)
-        print(json.dumps(metrics))
-    elif args.command == "cache-teacher":
-        from distill.cache_teacher import build_cache, check_cache
-        cfg = load_recipe(args.recipe, args.overrides)
-        if args.check:
-            report = check_cache(cfg, batches=args.check_batches)
-            print(json.dumps(report))
-            if not report["images_identical"]:
-                raise CacheError(f"replayed images differ from the cached ones in {report['batches']} checked batches; "
-                                 "the cache does not belong to this data or code: build it again")
-        else:
-            if cfg.teacher.name is not None:
-                from distill.train import ensure_teacher_stage
-                cfg = ensure_teacher_stage(cfg)  # fine-tunes the teacher first when the recipe asks for it
-            root = build_cache(cfg)
-            print(f"teacher cache in {root}; train from it with: distill train {args.recipe} teacher.cache={root}")
-    elif args.command == "eval":
-        from distill.evaluate import format_table
-        metrics = distill.evaluate_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size,
-                                       teacher_checkpoint=args.teacher_checkpoint, num_workers=args.num_workers,
-                                       cpu=args.cpu)
-        print(format_table({args.path: metrics}))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(metrics, f, indent=2)
-    elif args.command == "export":
-        from distill.export import MARKER
-        out = distill.export_student(args.path, args.format, out=args.out, push_to_hub=args.push_to_hub,
-                                     head=args.head, verify=not args.no_verify, hf_processor=args.hf_processor)
-        meta = json.loads((out / MARKER).read_text())
-        diff = meta["checked_max_abs_diff"]
-        checked = (f"logits match the student's (max abs diff {diff:.1e})" if diff is not None
-                   else "logits not checked" + (" (transformers is not installed)" if not args.no_verify else ""))
-        if diff is not None and meta.get("checked_on"):
-            checked += f" on {meta['checked_on']}"
-        print(f"wrote {out}: {meta['target']}, {meta['head']} head; {checked}")
-        if args.push_to_hub:
-            print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
-    elif args.command == "analyze":
-        from distill.analyze import analyze_run, format_summary
-        result = analyze_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size,
-                             teacher_checkpoint=args.teacher_checkpoint, num_workers=args.num_workers, cpu=args.cpu,
-                             out=args.out, plot=not args.no_plots)
-        print(format_summary(result))
-    elif args.command == "predict":
-        from distill.predict import check_output_path, format_predictions, write_csv, write_json
-        outputs = [(check_output_path(f, option), write) for f, option, write in
-                   ((args.json, "--json", write_json), (args.csv, "--csv", write_csv)) if f]
-        result = distill.predict(args.path, args.inputs, top_k=args.top_k, head=args.head, split=args.split,
-                                 batch_size=args.batch_size, num_workers=args.num_workers, cpu=args.cpu)
-        for path, write in outputs:
-            write(result, path)
-        if outputs:
-            print(f"wrote {len(result['predictions'])} predictions ({result['head']} head) to "
-                  + ", ".join(str(p) for p, _ in outputs))
-        else:
-            print(format_predictions(result))
-        if result["top1"] is not None:
-            print(f"top-1 of the {result['head']} head: {result['top1']:.2f}% on {len(result['predictions'])} labelled images")
-    elif args.command == "report":
-        from distill.report import format_markdown
-        report = distill.report_runs(args.runs, out=args.out, timing=not args.no_timing, threads=args.threads,
-                                     batch_size=args.batch_size, warmup=args.warmup, latency_runs=args.latency_runs,
-                                     throughput_runs=args.throughput_runs, plot=not args.no_plots)
-        print(format_markdown(report), end="")
-        print("wrote " + ", ".join(f for f in report["files"].values() if f))
-    elif args.command == "compare":
-        from distill.compare import LEGEND
-        result = distill.compare_runs(args.runs, out=None if args.no_plots else args.out)
-        print(result["table"])
-        print(LEGEND)
-        written = [str(result[k]) for k in ("markdown", "png") if result.get(k)]
-        if written:
-            print(f"wrote {', '.join(written)}")
-    elif args.command == "quickstart":
-        from distill.quickstart import run_quickstart
-        run_quickstart(output_dir=args.output_dir, overrides=args.overrides)
-    elif args.command == "students":
-        import students
-        print("\n".join(students.list_students()))
-    elif args.command == "teachers":
-        import teachers
-        print("\n".join(teachers.list_teachers()))
-    elif args.command == "recipes":
-        for name, path in list_recipes().items():
-            print(f"{name:<34} {path}")
-    return 0
+    return COMMANDS[args.command](args) or 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs
+from distill.errors import DistillError
 
 # NCCL's watchdog reads this once, when the process group is created. torchrun sets 1 for its
 # workers (abort the communicator and end the process); torch's own default when unset is 3 (end the
@@ -38,7 +39,7 @@ NCCL_ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 SIGTERM_REASON = "the launcher sent SIGTERM"
 
 
-class PeerLostError(RuntimeError):
+class PeerLostError(DistillError, RuntimeError):
     """Another process of the run died or stopped answering (or the launcher stopped this one).
 
     ``folder`` is the run folder (or cache) whose complete part is kept; ``resumable``: whether it

@@ -18,6 +18,7 @@ import yaml
 from distill import atomic, plots
 from distill.build import same_source
 from distill.evaluate import format_table
+from distill.errors import DistillError
 
 #: Table columns, in order: the student's heads, a plain classifier's (a teacher run's) top-1, the
 #: agreement with the teacher, the teacher itself, then cost.
@@ -30,7 +31,7 @@ LEGEND = ("top-1 in % on each run's validation split at its last evaluated epoch
 RUN_HINT = "pass run folders that `distill train` or `distill train-teacher` wrote (runs/<name>)"
 
 
-class CompareError(ValueError):
+class CompareError(DistillError, ValueError):
     """A path that is not a run, or runs that cannot be compared; the message is one line."""
 
 
@@ -150,7 +151,7 @@ def _labels(paths: list[Path]) -> list[str]:
 def save_curves(runs: list[dict], labels: list[str], png: Path, title: str | None = None) -> Path | None:
     """Overlay the runs' validation top-1 by epoch (each with its predicting head; runs of one label share
     a colour and a legend entry); None without matplotlib."""
-    fig = plots._figure(7.5, 4.6)
+    fig = plots.figure(7.5, 4.6)
     if fig is None:
         return None
     ax = fig.subplots()
@@ -169,7 +170,5 @@ def save_curves(runs: list[dict], labels: list[str], png: Path, title: str | Non
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="small", loc="lower right")
-    tmp = png.with_name(png.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(png)
+    atomic.write_file(png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return png

@@ -16,6 +16,8 @@ from torch import nn
 
 from distill import rundir
 from distill.build import OnlineTeacher
+from distill.errors import InputError
+from distill.targets import Targets
 from students.base import DistilledStudent
 
 HEADS = ("cls", "dist", "joint", "joint_softmax")
@@ -34,13 +36,13 @@ def model_joint(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator: Accelerator, targets=None) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, accelerator: Accelerator, targets: Targets | None = None) -> dict[str, float]:
     """Top-1/top-5 of each head in percent, teacher top-1/top-5 and student-teacher top-1 agreement.
 
     Heads: ``cls``, ``dist``, ``joint`` (logit average) and ``joint_softmax`` (softmax average).
 
-    ``loader`` yields ``(images, labels)`` or ``(images, labels, sample indices)``. ``targets`` (an
-    ``OnlineTeacher`` or a ``TeacherCache``) gives the teacher's top-5 per batch: computed once per
+    ``loader`` yields ``(images, labels)`` or ``(images, labels, sample indices)``. ``targets``
+    (``distill.targets.Targets``: the teacher online or its cache) gives the teacher's top-5 per batch: computed once per
     sample and kept, or read from the cache, in which case no teacher network runs at all.
     """
     was_training = model.training
@@ -71,7 +73,7 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, targets=None) -
             correct["agreement_top1"] = correct.get("agreement_top1", 0) + agree
     model.train(was_training)
     if total == 0:
-        raise ValueError("the evaluation split is empty; check data.val_split")
+        raise InputError("the evaluation split is empty; check data.val_split")
     return {name: round(100.0 * float(c) / total, 2) for name, c in correct.items()}
 
 

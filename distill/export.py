@@ -51,7 +51,7 @@ from distill import atomic, lock, onnx_export
 from distill.config import IMAGENET_MEAN, IMAGENET_STD
 from distill.rundir import (EXPORT_BUSY_FIX, HEADS, MARKER, ExportError, eval_transform, locate_export,
                             read_export_config, resolve_out, student_output, upload)
-from students.base import DistilledStudent, StudentError
+from students.base import DistilledStudent, ExportWeights, StudentError
 
 __all__ = ["export_student", "ExportError", "FORMATS", "HEADS", "HF_PROCESSORS", "MARKER"]
 
@@ -151,31 +151,10 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
 # --------------------------------------------------------------------------------------------------
 
 
-class _Weights:
-    """The student's state dict; every tensor must be taken or dropped by name, so a converter
-    that forgets one (a new parameter in a student) fails loudly instead of exporting without it."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self.state, self.used = state, set()
-
-    def __call__(self, key: str) -> torch.Tensor:
-        self.used.add(key)
-        return self.state[key]
-
-    def drop(self, *keys: str) -> None:
-        self.used.update(k for k in keys if k in self.state)
-
-    def check_all_used(self) -> None:
-        left = sorted(set(self.state) - self.used)
-        if left:
-            raise RuntimeError(f"the export does not know where to put {left[:5]}; the student has tensors this "
-                               "converter was not written for")
-
-
 def _plan(model: DistilledStudent, format: str, head: str) -> tuple:
     """The family's conversion (``to_timm`` or ``to_hf``) of ``model`` outputting ``head``, every
     tensor accounted for."""
-    weights = _Weights(model.state_dict())
+    weights = ExportWeights(model.state_dict())
     try:
         plan = model.to_timm(head, weights) if format == "timm" else model.to_hf(head, weights)
     except StudentError as e:  # no equivalent, or not for this head

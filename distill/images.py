@@ -22,7 +22,7 @@ from PIL import Image as PILImage
 from torchvision import transforms as T
 
 from distill.replay import preserved_rngs, seed_all
-from distill.atomic import first_line
+from distill.errors import first_line
 from distill.sources import DataError
 from distill.splits import label_values, pick_image_column, pick_label_column
 

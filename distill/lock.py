@@ -20,9 +20,10 @@ import os
 import sys
 from pathlib import Path
 from typing import Iterator
+from distill.errors import DistillError
 
 
-class FolderBusyError(RuntimeError):
+class FolderBusyError(DistillError, RuntimeError):
     """Another process is writing the folder; the message is one line naming it."""
 
 

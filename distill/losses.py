@@ -69,8 +69,9 @@ class DistillationLoss(nn.Module):
             DeiT, which smooths only the true labels.
 
     Call as ``loss_fn(cls_logits, dist_logits, targets, teacher_logits)`` with ``targets`` either
-    integer labels ``(B,)`` or a float target distribution ``(B, C)``. Returns the total loss; the
-    detached parts are kept in ``loss_fn.components`` (``{"base": ..., "distill": ...}``) for logging.
+    integer labels ``(B,)`` or a float target distribution ``(B, C)``. Returns ``(total, parts)``:
+    the total loss and its detached parts ``{"base": ..., "distill": ...}`` for logging (the shape of
+    timm's ``TrainingTask`` results).
     """
 
     def __init__(self, kind: str = "none", alpha: float = 0.5, tau: float = 1.0, soft_norm: str = "deit",
@@ -93,7 +94,6 @@ class DistillationLoss(nn.Module):
         self.soft_norm = soft_norm
         self.label_smoothing = float(label_smoothing)
         self.hard_label_smoothing = float(hard_label_smoothing)
-        self.components: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, alpha={self.alpha}, tau={self.tau}, soft_norm={self.soft_norm!r}, "
@@ -113,7 +113,7 @@ class DistillationLoss(nn.Module):
         return F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1), label_smoothing=self.hard_label_smoothing)
 
     def forward(self, cls_logits: torch.Tensor, dist_logits: torch.Tensor | None, targets: torch.Tensor,
-                teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+                teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(cls_logits, dist_logits, targets, teacher_logits)
         base = self.base_loss(cls_logits, targets)
         if self.kind == "none":
@@ -122,8 +122,7 @@ class DistillationLoss(nn.Module):
         else:
             distill = self.distill_loss(dist_logits, teacher_logits)
             total = (1.0 - self.alpha) * base + self.alpha * distill
-        self.components = {"base": base.detach(), "distill": distill.detach()}
-        return total
+        return total, {"base": base.detach(), "distill": distill.detach()}
 
     def _check(self, cls_logits, dist_logits, targets, teacher_logits) -> None:
         if cls_logits.ndim != 2:

@@ -34,6 +34,7 @@ from torch import nn
 import students
 from distill import atomic, build, lock
 from distill.config import DataConfig
+from distill.errors import message_line
 from distill.recipes import from_dict
 from distill.images import ImageClassificationDataset
 from distill.rundir import (EXPORT_BUSY_FIX, HEADS, MARKER, ExportError, eval_transform, export_preprocessing, locate_export,
@@ -149,7 +150,7 @@ def _check_images(path: Path, export_dir: Path, info: dict, prep: dict) -> tuple
             return torch.stack([ds[i][0] for i in range(n)]), f"{n} validation images of {splits.source}"
         reason = "fewer than 2 validation images"
     except Exception as e:  # any reason the data is not readable here: fall back, and say so
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = message_line(e) or type(e).__name__
     size = prep["img_size"]
     images = torch.randn(CHECK_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
     return images, f"{CHECK_IMAGES} random inputs (the run's data could not be read: {reason[:150]})"
@@ -171,7 +172,7 @@ def _trace(graph: nn.Module, images: torch.Tensor, file: Path, name: str) -> int
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_shapes=({0: batch},))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = message_line(e) or type(e).__name__
         raise ExportError(f"student {name!r} could not be exported to ONNX ({type(e).__name__}: {first[:200]}); "
                           "use its export folder as it is (`distill predict`, students.load_student)") from None
     finally:

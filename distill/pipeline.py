@@ -1,7 +1,7 @@
 """The input pipeline shared by training, the teacher cache and evaluation: datasets with their
 transforms, the replayable train loader, and the loop over one epoch's (mixed) batches.
 
-Training (``distill.train``) and the teacher cache (``distill.cache``) both take their batches
+Training (``distill.loop``) and the teacher cache (``distill.cache``) both take their batches
 from ``epoch_batches``, so a cached teacher output belongs to exactly the images the student later
 sees: same samples, same augmentation seeds, same Mixup/CutMix draw.
 """

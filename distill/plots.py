@@ -11,12 +11,14 @@ import json
 import sys
 from pathlib import Path
 
+from distill import atomic
+
 CURVES_NAME = "training_curves.png"
 ANALYSIS_NAME = "analysis.png"
 INSTALL_HINT = "pip install deit-distill[plots]"
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     """A matplotlib Figure, or None (with a one-line note) when matplotlib is not installed."""
     try:
         from matplotlib.figure import Figure
@@ -42,7 +44,7 @@ def save_training_curves(run_dir: str | Path) -> Path | None:
     rows = read_metrics(run_dir)
     if not rows:
         return None
-    fig = _figure(13.5, 3.6)
+    fig = figure(13.5, 3.6)
     if fig is None:
         return None
     ax_loss, ax_lr, ax_acc = fig.subplots(1, 3)
@@ -73,16 +75,14 @@ def save_training_curves(run_dir: str | Path) -> Path | None:
     if ax_acc.lines:
         ax_acc.legend(fontsize="small")
     fig.suptitle(run_dir.name)
-    out = run_dir / CURVES_NAME
-    fig.savefig(out, dpi=110)
-    return out
+    return atomic.write_file(run_dir / CURVES_NAME, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def save_analysis_plots(analysis: dict, out_dir: str | Path) -> Path | None:
     """Draw ``analysis.png`` (what ``distill.analyze.analyze_run`` returns): the cosine between the
     class and distillation tokens layer by layer, the agreement between heads and teacher, and the
     joint head's confusion matrix. Returns the PNG's path, or None without matplotlib."""
-    fig = _figure(16.5, 5.0)
+    fig = figure(16.5, 5.0)
     if fig is None:
         return None
     ax_cos, ax_agree, ax_conf = fig.subplots(1, 3)
@@ -93,8 +93,7 @@ def save_analysis_plots(analysis: dict, out_dir: str | Path) -> Path | None:
     fig.suptitle(f"{run}  ({analysis['student']}, {analysis['num_images']} validation images)")
     out = Path(out_dir) / ANALYSIS_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return atomic.write_file(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def _plot_cosine(ax, tc: dict) -> None:

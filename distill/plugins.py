@@ -22,7 +22,8 @@ import types
 from importlib.metadata import EntryPoint, entry_points
 from typing import Container, Iterable
 
-from distill.atomic import closest, first_line
+from distill.atomic import closest
+from distill.errors import DistillError, first_line
 
 TEACHERS_GROUP = "deit_distill.teachers"
 STUDENTS_GROUP = "deit_distill.students"
@@ -31,11 +32,11 @@ STUDENTS_GROUP = "deit_distill.students"
 _LOADED: dict[tuple[str, str, str], str | None] = {}
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(DistillError, KeyError):
     """A teacher or student name that no registry and no installed plugin knows."""
 
 
-class PluginError(ValueError):
+class PluginError(DistillError, ValueError):
     """An installed plugin that could not be loaded; the message names its distribution."""
 
 

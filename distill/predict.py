@@ -36,13 +36,14 @@ from distill.images import ImageClassificationDataset, to_rgb
 from distill.onnx_export import ONNX_NAME
 from distill.rundir import (HEADS, eval_transform, export_preprocessing, locate_export, read_export_config,
                             student_output)
-from distill.atomic import first_line, write_text
+from distill.atomic import write_text
 from distill.sources import HUB_ID, IMAGE_EXTENSIONS, DataError
 from distill.splits import load_eval_split
+from distill.errors import DistillError, NotFoundError, first_line
 
 __all__ = ["predict", "PredictError", "load_classifier", "eval_transform", "write_json", "write_csv", "format_predictions"]
 
-class PredictError(ValueError):
+class PredictError(DistillError, ValueError):
     """A model, input or option ``distill predict`` cannot use; the message says what to do."""
 
 
@@ -68,7 +69,7 @@ def load_classifier(path: str | Path, head: str | None = None, device: str | tor
         raise PredictError(f"unknown head {head!r}; use --head joint, --head cls or --head dist")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass runs/<name>, an export folder or an ONNX export")
+        raise NotFoundError(f"{path} does not exist; pass runs/<name>, an export folder or an ONNX export")
     if path.suffix == ".onnx" or (path / ONNX_NAME).is_file():
         onnx_file = path if path.suffix == ".onnx" else path / ONNX_NAME
         return _onnx_classifier(onnx_file, onnx_file.with_suffix(".json"), head)  # model.onnx + model.json
@@ -90,7 +91,7 @@ def _onnx_classifier(onnx_file: Path, meta_file: Path, head: str | None) -> Clas
     except ImportError:
         raise PredictError("an ONNX model needs onnxruntime: pip install deit-distill[onnx]") from None
     if not onnx_file.is_file():
-        raise FileNotFoundError(f"{onnx_file} does not exist; pass an ONNX export (`distill export <run> --format onnx`)")
+        raise NotFoundError(f"{onnx_file} does not exist; pass an ONNX export (`distill export <run> --format onnx`)")
     try:
         meta = json.loads(meta_file.read_text())
         names, prep, exported = list(meta["class_names"]), meta["preprocessing"], meta["head"]
@@ -189,7 +190,7 @@ def _inputs(inputs: Sequence, split: str | None, transform):
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"{path} does not exist; pass image files, folders of images or a dataset")
+            raise NotFoundError(f"{path} does not exist; pass image files, folders of images or a dataset")
     names = [f"image {i}" if isinstance(f, PILImage.Image) else str(f) for i, f in enumerate(files)]
     return _Images(files, transform), names, None
 

@@ -19,11 +19,12 @@ import json
 import time
 from pathlib import Path
 
+from distill import atomic
 from distill.compare import compare_runs, predicting_head
 from distill.evaluate import format_table
 from distill.recipes import apply_override, load_recipe
 from distill.report import report_runs
-from distill.train import train, train_teacher
+from distill.loop import train, train_teacher
 from teachers.files import TEACHER_WEIGHTS
 
 COLUMNS = ["cls_top1", "dist_top1", "joint_top1", "top1", "agreement_top1"]
@@ -75,5 +76,5 @@ def run_quickstart(output_dir: str = "runs", overrides: list[str] | None = None,
                          throughput_runs=3)
     print("compression report: " + ", ".join(f for f in report["files"].values() if f))
     summary = Path(output_dir) / f"{base.train.run_name}-summary.json"
-    summary.write_text(json.dumps(rows, indent=2) + "\n")
+    atomic.write_text(summary, json.dumps(rows, indent=2) + "\n")
     return rows

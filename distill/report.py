@@ -47,6 +47,7 @@ from distill.recipes import from_dict
 from distill.rundir import export_preprocessing
 from distill.spread import LEGEND, mark, spread
 from teachers.files import TEACHER_CONFIG, TEACHER_WEIGHTS
+from distill.errors import DistillError, NotFoundError, message_line
 
 __all__ = ["report_runs", "count_flops", "time_model", "time_runs", "format_markdown", "ReportError"]
 
@@ -54,7 +55,7 @@ REPORT_MD, REPORT_JSON, REPORT_PNG = "report.md", "report.json", "report.png"
 HEAD_COLUMNS = ("cls_top1", "dist_top1", "joint_top1")
 
 
-class ReportError(ValueError):
+class ReportError(DistillError, ValueError):
     """A folder ``distill report`` cannot read; the message says what to do."""
 
 
@@ -181,7 +182,7 @@ def _read_run(path: str | Path):
     """(config, export folder, last metrics) of a finished run folder; one-line errors otherwise."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist; pass run folders (runs/<name>)")
+        raise NotFoundError(f"{path} does not exist; pass run folders (runs/<name>)")
     if not (path / "config.yaml").is_file():
         raise ReportError(f"{path} is not a run folder (no config.yaml); pass run folders runs/<name> that "
                           "`distill train` or `distill train-teacher` wrote")
@@ -191,7 +192,7 @@ def _read_run(path: str | Path):
     try:
         cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
     except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:
-        raise ReportError(f"{path / 'config.yaml'} is damaged ({str(e).splitlines()[0]}); pass an intact run folder") from None
+        raise ReportError(f"{path / 'config.yaml'} is damaged ({message_line(e)}); pass an intact run folder") from None
     return cfg, path / "export", _last_metrics(path)
 
 
@@ -334,8 +335,8 @@ def report_runs(paths: Sequence[str | Path], out: str | Path | None = None, *, t
     if plot:
         png = _plot(report, out / REPORT_PNG)
         report["files"]["png"] = None if png is None else str(png)
-    (out / REPORT_MD).write_text(format_markdown(report))
-    (out / REPORT_JSON).write_text(json.dumps(_relative_paths(report, out), indent=2) + "\n")
+    atomic.write_text(out / REPORT_MD, format_markdown(report))
+    atomic.write_text(out / REPORT_JSON, json.dumps(_relative_paths(report, out), indent=2) + "\n")
     return report
 
 
@@ -391,14 +392,14 @@ def format_markdown(report: dict) -> str:
 def _plot(report: dict, png: Path) -> Path | None:
     """Top-1 against CPU fp32 latency (GFLOPs without timing): teacher squares, student dots, and the
     Pareto front (no other model is both faster and more accurate)."""
-    from distill.plots import _figure
+    from distill.plots import figure
 
     rows = [r for r in report["rows"] if r["top1"] is not None]
     timed = report["settings"]["timing"]
     xs = [r["timing"]["cpu_fp32"]["latency_ms"] if timed else r["gflops"] for r in rows]
     if not rows:
         return None
-    fig = _figure(6.4, 4.4)
+    fig = figure(6.4, 4.4)
     if fig is None:
         return None
     ax = fig.subplots()
@@ -423,5 +424,5 @@ def _plot(report: dict, png: Path) -> Path | None:
     ax.set(xlabel=f"CPU fp32 latency, batch 1 (ms, {threads} threads)" if timed else "GFLOPs per image",
            ylabel="top-1 (%)", title="accuracy against " + ("latency" if timed else "compute"))
     ax.grid(alpha=0.3)
-    fig.savefig(png, dpi=120)
+    atomic.write_file(png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return png

@@ -36,9 +36,10 @@ from distill.recipes import from_dict
 from distill.splits import load_eval_split
 from distill.pipeline import image_dataset, val_loader
 from distill.transforms import build_transform
+from distill.errors import DistillError, NotFoundError, message_line
 
 
-class RunExistsError(RuntimeError):
+class RunExistsError(DistillError, RuntimeError):
     """The run folder already holds a run and --resume was not given."""
 
 
@@ -101,7 +102,7 @@ def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int,
 
 def warn_schedule_change(run_dir: Path, epochs: int, done: int, epochs_key: str = "train.epochs") -> None:
     """One warning line when a run resumes with another number of epochs than it was started with:
-    the cosine schedule is a function of the step and the run's length (``train._optimizer_and_schedule``),
+    the cosine schedule is a function of the step and the run's length (``loop._optimizer_and_schedule``),
     so the learning rate jumps onto the new length's curve (it is not kept as started)."""
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # the config that wrote the checkpoints
@@ -133,7 +134,7 @@ def logged_epochs(path: Path) -> list[tuple[int, str]]:
             if not isinstance(epoch, int):
                 raise ValueError(f"epoch is {epoch!r}")
         except (ValueError, AttributeError) as e:
-            raise ConfigError(f"{path} line {number} is not a metrics record ({str(e).splitlines()[0]}); delete that "
+            raise ConfigError(f"{path} line {number} is not a metrics record ({message_line(e)}); delete that "
                               "line (the checkpoints are intact), then resume again") from None
         records.append((epoch, line))
     return records
@@ -217,16 +218,16 @@ def load_run(path: str | Path, data: str | None = None, split: str | None = None
         if (path / "config.yaml").is_file():  # a run folder whose run has not finished
             found = ckpt.find_checkpoint(path)
             done = f"stopped after epoch {json.loads((found / ckpt.STATE_FILE).read_text())['epoch']}" if found else "has no checkpoint"
-            raise FileNotFoundError(f"{path} has no export yet: the run {done}; continue it with "
+            raise NotFoundError(f"{path} has no export yet: the run {done}; continue it with "
                                     f"`distill train <recipe> --resume`, then evaluate it")
-        raise FileNotFoundError(f"{path} is neither a run folder nor an exported student (no config.json); "
+        raise NotFoundError(f"{path} is neither a run folder nor an exported student (no config.json); "
                                 "pass runs/<name> or runs/<name>/export")
     info = students.load_student(export).export_config  # also checks that the export is readable
     if (path / "config.yaml").is_file():
         try:
             cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()))
         except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:
-            raise ConfigError(f"{path / 'config.yaml'} is damaged ({str(e).splitlines()[0]}); evaluate the export "
+            raise ConfigError(f"{path / 'config.yaml'} is damaged ({message_line(e)}); evaluate the export "
                               f"folder {export} instead") from None
     else:
         cfg = Config()
@@ -310,7 +311,7 @@ MARKER = "distill_export.json"
 EXPORT_BUSY_FIX = "wait for it to finish, or pass another --out"
 
 
-class ExportError(ValueError):
+class ExportError(DistillError, ValueError):
     """A student, folder or option that cannot be exported; the message says what to do."""
 
 
@@ -318,7 +319,7 @@ def locate_export(path: str | Path) -> Path:
     """The export folder of a run folder (``<run>/export``), or ``path`` itself if it is one."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass runs/<name> or runs/<name>/export")
+        raise NotFoundError(f"{path} does not exist; pass runs/<name> or runs/<name>/export")
     if (path / "export" / "config.json").is_file():
         return path / "export"
     if (path / "teacher.json").is_file() or (path / "export" / "teacher.json").is_file():
@@ -327,10 +328,10 @@ def locate_export(path: str | Path) -> Path:
                           "student's run folder runs/<name>; a student uses this teacher with "
                           f"teacher.checkpoint={teacher / 'model.safetensors'}")
     if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"run {path} has not finished (no export/ yet); finish it with "
+        raise NotFoundError(f"run {path} has not finished (no export/ yet); finish it with "
                                 "`distill train <recipe> --resume`, then export it")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is neither a run folder nor an exported student (no config.json); "
+        raise NotFoundError(f"{path} is neither a run folder nor an exported student (no config.json); "
                                 "pass runs/<name> or runs/<name>/export")
     return path
 
@@ -387,8 +388,7 @@ def upload(folder: Path, repo: str, commit_message: str) -> str:
         repo_id = api.create_repo(repo, exist_ok=True).repo_id
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     except Exception as e:  # network, login, permissions: the folder is written either way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ExportError(f"could not upload {folder} to {repo} ({type(e).__name__}: {first}); the folder is written: "
+        raise ExportError(f"could not upload {folder} to {repo} ({type(e).__name__}: {message_line(e)}); the folder is written: "
                           "log in with `hf auth login` (or set HF_TOKEN) and run the same command again") from None
     return repo_id
 

@@ -12,20 +12,17 @@ keyword argument (``val_split=``), and the command line names its own option (``
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import logging
 import os
 import re
-import warnings
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import datasets
 from datasets.data_files import NON_WORDS_CHARS, SPLIT_KEYWORDS
 
-from distill.atomic import first_line
+from distill.errors import DistillError, first_line, quiet_libraries
 
 __all__ = ["DataError", "read_splits", "describe_source"]
 
@@ -42,7 +39,7 @@ Source = Union[str, os.PathLike, datasets.Dataset, datasets.DatasetDict]
 OPTION = "{option}"  # where a DataError message names its option
 
 
-class DataError(ValueError):
+class DataError(DistillError, ValueError):
     """Bad or unreadable input data; the message is one line saying what to do.
 
     ``option`` is the key of the option the hint is about (``val_split``, ``source``, ...), written
@@ -78,25 +75,6 @@ def names(items: Any) -> str:
     return ", ".join(str(x) for x in items) or "none"
 
 
-@contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """Silence datasets' and huggingface_hub's log lines and warnings for the duration of a load
-    (retries against an unreachable Hub, a parquet reader's complaint): the DataError raised after
-    them already quotes the cause, and nothing should surround that one line. The loggers' levels
-    are restored afterwards, so the rest of the process logs as configured."""
-    loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub", "fsspec")]
-    levels = [logger.level for logger in loggers]
-    try:
-        for logger in loggers:
-            logger.setLevel(logging.CRITICAL + 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def read_splits(source: Source, name: str) -> dict[str, datasets.Dataset]:
     """Load every split of `source`, deciding what kind of source it is from what is on disk."""
     if isinstance(source, datasets.DatasetDict):
@@ -113,7 +91,7 @@ def read_splits(source: Source, name: str) -> dict[str, datasets.Dataset]:
     if path.is_dir():
         kind = _folder_kind(path)
         try:
-            with _quiet_libraries():
+            with quiet_libraries():
                 if kind == "saved":
                     loaded = datasets.load_from_disk(str(path))
                 elif kind == "imagefolder":
@@ -132,13 +110,13 @@ def read_splits(source: Source, name: str) -> dict[str, datasets.Dataset]:
                             ".parquet file(s)", "source")
         data_files = _files_by_split(files, _fixed_prefix(path), name)
         try:
-            with _quiet_libraries():
+            with quiet_libraries():
                 loaded = datasets.load_dataset("parquet", data_files=data_files)
         except Exception as e:
             raise DataError(f"{name}: could not be read as parquet ({first_line(e)}); check the file(s)") from e
     elif HUB_ID.match(text) and not text.endswith(".parquet"):
         try:
-            with _quiet_libraries():
+            with quiet_libraries():
                 loaded = datasets.load_dataset(text)
         except Exception as e:
             raise DataError(

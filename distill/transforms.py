@@ -17,6 +17,8 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode, str_to_pil_interp
 from torchvision import transforms as T
 
+from distill.config import ConfigError
+
 __all__ = ["build_transform", "build_mixup", "ResizeIfNeeded"]
 
 
@@ -78,9 +80,9 @@ def build_transform(
     resizes if needed and normalises. ``auto_augment=None``/``""`` and ``reprob=0`` disable those.
     """
     if style not in ("deit", "small"):
-        raise ValueError(f"unknown transform style '{style}'; use 'deit' or 'small'")
+        raise ConfigError(f"unknown transform style '{style}'; use 'deit' or 'small'")
     if not isinstance(img_size, int) or img_size <= 0:
-        raise ValueError(f"img_size={img_size!r} must be a positive int")
+        raise ConfigError(f"img_size={img_size!r} must be a positive int")
     mean, std = tuple(mean), tuple(std)
     auto_augment = auto_augment or None
 
@@ -117,7 +119,7 @@ def build_transform(
             ops.append(T.RandomHorizontalFlip(hflip))
         if auto_augment:
             if not auto_augment.startswith("rand"):
-                raise ValueError(f"style 'small' supports RandAugment strings like 'rand-m9-mstd0.5-inc1', not '{auto_augment}'")
+                raise ConfigError(f"style 'small' supports RandAugment strings like 'rand-m9-mstd0.5-inc1', not '{auto_augment}'")
             # Same hyper-parameters timm derives for the ImageNet recipe: translate up to 45% of
             # the image, fill with the dataset mean.
             hparams = dict(
@@ -151,11 +153,11 @@ def build_mixup(
     DataLoader must use ``drop_last=True``.
     """
     if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise ValueError(f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0")
+        raise ConfigError(f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0")
     if mixup_alpha == 0 and cutmix_alpha == 0:
         return None
     if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r} must be a positive int")
+        raise ConfigError(f"num_classes={num_classes!r} must be a positive int")
     return Mixup(
         mixup_alpha=mixup_alpha,
         cutmix_alpha=cutmix_alpha,

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from distill.errors import DistillError
 
 # Layouts found in the wild: DeiT/timm training scripts save {'model': sd}, Lightning and many
 # others {'state_dict': sd}, EMA checkpoints {'state_dict_ema': sd}; plain state dicts are common.
 _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
 
-class WeightsError(ValueError):
+class WeightsError(DistillError, ValueError):
     """A weight file that cannot be used; the message says what to do."""
 
 

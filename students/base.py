@@ -35,17 +35,36 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from distill import weights
+from distill.errors import NotFoundError
 from students.files import CONFIG_NAME, WEIGHTS_NAME
-
-
-class StudentError(ValueError):
-    """A student asked for something its family cannot give (a conversion without an equivalent, a
-    checkpoint of another family); the message says what to do instead."""
+from students.registry import StudentError
 
 
 #: Every student class, in the order they are defined (see ``DistilledStudent.__init_subclass__``):
 #: the families asked to recognise a checkpoint that does not fit.
 _FAMILIES: list[type["DistilledStudent"]] = []
+
+
+class ExportWeights:
+    """The student's state dict as a family's ``to_timm``/``to_hf`` receives it (``distill.export``
+    builds it); every tensor must be taken or dropped by name, so a converter
+    that forgets one (a new parameter in a student) fails loudly instead of exporting without it."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state, self.used = state, set()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        self.used.add(key)
+        return self.state[key]
+
+    def drop(self, *keys: str) -> None:
+        self.used.update(k for k in keys if k in self.state)
+
+    def check_all_used(self) -> None:
+        left = sorted(set(self.state) - self.used)
+        if left:
+            raise RuntimeError(f"the export does not know where to put {left[:5]}; the student has tensors this "
+                               "converter was not written for")
 
 
 class DistilledStudent(nn.Module):
@@ -137,7 +156,7 @@ class DistilledStudent(nn.Module):
         An export folder stands for its weights file and is named as the folder."""
         if isinstance(source, (str, Path)) and Path(source).is_dir():
             if not (Path(source) / WEIGHTS_NAME).is_file():
-                raise FileNotFoundError(f"{source} is a folder without {WEIGHTS_NAME}; point student.checkpoint at a "
+                raise NotFoundError(f"{source} is a folder without {WEIGHTS_NAME}; point student.checkpoint at a "
                                         "weights file or at an export folder (runs/<name>/export)")
             return weights.load_state_dict_file(Path(source) / WEIGHTS_NAME), str(source)
         if isinstance(source, (str, Path)):
@@ -181,7 +200,7 @@ class DistilledStudent(nn.Module):
         distillation token cosine does not apply."""
         return None, f"no token probes for {type(self).__name__}"
 
-    def to_timm(self, head: str, weights) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    def to_timm(self, head: str, weights: ExportWeights) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
         """``(timm architecture, its model args, the state dict it loads strictly)`` of this student
         outputting ``head`` ("joint", "cls" or "dist"), for ``distill export --format timm``.
 
@@ -191,7 +210,7 @@ class DistilledStudent(nn.Module):
         equivalent raises :class:`StudentError`."""
         raise StudentError(self._no_equivalent())
 
-    def to_hf(self, head: str, weights) -> tuple[str, str, dict[str, torch.Tensor], dict[str, Any]]:
+    def to_hf(self, head: str, weights: ExportWeights) -> tuple[str, str, dict[str, torch.Tensor], dict[str, Any]]:
         """``(model_type, architecture class, state dict in transformers' names, config entries)`` for
         ``distill export --format hf``; the export adds the labels. ``weights`` as in :meth:`to_timm`."""
         raise StudentError(self._no_equivalent())
@@ -225,7 +244,7 @@ def joint_logits(cls_logits: torch.Tensor, dist_logits: torch.Tensor, joint: str
     if joint == "softmax":
         both = torch.stack((cls_logits.log_softmax(dim=-1), dist_logits.log_softmax(dim=-1)))
         return torch.logsumexp(both, dim=0) - math.log(2.0)
-    raise ValueError(f"unknown joint rule {joint!r}; use student.joint=logits or student.joint=softmax")
+    raise StudentError(f"unknown joint rule {joint!r}; use student.joint=logits or student.joint=softmax")
 
 
 def init_vit_weights(m: nn.Module) -> None:

@@ -63,7 +63,7 @@ class TalkingHeadAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}; pick a divisor")
+            raise StudentError(f"embed_dim {dim} is not divisible by num_heads {num_heads}; pick a divisor")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -99,7 +99,7 @@ class ClassAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}; pick a divisor")
+            raise StudentError(f"embed_dim {dim} is not divisible by num_heads {num_heads}; pick a divisor")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.k = nn.Linear(dim, dim, bias=qkv_bias)
@@ -206,7 +206,7 @@ class CaiT(DistilledStudent):
         super().__init__()
         img_size = to_2tuple(img_size)
         if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}; pick sizes that divide")
+            raise StudentError(f"img_size {img_size} is not a multiple of patch_size {patch_size}; pick sizes that divide")
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.img_size = img_size
@@ -251,7 +251,7 @@ class CaiT(DistilledStudent):
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
+            raise StudentError(
                 f"input is {tuple(x.shape[-2:])} but this CaiT was built for img_size {self.img_size}; "
                 "build it with the input's img_size (load_pretrained interpolates pos_embed)"
             )

@@ -59,7 +59,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from students.base import DistilledStudent, init_vit_weights
-from students.registry import register_student
+from students.registry import StudentError, register_student
 
 # The classifier's projection width (Sec. 3.1, Fig. 2c: "FC 1280").
 HEAD_DIM = 1280
@@ -136,7 +136,7 @@ class LightweightAttention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads; pick a width that is")
+            raise StudentError(f"width {dim} is not divisible by {num_heads} heads; pick a width that is")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -285,9 +285,9 @@ class CMT(DistilledStudent):
     ) -> None:
         super().__init__()
         if img_size < self.MIN_INPUT:
-            raise ValueError(f"CMT needs img_size >= {self.MIN_INPUT} (five stride-2 steps); got {img_size}")
+            raise StudentError(f"CMT needs img_size >= {self.MIN_INPUT} (five stride-2 steps); got {img_size}")
         if not len(dims) == len(depths) == len(num_heads) == len(sr_ratios) == 4:
-            raise ValueError("dims, depths, num_heads and sr_ratios each need 4 entries, one per stage")
+            raise StudentError("dims, depths, num_heads and sr_ratios each need 4 entries, one per stage")
         self.num_classes = num_classes
         # what the classifiers read: the 1280-d projection, not the last stage's width
         self.num_features = HEAD_DIM
@@ -346,7 +346,7 @@ class CMT(DistilledStudent):
         """Image -> pooled, normalised last-stage feature (B, C4)."""
         H, W = x.shape[-2:]
         if min(H, W) < self.MIN_INPUT:
-            raise ValueError(f"CMT needs inputs of at least {self.MIN_INPUT}x{self.MIN_INPUT}; got {H}x{W}")
+            raise StudentError(f"CMT needs inputs of at least {self.MIN_INPUT}x{self.MIN_INPUT}; got {H}x{W}")
         x = self.stem(x)
         for embed, stage in zip(self.patch_embeds, self.stages):
             x = stage(embed(x))

@@ -30,7 +30,7 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 
 from students.base import DistilledStudent, init_vit_weights
-from students.registry import register_student
+from students.registry import StudentError, register_student
 
 __all__ = [
     "VisionTransformerDistilled", "adapt_vit_state_dict", "resample_pos_embed", "deit_tiny", "deit_small", "deit_base",
@@ -75,12 +75,12 @@ class VisionTransformerDistilled(DistilledStudent):
     ) -> None:
         super().__init__()
         if img_size % patch_size != 0:
-            raise ValueError(
+            raise StudentError(
                 f"img_size {img_size} is not a multiple of patch_size {patch_size}; "
                 "pick sizes that divide (e.g. 224/16 or 32/4)"
             )
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; change one of them")
+            raise StudentError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; change one of them")
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.has_dist_token = distilled
@@ -131,7 +131,7 @@ class VisionTransformerDistilled(DistilledStudent):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         expected = tuple(self.patch_embed.img_size)
         if tuple(x.shape[-2:]) != expected:
-            raise ValueError(
+            raise StudentError(
                 f"input is {x.shape[-2]}x{x.shape[-1]} but the model was built for {expected[0]}x{expected[1]}; "
                 f"resize the images or build the student with img_size={x.shape[-1]}"
             )
@@ -361,7 +361,7 @@ def resample_pos_embed(
     if old_grid is None:
         side = math.isqrt(n_patches)
         if side * side != n_patches:
-            raise ValueError(
+            raise StudentError(
                 f"pos_embed has {n_patches} patch positions, which is not a square grid; pass old_grid=(H, W)"
             )
         old_grid = (side, side)
@@ -464,7 +464,7 @@ def adapt_vit_state_dict(
     for key in list(state):
         if key not in target:
             if strict:
-                raise ValueError(
+                raise StudentError(
                     f"checkpoint tensor {key!r} {_shape(state[key])} has no counterpart in the model; "
                     "the checkpoint is another architecture (depth/variant), so build the matching student "
                     "or pass strict=False to skip it"
@@ -473,7 +473,7 @@ def adapt_vit_state_dict(
             del state[key]
         elif state[key].shape != target[key].shape:
             if strict:
-                raise ValueError(
+                raise StudentError(
                     f"checkpoint tensor {key!r} has shape {_shape(state[key])} but the model expects "
                     f"{_shape(target[key])}; the checkpoint is another architecture (embed_dim/heads/patch size), "
                     "so build the matching student or pass strict=False to skip it"
@@ -482,7 +482,7 @@ def adapt_vit_state_dict(
             del state[key]
     missing = [k for k in target if k not in state and k not in report["reset"]]
     if missing and strict:
-        raise ValueError(
+        raise StudentError(
             f"checkpoint lacks {missing[0]!r} {_shape(target[missing[0]])} ({len(missing)} tensors missing); "
             "the checkpoint is another architecture (depth/variant), so build the matching student "
             "or pass strict=False to keep those tensors freshly initialised"

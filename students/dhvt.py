@@ -36,7 +36,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from students.base import DistilledStudent, init_vit_weights
-from students.registry import register_student
+from students.registry import StudentError, register_student
 
 # Class token + distillation token, in that order, in front of the patch tokens.
 NUM_PREFIX_TOKENS = 2
@@ -78,10 +78,10 @@ class SOPE(nn.Module):
     def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3) -> None:
         super().__init__()
         if patch_size < 2 or patch_size & (patch_size - 1):
-            raise ValueError(f"DHVT's SOPE needs a patch size that is a power of 2 (2, 4, 8, 16, ...), got {patch_size}")
+            raise StudentError(f"DHVT's SOPE needs a patch size that is a power of 2 (2, 4, 8, 16, ...), got {patch_size}")
         num_stages = int(math.log2(patch_size))
         if embed_dim % 2 ** (num_stages - 1):
-            raise ValueError(
+            raise StudentError(
                 f"SOPE halves the width {num_stages - 1} times before embed_dim; "
                 f"pick embed_dim divisible by {2 ** (num_stages - 1)} (got {embed_dim})"
             )
@@ -95,7 +95,7 @@ class SOPE(nn.Module):
         """Return the patch tokens ``[B, N, D]`` and the grid ``(H/P, W/P)`` they came from."""
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(
+            raise StudentError(
                 f"DHVT input {h}x{w} is not a multiple of the patch size {self.patch_size}; resize or crop it"
             )
         x = self.post_affine(self.stages(self.pre_affine(x)))
@@ -125,7 +125,7 @@ class HIMHSA(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+            raise StudentError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.num_prefix_tokens = num_prefix_tokens
@@ -263,7 +263,7 @@ class DHVT(DistilledStudent):
     ) -> None:
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+            raise StudentError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -295,7 +295,7 @@ class DHVT(DistilledStudent):
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"DHVT expects images shaped [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
+            raise StudentError(f"DHVT expects images shaped [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
         tokens, grid = self.patch_embed(x)
         b = tokens.shape[0]
         x = torch.cat([self.cls_token.expand(b, -1, -1), self.dist_token.expand(b, -1, -1), tokens], dim=1)

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distill import weights
-from students.registry import create_student
+from distill.errors import NotFoundError, message_line
+from students.registry import StudentError, create_student
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -56,12 +57,12 @@ def _check_fields(config: dict, args: dict, name: str, damaged: str, rewrite: st
     """One line naming the first field of ``config.json`` whose value has the wrong type."""
     for key, ok in _FIELDS.items():
         if key in config and not ok(config[key]):
-            raise ValueError(f"{damaged}: field {key!r} is {config[key]!r}; {rewrite}")
+            raise StudentError(f"{damaged}: field {key!r} is {config[key]!r}; {rewrite}")
     for key, value in args.items():  # the builder's arguments, against its class's typed signature
         expected = _argument_types(name).get(key)
         if expected is not None and value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
             what = "an integer" if expected is int else "a number"
-            raise ValueError(f"{damaged}: field 'student.{key}' is {value!r}, not {what}; {rewrite}")
+            raise StudentError(f"{damaged}: field 'student.{key}' is {value!r}, not {what}; {rewrite}")
 
 
 def _argument_types(name: str) -> dict[str, type]:
@@ -79,7 +80,7 @@ def load_student(directory: str | Path, map_location: str = "cpu") -> nn.Module:
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not cfg_path.is_file() or not w_path.is_file():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{directory} is not an exported student: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(written by `distill train` into <run>/export)"
         )
@@ -89,13 +90,13 @@ def load_student(directory: str | Path, map_location: str = "cpu") -> nn.Module:
         args = dict(config["student"])
         name = args.pop("name")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{cfg_path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); {rewrite}") from None
+        raise StudentError(f"{cfg_path} is damaged ({type(e).__name__}: {message_line(e)}); {rewrite}") from None
     _check_fields(config, args, name, f"{cfg_path} is damaged", rewrite)
     model = create_student(name, **args)
     try:
         state = load_file(str(w_path), device=map_location)
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise ValueError(f"{w_path} is damaged or truncated ({str(e).splitlines()[0]}); {rewrite}") from None
+        raise StudentError(f"{w_path} is damaged or truncated ({message_line(e)}); {rewrite}") from None
     weights.load_strict(model, state, lambda problem: ValueError(
         f"{w_path} does not match the student in {cfg_path} ({problem}); re-export it with the same distill version"))
     model.eval_head = config.get("eval_head", "joint")

@@ -11,14 +11,21 @@ from typing import Callable
 import torch
 from torch import nn
 
+from distill.errors import DistillError
+
 _STUDENTS: dict[str, Callable[..., nn.Module]] = {}
+
+
+class StudentError(DistillError, ValueError):
+    """A student asked for something its family cannot give (a conversion without an equivalent, a
+    checkpoint of another family, a shape it cannot take); the message says what to do instead."""
 
 
 def register_student(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register ``fn`` under its function name (``deit_tiny``, ``cait_xxs24``, ...)."""
     name = fn.__name__
     if name in _STUDENTS:
-        raise ValueError(f"student {name!r} is registered twice")
+        raise StudentError(f"student {name!r} is registered twice")
     _STUDENTS[name] = fn
     return fn
 
@@ -78,7 +85,7 @@ def create_student(name: str, num_classes: int = 1000, img_size: int | None = No
         if "unexpected keyword argument" not in str(e):
             raise
         arg = str(e).split("argument")[-1].strip(" '\"")
-        raise ValueError(f"student {name!r} does not take {arg!r}; remove it from the student config") from None
+        raise StudentError(f"student {name!r} does not take {arg!r}; remove it from the student config") from None
     # Remember how the model was built so an exported student can be rebuilt in one call.
     model.student_args = {"name": name, "num_classes": num_classes, **overrides}
     return model

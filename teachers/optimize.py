@@ -27,6 +27,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from distill.errors import message_line
+
 __all__ = ["fold_batchnorm", "has_conv2d", "max_logit_difference"]
 
 # BatchNorm classes whose forward is exactly "normalise, then (for timm's BatchNormAct2d) drop + act";
@@ -51,7 +53,7 @@ def _conv_bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str | None]
     try:
         graph = _PairTracer(autowrap_functions=tuple(get_notrace_functions())).trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure only means "do not fold"
-        return [], f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return [], f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {message_line(e)[:120]})"
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:

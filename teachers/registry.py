@@ -22,8 +22,9 @@ from timm.models.resnet import BasicBlock, ResNet
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from distill.errors import quiet_libraries
 from distill.weights import WeightsError, load_state_dict_file, load_strict
-from teachers.teacher import Teacher
+from teachers.teacher import Teacher, TeacherError
 
 TRAIN_TEACHER_HINT = "fine-tune the teacher on this dataset first: `distill train-teacher <recipe>`"
 
@@ -62,7 +63,7 @@ def _size(size: Sequence[int] | int | None) -> tuple[int, int, int] | None:
     if len(size) == 2:
         return (3, *size)
     if len(size) != 3:
-        raise ValueError(f"input_size must be (C, H, W), (H, W) or an int, got {size}")
+        raise TeacherError(f"input_size must be (C, H, W), (H, W) or an int, got {size}")
     return size
 
 
@@ -76,7 +77,7 @@ def register_teacher(name: str, *, mean: Sequence[float] | None = None, std: Seq
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _TEACHERS:
-            raise ValueError(f"teacher {name!r} is registered twice; pick another name")
+            raise TeacherError(f"teacher {name!r} is registered twice; pick another name")
         _TEACHERS[name] = _Entry(builder, _floats(mean), _floats(std), _size(input_size))
         return builder
 
@@ -167,7 +168,7 @@ def _cifar_resnet_6n2(depth: int, num_classes: int, pretrained: bool, **kwargs) 
     fits a CPU budget. No pretrained weights exist.
     """
     if pretrained:
-        raise ValueError(f"resnet{depth}_cifar has no pretrained weights; train it with `distill train-teacher`")
+        raise TeacherError(f"resnet{depth}_cifar has no pretrained weights; train it with `distill train-teacher`")
     n = (depth - 2) // 6
     # stem_type="deep" with stem_width 8 makes timm size the stem output (and layer1's input) 16 wide;
     # the deep stem itself is then replaced: the CIFAR stem is one 3x3 stride-1 conv, no max-pool.
@@ -203,7 +204,7 @@ def build_teacher_network(name: str, num_classes: int, pretrained: bool = False,
     """
     entry = _lookup(name)
     if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        raise TeacherError(f"num_classes must be a positive int, got {num_classes!r}")
     try:
         with _hub_download(pretrained) as hub:
             model = entry.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
@@ -243,13 +244,11 @@ def _hub_download(pretrained: bool) -> Iterator[dict]:
         return
     from huggingface_hub import constants
 
-    from distill.sources import _quiet_libraries
-
     offline = constants.HF_HUB_OFFLINE
     found["endpoint"] = constants.ENDPOINT
     found["unreachable"] = not offline and not _reachable(constants.ENDPOINT)
     try:
-        with _quiet_libraries():
+        with quiet_libraries():
             constants.HF_HUB_OFFLINE = offline or found["unreachable"]  # read on every request (is_offline_mode)
             yield found
     finally:
@@ -281,7 +280,7 @@ def create_teacher(name: str, num_classes: int = 1000, checkpoint: str | Path | 
     BatchNorm statistics); the rest of ``kwargs`` goes to the builder.
     """
     if checkpoint is not None and pretrained:
-        raise ValueError("pass either checkpoint=... or pretrained=True, not both")
+        raise TeacherError("pass either checkpoint=... or pretrained=True, not both")
     model, meta = build_teacher_network(name, num_classes, pretrained, mean=mean, std=std,
                                         input_size=input_size, **kwargs)
     if pretrained:
@@ -290,7 +289,7 @@ def create_teacher(name: str, num_classes: int = 1000, checkpoint: str | Path | 
         cfg = getattr(model, "pretrained_cfg", None) or {}
         trained = cfg.get("num_classes")
         if trained is not None and trained != num_classes:
-            raise ValueError(f"pretrained {name!r} predicts {trained} classes but {num_classes} were requested; "
+            raise TeacherError(f"pretrained {name!r} predicts {trained} classes but {num_classes} were requested; "
                              f"{TRAIN_TEACHER_HINT}")
     if checkpoint is not None:
         load_teacher_checkpoint(model, checkpoint, num_classes)
@@ -304,7 +303,7 @@ def load_teacher_checkpoint(model: nn.Module, checkpoint: str | Path, num_classe
     state = load_state_dict_file(checkpoint)
     head = _classifier_weight_key(model)
     if head is not None and head in state and state[head].ndim >= 1 and state[head].shape[0] != num_classes:
-        raise ValueError(f"teacher checkpoint {checkpoint} has a {state[head].shape[0]}-class classifier "
+        raise TeacherError(f"teacher checkpoint {checkpoint} has a {state[head].shape[0]}-class classifier "
                          f"but {num_classes} classes were requested; {TRAIN_TEACHER_HINT}")
     load_strict(model, state, lambda problem: ValueError(
         f"teacher checkpoint {checkpoint} does not fit the network ({problem}); was it saved from a different "

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from distill.errors import DistillError
 from teachers.optimize import fold_batchnorm, has_conv2d, max_logit_difference
 
 # Folded logits must match the unfolded ones to this tolerance (relative to the largest logit) on
@@ -31,6 +32,11 @@ from teachers.optimize import fold_batchnorm, has_conv2d, max_logit_difference
 FOLD_RTOL = 1e-4
 
 PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TeacherError(DistillError, ValueError):
+    """A teacher that cannot be built or run as asked (its classes, its input, its weights); the
+    message says what to do."""
 
 
 class Teacher(nn.Module):
@@ -73,12 +79,12 @@ class Teacher(nn.Module):
         self.num_classes: int | None = int(num_classes) if isinstance(num_classes, int) else None
         self._expected_classes: tuple[int, str] | None = None  # set by check_num_classes when num_classes is unknown
         if len(mean) != len(std):
-            raise ValueError(f"teacher mean has {len(mean)} channels but std has {len(std)}")
+            raise TeacherError(f"teacher mean has {len(mean)} channels but std has {len(std)}")
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.input_size = None if input_size is None else tuple(int(s) for s in input_size)
         if self.input_size is not None and len(self.input_size) != 3:
-            raise ValueError(f"teacher input_size must be (C, H, W), got {self.input_size}")
+            raise TeacherError(f"teacher input_size must be (C, H, W), got {self.input_size}")
         self.name = name or type(model).__name__
         self.resize = False
         self.student_img_size: tuple[int, int] | None = None
@@ -200,10 +206,10 @@ class Teacher(nn.Module):
         antialiased). ``img_size`` is the student's resolution, recorded for messages.
         """
         if len(mean) != len(self.mean) or len(std) != len(self.std):
-            raise ValueError(f"student normalisation has {len(mean)}/{len(std)} channels, "
+            raise TeacherError(f"student normalisation has {len(mean)}/{len(std)} channels, "
                              f"the teacher's {len(self.mean)}")
         if resize and self.input_size is None:
-            raise ValueError(f"teacher {self.name!r} has no input_size to resize to; pass input_size=(C, H, W)")
+            raise TeacherError(f"teacher {self.name!r} has no input_size to resize to; pass input_size=(C, H, W)")
         device = self._device()
         s_mean, s_std = _channels(mean, device), _channels(std, device)
         t_mean, t_std = _channels(self.mean, device), _channels(self.std, device)
@@ -263,7 +269,7 @@ class Teacher(nn.Module):
             return
         if self.num_classes != num_classes:
             where = f"dataset {dataset!r} has" if dataset else "the data has"
-            raise ValueError(f"teacher {self.name!r} predicts {self.num_classes} classes but {where} {num_classes}; "
+            raise TeacherError(f"teacher {self.name!r} predicts {self.num_classes} classes but {where} {num_classes}; "
                              "fine-tune the teacher on this dataset first: `distill train-teacher <recipe>`")
 
 
@@ -275,7 +281,7 @@ def _precision_dtype(precision: str | torch.dtype | None) -> torch.dtype | None:
         return precision
     if isinstance(precision, str) and precision in PRECISIONS:
         return PRECISIONS[precision]
-    raise ValueError(f"teacher precision must be one of {', '.join(PRECISIONS)} (or None to follow the "
+    raise TeacherError(f"teacher precision must be one of {', '.join(PRECISIONS)} (or None to follow the "
                      f"caller's autocast), got {precision!r}")
 
 

@@ -80,7 +80,7 @@ def read_metrics(run: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def trained_teacher(tiny_dataset, tmp_path_factory) -> Path:
     """A resnet20_cifar teacher fine-tuned on the tiny dataset for one epoch (its export's weights file)."""
-    from distill.train import train_teacher
+    from distill.loop import train_teacher
 
     out = tmp_path_factory.mktemp("teacher_runs")
     train_teacher(make_config(tiny_dataset, out))

@@ -33,6 +33,6 @@ def holding(epoch_batches, rank: int, epoch: int, batch: int, marker: Path):
 
 if __name__ == "__main__":
     rank, epoch, batch, marker = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-    for module in map(importlib.import_module, ("distill.train", "distill.cache_teacher")):  # distill.train is also a function
+    for module in map(importlib.import_module, ("distill.loop", "distill.cache_teacher")):
         module.epoch_batches = holding(module.epoch_batches, rank, epoch, batch, marker)
     sys.exit(cli.main(sys.argv[5:]))

@@ -1,5 +1,5 @@
 """Run by tests/test_pipeline.py under `accelerate launch` (or plainly, as one process): builds the
-training input pipeline exactly as `distill.train.fit` does for this process and saves, for epoch 0,
+training input pipeline exactly as `distill.loop.fit` does for this process and saves, for epoch 0,
 every (global batch, sample index, augmented image) and the Mixup/CutMix targets it produced.
 
     python tests/probe_pipeline.py <recipe.yaml> <out_dir>

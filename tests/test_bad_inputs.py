@@ -29,7 +29,7 @@ from distill import checkpoint as ckpt
 from distill.cli import build_parser, main as cli
 from distill.config import Config
 from distill.recipes import all_keys
-from distill.train import train
+from distill.loop import train
 
 from conftest import _write_image_folder, make_config, tiny_config
 

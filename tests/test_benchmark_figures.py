@@ -23,7 +23,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quickstart_dir(tiny_dataset, trained_teacher, tmp_path_factory):
     """A folder laid out as `distill quickstart` leaves it: <stem>-teacher, -none, -soft and -summary.json."""
-    from distill.train import train
+    from distill.loop import train
 
     out = tmp_path_factory.mktemp("figures_quickstart")
     shutil.copytree(trained_teacher.parents[1], out / "qs-teacher")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from distill.train import distill_step
+from distill.loop import distill_step
 from distill.build import new_accelerator
 from distill.config import Config
 
@@ -67,7 +67,7 @@ def test_run_pair_measures_every_variant(tmp_path, monkeypatch):
         calls.append(a[3] is not None)  # with teacher logits or without
         return distill_step(*a, **kw)
 
-    # Our variants time the training code itself: distill.train.distill_step.
+    # Our variants time the training code itself: distill.loop.distill_step.
     monkeypatch.setattr(throughput, "distill_step", counted)
     row = throughput.run_pair("deit_96x6", "resnet20_cifar", args, batches, torch.device("cpu"))
     assert calls.count(False) >= 2 and calls.count(True) >= 4  # plain; online and cached

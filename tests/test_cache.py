@@ -20,7 +20,7 @@ from distill.cache_teacher import build_cache, check_cache, replay_batch
 from distill.cli import main as cli
 from distill.pipeline import image_dataset, replay_mixup
 from distill.build import load_data
-from distill.train import train
+from distill.loop import train
 
 from conftest import REPO, launch_two_processes, make_config, rank_stderr, read_metrics, tiny_config, wait_for_marker
 

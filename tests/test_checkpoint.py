@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from distill import checkpoint as ckpt
 from distill.checkpoint import CheckpointError
 from distill.recipes import dump as ckpt_dump
-from distill.train import train
+from distill.loop import train
 
 from conftest import REPO, make_config, read_metrics, tiny_config
 

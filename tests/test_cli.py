@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import distill
 from distill.cli import main as cli
 
 
@@ -111,5 +112,39 @@ def test_the_interrupt_hook_passes_everything_else_on():
     from distill.cli import _keep_interrupts
 
     seen = []
-    _keep_interrupts(SimpleNamespace(exc_type=ValueError), default=seen.append)
-    assert len(seen) == 1
+    unraisable = SimpleNamespace(exc_type=ValueError)
+    _keep_interrupts(unraisable, default=seen.append)
+    assert seen == [unraisable]  # handed on once, as it came
+
+
+def test_a_bug_of_ours_is_a_traceback_not_a_user_error(capsys, monkeypatch):
+    """A KeyError raised by our own code is a bug: its traceback, then one line saying so and where to
+    report it; never the tidy `error:` line of a user's mistake (which would hide it)."""
+    import students
+
+    def broken():
+        return {}["no such key"]  # a deliberate internal KeyError
+
+    monkeypatch.setattr(students, "list_students", broken)
+    assert cli(["students"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any(line.startswith("error:") for line in err)
+    assert "Traceback (most recent call last):" in err and err[-2] == "KeyError: 'no such key'"
+    assert err[-1].startswith(f"distill {distill.__version__} hit a bug (not a problem with your input): please "
+                              "report it with the traceback above at https://")
+    assert err[-1].endswith("/issues")
+
+
+def test_every_user_error_has_the_one_root():
+    """Each error class the code raises for the user derives from DistillError, which the CLI catches."""
+    import ast
+
+    from conftest import REPO
+    from distill.errors import DistillError
+
+    for package in ("distill", "students", "teachers"):
+        for path in (REPO / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                    module = __import__(f"{package}.{path.stem}", fromlist=[node.name])
+                    assert issubclass(getattr(module, node.name), DistillError), (path.name, node.name)

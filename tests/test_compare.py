@@ -22,7 +22,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def runs(tiny_dataset, trained_teacher, tmp_path_factory):
     """The tiny teacher's own run, a student trained without it and one distilled from it (2 epochs each)."""
-    from distill.train import train
+    from distill.loop import train
 
     out = tmp_path_factory.mktemp("compare_runs")
     for kind in ("none", "hard"):
@@ -156,8 +156,8 @@ def test_runs_of_one_group_share_a_colour_and_a_legend_entry(runs, tmp_path, mon
     from distill import plots
 
     figures = []
-    real = plots._figure
-    monkeypatch.setattr(plots, "_figure", lambda w, h: figures.append(real(w, h)) or figures[-1])
+    real = plots.figure
+    monkeypatch.setattr(plots, "figure", lambda w, h: figures.append(real(w, h)) or figures[-1])
     twin = shutil.copytree(runs["hard"], tmp_path / "hard_seed1")
     compare_runs([runs["none"], runs["hard"], twin], out=tmp_path, groups=["alone", "distilled", "distilled"])
     ax = figures[-1].axes[0]

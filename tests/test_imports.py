@@ -3,6 +3,7 @@ form no circle (function-level imports included, so none can exist to dodge one)
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from conftest import REPO
 PACKAGES = ("distill", "students", "teachers")
 # The `distill` modules the model packages may use: reading weight files safely, and finding the
 # models installed packages declare (imported only when a name is not registered).
-SHARED = {"distill", "distill.weights", "distill.plugins"}
+SHARED = {"distill", "distill.errors", "distill.weights", "distill.plugins"}
 
 
 def project_modules() -> dict[str, ast.Module]:
@@ -67,7 +68,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert {"distill.train", "distill.build", "students.deit", "teachers.registry"} <= set(graph)
+    assert {"distill.loop", "distill.build", "students.deit", "teachers.registry"} <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -82,17 +83,66 @@ def test_students_and_teachers_use_only_the_shared_low_level_module():
             assert {e for e in edges if e.split(".")[0] == "distill"} <= SHARED, name
 
 
-def test_run_set_up_never_imports_what_runs():
-    """cache, evaluate, analyze and export build on build/rundir, never on train."""
-    graph = import_graph()
-    for name in ("distill.build", "distill.rundir", "distill.cache", "distill.cache_teacher", "distill.evaluate",
-                 "distill.analyze", "distill.export", "distill.predict", "distill.report"):
-        assert "distill.train" not in graph[name], name
+# The layers of docs/development.md ("How the code is laid out"), top to bottom: a module imports only
+# its own layer and the layers below. "students.*": every module of the package.
+LAYERS = [
+    ("commands", {"distill.cli", "distill.__main__", "distill.quickstart"}),
+    ("the loop", {"distill.loop"}),
+    ("what else runs", {"distill.cache_teacher", "distill.evaluate", "distill.analyze", "distill.export",
+                        "distill.onnx_export", "distill.predict", "distill.report", "distill.compare"}),
+    ("run set-up", {"distill.build", "distill.rundir", "distill.cache"}),
+    ("parts", {"distill.losses", "distill.targets", "distill.checkpoint", "distill.pipeline", "distill.replay",
+               "distill.transforms", "distill.sources", "distill.splits", "distill.images", "distill.builtin_data",
+               "distill.plots", "distill.lock", "distill.collective"}),
+    ("schema", {"distill.config", "distill.recipes", "distill.trackers"}),
+    ("models", {"students.*", "teachers.*"}),
+    ("helpers", {"distill", "distill.errors", "distill.atomic", "distill.weights", "distill.plugins", "distill.spread"}),
+]
+
+
+def layer_of(module: str) -> int:
+    package = module.split(".")[0]
+    for depth, (_, members) in enumerate(LAYERS):
+        if module in members or (package in ("students", "teachers") and f"{package}.*" in members):
+            return depth
+    raise AssertionError(f"{module} is in no layer of LAYERS (and of docs/development.md): place it")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{name} -> {edge}" for name, edges in sorted(graph.items()) for edge in sorted(edges)
+            if layer_of(edge) < layer_of(name)]
+
+
+def test_every_module_imports_only_its_layer_and_those_below():
+    assert upward_imports(import_graph()) == []
+
+
+def test_an_upward_import_is_found():
+    assert upward_imports({"distill.config": {"distill.loop"}, "distill.loop": {"distill.config"}}) == [
+        "distill.config -> distill.loop"]
+
+
+def test_the_documented_layer_table_is_this_one():
+    """docs/development.md's table names the same layers, in the same order, with the same files."""
+    text = (REPO / "docs" / "development.md").read_text()
+    table = text[text.index("| layer | files |"):].split("\n\n")[0].splitlines()[2:]
+    documented = []
+    for row in table:
+        layer, files = [cell.strip() for cell in row.strip("|").split("|")][:2]
+        names = set()
+        for file in re.findall(r"`([^`]+)`", files):
+            if file.endswith("/"):
+                names.add(f"{file.rstrip('/')}.*")
+            else:
+                stem = file.removesuffix(".py").split("/")[-1]
+                names.add("distill" if stem == "__init__" else f"distill.{stem}")
+        documented.append((layer, names))
+    assert documented == LAYERS
 
 
 @pytest.mark.parametrize("order", [["teachers"], ["students", "teachers"], ["distill"]])
 def test_import_order(order):
-    code = "; ".join(f"import {m}" for m in order) + "; import distill; print(distill.train.__name__)"
+    code = "; ".join(f"import {m}" for m in order) + "; import distill.loop, distill; print(distill.train.__name__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "train"
@@ -102,4 +152,4 @@ def test_the_model_packages_do_not_load_the_training_code():
     code = "import students, teachers, sys; print(sorted(m for m in sys.modules if m.startswith('distill')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "['distill', 'distill.weights']"
+    assert result.stdout.strip() == "['distill', 'distill.errors', 'distill.weights']"

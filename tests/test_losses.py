@@ -43,17 +43,17 @@ def batch():
 def test_none_is_base_loss_only(batch):
     cls, _, labels, _ = batch
     loss_fn = DistillationLoss("none", alpha=0.7, label_smoothing=0.1)
-    loss = loss_fn(cls, None, labels, None)
+    loss, parts = loss_fn(cls, None, labels, None)
     torch.testing.assert_close(loss, _ce(cls, labels, eps=0.1))
-    assert loss_fn.components["distill"].item() == 0.0
-    torch.testing.assert_close(loss_fn.components["base"], loss.detach())
+    assert parts["distill"].item() == 0.0
+    torch.testing.assert_close(parts["base"], loss.detach())
 
 
 @pytest.mark.parametrize("tau", [1.0, 3.0])
 def test_soft_deit_normalisation(batch, tau):
     cls, dist, labels, teacher = batch
     alpha = 0.3
-    loss = DistillationLoss("soft", alpha=alpha, tau=tau, soft_norm="deit")(cls, dist, labels, teacher)
+    loss, _ = DistillationLoss("soft", alpha=alpha, tau=tau, soft_norm="deit")(cls, dist, labels, teacher)
     distill = _kl_sum(dist, teacher, tau) * tau**2 / (B * C)  # divided by numel, like DeiT's losses.py
     torch.testing.assert_close(loss, (1 - alpha) * _ce(cls, labels) + alpha * distill)
 
@@ -63,33 +63,33 @@ def test_soft_batchmean_normalisation(batch, tau):
     cls, dist, labels, teacher = batch
     alpha = 0.3
     loss_fn = DistillationLoss("soft", alpha=alpha, tau=tau, soft_norm="batchmean")
-    loss = loss_fn(cls, dist, labels, teacher)
+    loss, parts = loss_fn(cls, dist, labels, teacher)
     distill = _kl_sum(dist, teacher, tau) * tau**2 / B  # per-sample KL averaged, like timm
     torch.testing.assert_close(loss, (1 - alpha) * _ce(cls, labels) + alpha * distill)
-    torch.testing.assert_close(loss_fn.components["distill"], distill)
+    torch.testing.assert_close(parts["distill"], distill)
 
 
 def test_deit_norm_is_batchmean_over_num_classes(batch):
     cls, dist, labels, teacher = batch
     deit = DistillationLoss("soft", soft_norm="deit", tau=2.0)
     bm = DistillationLoss("soft", soft_norm="batchmean", tau=2.0)
-    deit(cls, dist, labels, teacher), bm(cls, dist, labels, teacher)
-    torch.testing.assert_close(deit.components["distill"] * C, bm.components["distill"])
-    assert bm.components["distill"] > 0
+    (_, deit_parts), (_, bm_parts) = deit(cls, dist, labels, teacher), bm(cls, dist, labels, teacher)
+    torch.testing.assert_close(deit_parts["distill"] * C, bm_parts["distill"])
+    assert bm_parts["distill"] > 0
 
 
 def test_soft_is_zero_when_student_matches_teacher(batch):
     cls, _, labels, teacher = batch
     loss_fn = DistillationLoss("soft", alpha=1.0, tau=3.0)
-    loss = loss_fn(cls, teacher.clone(), labels, teacher)
+    loss, parts = loss_fn(cls, teacher.clone(), labels, teacher)
     assert abs(loss.item()) < 1e-6
-    assert abs(loss_fn.components["distill"].item()) < 1e-6
+    assert abs(parts["distill"].item()) < 1e-6
 
 
 def test_hard_against_formula(batch):
     cls, dist, labels, teacher = batch
     loss_fn = DistillationLoss("hard", alpha=0.5, tau=123.0)  # tau is ignored by the hard kind
-    loss = loss_fn(cls, dist, labels, teacher)
+    loss, _ = loss_fn(cls, dist, labels, teacher)
     expected = 0.5 * _ce(cls, labels) + 0.5 * _ce(dist, teacher.argmax(dim=1))
     torch.testing.assert_close(loss, expected)
 
@@ -97,7 +97,7 @@ def test_hard_against_formula(batch):
 def test_hard_label_smoothing(batch):
     cls, dist, labels, teacher = batch
     loss_fn = DistillationLoss("hard", alpha=0.25, label_smoothing=0.1, hard_label_smoothing=0.2)
-    loss = loss_fn(cls, dist, labels, teacher)
+    loss, _ = loss_fn(cls, dist, labels, teacher)
     expected = 0.75 * _ce(cls, labels, 0.1) + 0.25 * _ce(dist, teacher.argmax(dim=1), 0.2)
     torch.testing.assert_close(loss, expected)
 
@@ -107,7 +107,7 @@ def test_hard_with_one_hot_teacher_is_plain_ce_on_dist_logits(batch):
     one_hot_teacher = torch.zeros(B, C)
     one_hot_teacher[torch.arange(B), labels] = 50.0
     loss_fn = DistillationLoss("hard", alpha=1.0)
-    loss = loss_fn(cls, dist, labels, one_hot_teacher)
+    loss, _ = loss_fn(cls, dist, labels, one_hot_teacher)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(dist, labels))
 
 
@@ -117,9 +117,9 @@ def test_soft_targets_mixup_base_loss(batch):
     targets = torch.softmax(torch.randn(B, C, generator=g), dim=1)  # rows sum to 1, like mixup output
     # label_smoothing is ignored for soft targets: mixup already put the smoothing inside them.
     loss_fn = DistillationLoss("soft", alpha=0.4, tau=2.0, label_smoothing=0.1)
-    loss = loss_fn(cls, dist, targets, teacher)
+    loss, parts = loss_fn(cls, dist, targets, teacher)
     base = -(targets * _log_softmax(cls)).sum() / B
-    torch.testing.assert_close(loss_fn.components["base"], base)
+    torch.testing.assert_close(parts["base"], base)
     torch.testing.assert_close(loss, 0.6 * base + 0.4 * _kl_sum(dist, teacher, 2.0) * 4.0 / (B * C))
 
 
@@ -128,7 +128,7 @@ def test_no_gradient_reaches_teacher_logits(batch, kind):
     cls, dist, labels, teacher = batch
     cls, dist = cls.requires_grad_(), dist.requires_grad_()
     teacher = teacher.clone().requires_grad_()  # even a teacher output that carries a graph
-    DistillationLoss(kind, alpha=0.5, tau=2.0)(cls, dist, labels, teacher).backward()
+    DistillationLoss(kind, alpha=0.5, tau=2.0)(cls, dist, labels, teacher)[0].backward()
     assert teacher.grad is None
     assert cls.grad is not None and dist.grad is not None and dist.grad.abs().sum() > 0
 
@@ -136,15 +136,15 @@ def test_no_gradient_reaches_teacher_logits(batch, kind):
 def test_components_are_detached(batch):
     cls, dist, labels, teacher = batch
     loss_fn = DistillationLoss("soft", alpha=0.5)
-    loss_fn(cls.requires_grad_(), dist.requires_grad_(), labels, teacher)
-    assert not loss_fn.components["base"].requires_grad
-    assert not loss_fn.components["distill"].requires_grad
+    _, parts = loss_fn(cls.requires_grad_(), dist.requires_grad_(), labels, teacher)
+    assert not parts["base"].requires_grad
+    assert not parts["distill"].requires_grad
 
 
 def test_alpha_zero_and_one_select_a_single_term(batch):
     cls, dist, labels, teacher = batch
-    only_base = DistillationLoss("hard", alpha=0.0)(cls, dist, labels, teacher)
-    only_distill = DistillationLoss("hard", alpha=1.0)(cls, dist, labels, teacher)
+    only_base, _ = DistillationLoss("hard", alpha=0.0)(cls, dist, labels, teacher)
+    only_distill, _ = DistillationLoss("hard", alpha=1.0)(cls, dist, labels, teacher)
     torch.testing.assert_close(only_base, _ce(cls, labels))
     torch.testing.assert_close(only_distill, _ce(dist, teacher.argmax(dim=1)))
     assert not math.isclose(only_base.item(), only_distill.item())

@@ -15,7 +15,7 @@ from distill.cli import main as cli
 from distill.export import MARKER, ExportError, export_student
 from distill.predict import predict
 from distill.rundir import eval_transform, student_output
-from distill.train import train
+from distill.loop import train
 
 from conftest import make_config
 

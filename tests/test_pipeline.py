@@ -1,4 +1,4 @@
-"""The training input pipeline in two gloo processes, as `distill.train.fit` builds it: per-rank
+"""The training input pipeline in two gloo processes, as `distill.loop.fit` builds it: per-rank
 augmentation streams, the same global batches as one process, and different Mixup draws per rank."""
 from __future__ import annotations
 

@@ -27,6 +27,18 @@ def test_curves_of_a_student_and_of_a_teacher_stage(tmp_path):
                 "top1": 50.0 + e} for e in (1, 2, 3)]  # a plain classifier whose lr ends at 0
     write_metrics(tmp_path / "teacher", teacher)
     assert plots.save_training_curves(tmp_path / "teacher") == tmp_path / "teacher" / plots.CURVES_NAME
+    for run in ("student", "teacher"):
+        assert_drawn(tmp_path / run / plots.CURVES_NAME, width=13.5 * 110)
+
+
+def assert_drawn(png, width: float) -> None:
+    """A PNG of the figure's size that is not a blank canvas (lines, text and axes are drawn)."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] == round(width)
+        colours = image.convert("L").getcolors(maxcolors=1 << 24)
+    assert len(colours) > 20 and max(count for count, _ in colours) < 0.98 * sum(count for count, _ in colours)
 
 
 def test_nothing_to_plot_and_no_matplotlib(tmp_path, monkeypatch, capsys):

@@ -18,7 +18,7 @@ from distill.sources import DataError
 from distill.evaluate import evaluate_run
 from distill.rundir import load_run, prepare_eval
 from distill.predict import PredictError, predict
-from distill.train import train
+from distill.loop import train
 
 from conftest import make_config
 

@@ -14,7 +14,7 @@ import students
 import teachers
 from distill.cli import main as cli
 from distill.report import ReportError, count_flops, format_markdown, report_runs
-from distill.train import train
+from distill.loop import train
 
 from conftest import make_config, read_metrics
 

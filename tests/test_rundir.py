@@ -18,7 +18,7 @@ import teachers
 from distill.analyze import analyze_run
 from distill.cli import main as cli
 from distill.evaluate import evaluate_run
-from distill.train import train
+from distill.loop import train
 from teachers import registry as teacher_registry
 
 from conftest import make_config, read_metrics, tiny_config

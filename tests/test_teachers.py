@@ -148,7 +148,7 @@ def test_teacher_is_frozen_inside_a_training_parent():
     out = parent.student(x)
     teacher_logits = parent.teacher(x)
     assert not teacher_logits.requires_grad and teacher_logits.dtype == torch.float32
-    loss = loss_fn(out[:, :10], out[:, 10:], y, teacher_logits)
+    loss, _ = loss_fn(out[:, :10], out[:, 10:], y, teacher_logits)
     opt.zero_grad()
     loss.backward()
     opt.step()

@@ -13,7 +13,7 @@ import pytest
 from distill.cli import main as cli
 from distill.config import ConfigError
 from distill.recipes import dump, from_dict, load_recipe, to_dict
-from distill.train import train
+from distill.loop import train
 
 from conftest import REPO, make_config, read_metrics
 

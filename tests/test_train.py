@@ -19,7 +19,7 @@ import teachers
 from distill.cli import main as cli
 from distill.build import OnlineTeacher, build_teacher, load_data
 from distill.rundir import RunExistsError
-from distill.train import NonFiniteLossError, fit, train, train_teacher
+from distill.loop import NonFiniteLossError, fit, train, train_teacher
 from students.deit import VisionTransformerDistilled
 
 from conftest import REPO, launch_two_processes, make_config, rank_stderr, read_metrics, tiny_config, wait_for_marker
@@ -156,7 +156,7 @@ def test_the_loop_reads_no_value_off_the_device_per_step(tiny_dataset, tmp_path,
     device (it is not `capturable`), so those reads never wait for a GPU and are not counted."""
     import traceback
 
-    train_module = importlib.import_module("distill.train")
+    train_module = importlib.import_module("distill.loop")
     counts: list[int] = []
     real = train_module.train_one_epoch
 

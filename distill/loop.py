@@ -4,14 +4,12 @@ run the same loop, split the way DeiT splits ``main.py`` and ``engine.py``:
 * ``fit``: the set-up, read top to bottom in the order of Accelerate's examples (Accelerator, data,
   optimiser and schedule, ``prepare``, EMA, resume), then a short loop over epochs: train one epoch,
   evaluate, checkpoint, then log (the log never runs ahead of what can be resumed);
-* ``train_one_epoch``: the batches of one epoch, from plain values (never the config);
+* ``train_one_epoch``: the batches of one epoch, from plain values (never the config): the run's
+  ``Stepper`` (accelerator, loss, optimiser, schedule, EMA, clipping) and a ``Reporter`` (progress bar);
 * ``distill_step``: one optimisation step of DeiT's objective.
 
-The teacher's part comes from a *targets* object, the frozen teacher run online
-(``distill.build.OnlineTeacher``) or its replay cache (``distill.cache.TeacherCache``): both give
-``logits(epoch, batch, images)`` for exactly the student's augmented batch (after mixup/cutmix and
-random erasing, as DeiT's main.py feeds its teacher the mixed ``samples``) and the teacher's
-validation predictions. Every random decision of the data pipeline is a function of (seed, epoch,
+The teacher's part comes from a *targets* object (``distill.targets.Targets``): the frozen teacher
+run online or its replay cache, for exactly the student's augmented batch. Every random decision of the data pipeline is a function of (seed, epoch,
 sample) (``distill.replay``), and checkpoints hold the model's generator states, so a resumed run
 equals an uninterrupted one for any number of DataLoader workers.
 """
@@ -21,7 +19,8 @@ import copy
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -41,10 +40,12 @@ from distill.evaluate import evaluate
 from distill.losses import DistillationLoss
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
 from distill.replay import STREAM_MODEL, derive_seed
+from distill.targets import Targets
 from teachers.files import TEACHER_WEIGHTS, save_teacher
+from distill.errors import DistillError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DistillError, RuntimeError):
     """Raised when the loss becomes NaN/inf; the last checkpoint on disk is left untouched."""
 
 
@@ -169,28 +170,23 @@ def _fit(cfg: Config, accelerator: Accelerator, precision: str, model: nn.Module
          run_dir: Path, targets, resume_from, on_finish) -> dict:
     """``fit`` once the Accelerator (and so the process group) exists."""
     tc, oc, dc = cfg.train, cfg.optim, cfg.data
-    rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(tc.seed)
 
     # Data: the replayable layout of distill.replay; decoding and augmentation run in the workers.
-    train_set, val_set = image_dataset(dc, data, train=True), image_dataset(dc, data, train=False)
-    loader, sampler = train_loader(dc, train_set, batch_size=tc.batch_size, seed=tc.seed, num_replicas=world,
-                                   rank=rank, pin_memory=accelerator.device.type == "cuda")
-    if len(sampler) == 0:
-        raise ConfigError(f"train.batch_size={tc.batch_size} leaves no full batch for each of {world} process(es) "
-                          f"from {len(train_set)} training images; lower train.batch_size")
-    mixup = replay_mixup(dc, smoothing=oc.smoothing, num_classes=data.num_classes, seed=tc.seed)
+    loader, sampler, mixup = _train_data(cfg, data, accelerator)
 
     # Optimiser and schedule, then `prepare` (the order of its arguments only has to match its results).
     updates = _updates_per_epoch(len(loader), tc.grad_accum_steps, tc.max_steps_per_epoch)
-    optimizer, scheduler = _optimizer_and_schedule(model, oc, tc, world, updates)
+    optimizer, scheduler = _optimizer_and_schedule(model, oc, tc, accelerator.num_processes, updates)
+    val_set = image_dataset(dc, data, train=False)
     model, optimizer, vloader = accelerator.prepare(model, optimizer, val_loader(dc, val_set, tc.batch_size))
     if targets is not None:
         targets.to(accelerator.device)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=tc.ema_decay) if tc.ema else None
     model_args = getattr(accelerator.unwrap_model(model), "student_args", None)
     if tc.compile:  # in place, after the EMA's copy: the state dict keeps its names, the EMA stays eager
-        _compile(accelerator.unwrap_model(model))
+        compile_model(accelerator.unwrap_model(model))
+    stepper = Stepper(accelerator, loss_fn, optimizer, scheduler, ema, oc.clip_grad, run_dir / "checkpoints")
 
     start_epoch, global_step = _resume_or_seed(accelerator, resume_from, tc.seed, model, optimizer, ema, model_args)
     scheduler.step_update(global_step)
@@ -205,11 +201,12 @@ def _fit(cfg: Config, accelerator: Accelerator, precision: str, model: nn.Module
         if tc.stop_after is not None and epoch - start_epoch >= tc.stop_after:
             break
         epoch_start = time.perf_counter()
-        metrics, global_step = train_one_epoch(
-            model, loader, sampler, mixup, epoch, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
-            scheduler=scheduler, ema=ema, accelerator=accelerator, global_step=global_step, clip_grad=oc.clip_grad,
-            max_batches=updates * tc.grad_accum_steps, log_every=tc.log_every, checkpoints=run_dir / "checkpoints",
-            progress=tc.progress and accelerator.is_main_process, desc=f"epoch {epoch + 1}/{tc.epochs}")
+        max_batches = updates * tc.grad_accum_steps
+        reporter = Reporter(max_batches, f"epoch {epoch + 1}/{tc.epochs}", tc.log_every,
+                            show=tc.progress and accelerator.is_main_process)
+        batches = epoch_batches(loader, sampler, mixup, epoch, accelerator.device, max_batches)
+        metrics, global_step = train_one_epoch(model, batches, epoch, stepper, targets=targets,
+                                               global_step=global_step, reporter=reporter)
         metrics["precision"] = precision
         finished = epoch + 1 == tc.epochs
         if (epoch + 1) % tc.eval_every == 0 or finished:
@@ -217,19 +214,44 @@ def _fit(cfg: Config, accelerator: Accelerator, precision: str, model: nn.Module
             if ema is not None:
                 metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, vloader, accelerator).items()})
         metrics["time_s"] = round(time.perf_counter() - epoch_start, 2)  # the epoch's wall time: training and evaluation
-        # The checkpoint first, then the log line: the log never runs ahead of what can be resumed.
-        if (epoch + 1) % tc.save_every == 0 or finished:
-            ckpt.save_training_state(accelerator, run_dir, model=model, optimizer=optimizer, ema=ema, epoch=epoch + 1,
-                                     global_step=global_step, model_args=model_args, metrics=metrics)
-            if accelerator.is_main_process:  # the config that wrote these checkpoints, not a failed attempt's
-                atomic.write_text(run_dir / "config.yaml", dump(cfg))
-        if accelerator.is_main_process:
-            rundir.append_metrics(run_dir / "metrics.jsonl", metrics)
-            accelerator.print(" ".join(f"{k}={v}" for k, v in metrics.items()))
-        if tc.log_with:
-            accelerator.log(metrics, step=global_step)
+        _record_epoch(cfg, run_dir, model, stepper, model_args, metrics, finished)
 
-    if finished and accelerator.is_main_process and on_finish is not None:
+    _finish(accelerator, run_dir, model, ema, on_finish if finished else None)
+    return metrics
+
+
+def _train_data(cfg: Config, data, accelerator: Accelerator):
+    """``(loader, sampler, mixup)`` of this process's share of the training set."""
+    tc, dc, world = cfg.train, cfg.data, accelerator.num_processes
+    train_set = image_dataset(dc, data, train=True)
+    loader, sampler = train_loader(dc, train_set, batch_size=tc.batch_size, seed=tc.seed, num_replicas=world,
+                                   rank=accelerator.process_index, pin_memory=accelerator.device.type == "cuda")
+    if len(sampler) == 0:
+        raise ConfigError(f"train.batch_size={tc.batch_size} leaves no full batch for each of {world} process(es) "
+                          f"from {len(train_set)} training images; lower train.batch_size")
+    mixup = replay_mixup(dc, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=tc.seed)
+    return loader, sampler, mixup
+
+
+def _record_epoch(cfg: Config, run_dir: Path, model: nn.Module, stepper: "Stepper", model_args, metrics: dict,
+                  finished: bool) -> None:
+    """The epoch's checkpoint first, then its log line: the log never runs ahead of what can be resumed."""
+    tc, accelerator, epoch = cfg.train, stepper.accelerator, metrics["epoch"]
+    if epoch % tc.save_every == 0 or finished:
+        ckpt.save_training_state(accelerator, run_dir, model=model, optimizer=stepper.optimizer, ema=stepper.ema,
+                                 epoch=epoch, global_step=metrics["step"], model_args=model_args, metrics=metrics)
+        if accelerator.is_main_process:  # the config that wrote these checkpoints, not a failed attempt's
+            atomic.write_text(run_dir / "config.yaml", dump(cfg))
+    if accelerator.is_main_process:
+        rundir.append_metrics(run_dir / "metrics.jsonl", metrics)
+        accelerator.print(" ".join(f"{k}={v}" for k, v in metrics.items()))
+    if tc.log_with:
+        accelerator.log(metrics, step=metrics["step"])
+
+
+def _finish(accelerator: Accelerator, run_dir: Path, model: nn.Module, ema, on_finish: Callable | None) -> None:
+    """The export (``on_finish``, after the last epoch only), the curves, then the trackers' end."""
+    if accelerator.is_main_process and on_finish is not None:
         on_finish(accelerator.unwrap_model(model), ema)
     if accelerator.is_main_process:
         plots.save_training_curves(run_dir)  # training_curves.png from metrics.jsonl (needs matplotlib)
@@ -238,7 +260,6 @@ def _fit(cfg: Config, accelerator: Accelerator, precision: str, model: nn.Module
     # chained run (teacher -> student) still needs.
     for tracker in accelerator.trackers:
         tracker.finish()
-    return metrics
 
 
 def _accelerator(tc, precision: str, run_dir: Path, find_unused_parameters: bool) -> Accelerator:
@@ -267,7 +288,7 @@ def _resume_or_seed(accelerator: Accelerator, resume_from, seed: int, model, opt
     return epoch, step
 
 
-def _compile(model: nn.Module) -> None:
+def compile_model(model: nn.Module) -> None:
     """``torch.compile`` the student's training forward (timm's ``--torchcompile``), from a clean slate:
     dynamo's caches are shared by every model of the process, and past its recompile limit it would
     fall back to eager without a word (the quickstart and the tests train several students)."""
@@ -299,50 +320,88 @@ def _optimizer_and_schedule(model: nn.Module, oc, tc, world: int, updates_per_ep
     return optimizer, scheduler
 
 
-def train_one_epoch(model: nn.Module, loader, sampler, mixup, epoch: int, *, loss_fn: DistillationLoss, targets,
-                    optimizer, scheduler, ema, accelerator: Accelerator, global_step: int, clip_grad: float | None,
-                    max_batches: int, log_every: int, checkpoints: Path, progress: bool = False,
-                    desc: str = "") -> tuple[dict, int]:
-    """One epoch of (mixed) batches; returns its metrics (mean losses over every process, lr,
-    images/s) and the global step after it.
+@dataclass
+class Stepper:
+    """What updates the weights of one run, travelling together: the Accelerator, the loss, the
+    optimiser and its schedule, the EMA (or None), the gradient clipping, and the checkpoint folder
+    that a non-finite loss points to."""
+    accelerator: Accelerator
+    loss_fn: DistillationLoss
+    optimizer: Any
+    scheduler: Any
+    ema: ModelEmaV3 | None
+    clip_grad: float | None
+    checkpoints: Path
+
+
+class Reporter:
+    """How an epoch shows itself: a progress bar of ``total`` batches named ``desc`` where ``show`` (the
+    main process; tqdm draws only on a terminal), its figures refreshed every ``log_every`` steps, which
+    is also when the loop reads whether a loss went non-finite."""
+
+    def __init__(self, total: int, desc: str = "", log_every: int = 1, show: bool = False) -> None:
+        self.total, self.desc, self.log_every, self.show = total, desc, log_every, show
+        self._bar = None
+
+    def open(self) -> None:
+        self._bar = _progress_bar(self.total, self.desc) if self.show else None
+
+    def due(self, step: int) -> bool:
+        return (step + 1) % self.log_every == 0
+
+    def step(self, step: int, loss: torch.Tensor, lr: float, images_per_s: Callable[[], float]) -> None:
+        """After each step; reads the loss off the device only for a bar that is drawn, at log intervals."""
+        if self._bar is None:
+            return
+        if self.due(step):
+            self._bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s():.0f}")
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, epoch: int, stepper: Stepper, *, targets: Targets | None,
+                    global_step: int,
+                    reporter: Reporter) -> tuple[dict, int]:
+    """One epoch of (mixed) ``batches`` (``distill.pipeline.epoch_batches``); returns its metrics (mean
+    losses over every process, lr, images/s) and the global step after it.
 
     Nothing here waits for the device step by step: the losses add up on the device, and whether one
-    was not finite is read every ``log_every`` steps and at the end (before anything is saved).
+    was not finite is read every ``reporter.log_every`` steps and at the end (before anything is saved).
     """
     model.train()
+    accelerator, optimizer = stepper.accelerator, stepper.optimizer
     world = accelerator.num_processes
-    bar = _progress_bar(max_batches, desc) if progress else None
+    reporter.open()
     start, seen = time.perf_counter(), 0
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, base, distill, batches
     first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=accelerator.device)  # step, loss
     counter = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # the step, on the device
-    for step, (batch, images, labels) in enumerate(epoch_batches(loader, sampler, mixup, epoch, accelerator.device, max_batches)):
+    for step, (batch, images, labels) in enumerate(batches):
         with accelerator.accumulate(model):
             teacher_logits = None
             if targets is not None:
                 with accelerator.autocast():
                     teacher_logits = targets.logits(epoch, batch, images)
-            loss, parts = distill_step(model, images, labels, teacher_logits, loss_fn, optimizer, accelerator, clip_grad)
+            loss, parts = distill_step(model, images, labels, teacher_logits, stepper.loss_fn, optimizer, accelerator,
+                                       stepper.clip_grad)
         if accelerator.sync_gradients:
             global_step += 1
-            scheduler.step_update(global_step)
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model), step=global_step)
+            stepper.scheduler.step_update(global_step)
+            if stepper.ema is not None:
+                stepper.ema.update(accelerator.unwrap_model(model), step=global_step)
         seen += images.shape[0] * world
         sums += torch.stack([loss.detach(), parts["base"], parts["distill"], torch.ones_like(loss)]).double()
         new_bad = (first_bad[0] < 0) & ~torch.isfinite(loss.detach())
         first_bad = torch.where(new_bad, torch.stack([counter, loss.detach().double()]), first_bad)
         counter += 1
-        if (step + 1) % log_every == 0:
-            _stop_if_not_finite(first_bad, epoch, checkpoints)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
-        if bar is not None:
-            bar.update(1)
-    _stop_if_not_finite(first_bad, epoch, checkpoints)
-    if bar is not None:
-        bar.close()
+        if reporter.due(step):
+            _stop_if_not_finite(first_bad, epoch, stepper.checkpoints)
+        reporter.step(step, loss, optimizer.param_groups[0]["lr"], lambda: seen / (time.perf_counter() - start))
+    _stop_if_not_finite(first_bad, epoch, stepper.checkpoints)
+    reporter.close()
     metrics = {"epoch": epoch + 1, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
                "images_per_s": round(seen / (time.perf_counter() - start), 1)}
     sums = accelerator.reduce(sums, reduction="sum")  # every process's batches
@@ -362,13 +421,13 @@ def distill_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
     """
     out = model(images)
     cls_logits, dist_logits = out if isinstance(out, tuple) else (out, None)
-    loss = loss_fn(cls_logits.float(), None if dist_logits is None else dist_logits.float(), labels, teacher_logits)
+    loss, parts = loss_fn(cls_logits.float(), None if dist_logits is None else dist_logits.float(), labels, teacher_logits)
     accelerator.backward(loss)
     if accelerator.sync_gradients and clip_grad:
         accelerator.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, dict(loss_fn.components)
+    return loss, parts
 
 
 def _stop_if_not_finite(first_bad: torch.Tensor, epoch: int, checkpoints: Path) -> None:

@@ -259,7 +259,7 @@ def test_a_killed_process_ends_a_two_process_cache_build_with_one_line(tiny_data
     assert proc.returncode != 0
     lines = rank_stderr(tmp_path / "logs", 0)
     assert len(lines) == 1, "\n".join(lines[-40:])
-    assert re.fullmatch(rf"error: rank 1 stopped answering \((connection reset|the launcher sent SIGTERM); it exited\); "
+    assert re.fullmatch(rf"error: rank 1 stopped answering \((connection (reset|closed|broken)|a collective failed|the launcher sent SIGTERM); it exited\); "
                         rf"1 of 2 cache epochs in {re.escape(str(tmp_path / 'c'))} are complete: continue with "
                         rf"`distill cache-teacher {re.escape(str(recipe))}` \(launched as before\)", lines[0]), lines[0]
     again = launch_two_processes(["cache-teacher", str(recipe)], tmp_path / "logs2")

@@ -31,7 +31,7 @@ from torch import nn
 
 from distill import atomic, plots
 from distill.errors import InputError
-from distill.evaluate import model_joint
+from distill.evaluation import model_joint
 from distill.rundir import load_run, prepare_eval
 from students.base import DistilledStudent
 

@@ -36,7 +36,7 @@ from distill import checkpoint as ckpt
 from distill.cache import open_cache
 from distill.config import Config, ConfigError, DistillConfig, OptimConfig
 from distill.recipes import dump, validate
-from distill.evaluate import evaluate
+from distill.evaluation import evaluate
 from distill.losses import DistillationLoss
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
 from distill.replay import STREAM_MODEL, derive_seed

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from distill import atomic
 from distill.compare import compare_runs, predicting_head
-from distill.evaluate import format_table
+from distill.evaluation import format_table
 from distill.recipes import apply_override, load_recipe
 from distill.report import report_runs
 from distill.loop import train, train_teacher

@@ -22,9 +22,10 @@ checks it against the table of docs/development.md):
     cache_teacher, evaluation,        what else runs: building the teacher cache, evaluation, the
     analyze, export, onnx_export,     DeiT Sec. 4 analysis, timm / transformers / ONNX exports,
     prediction, report, compare       prediction, the compression report, comparing runs
-    build, rundir, cache              run set-up: config -> data, Accelerator, student, frozen
+    build, rundir, exportdir, cache   run set-up: config -> data, Accelerator, student, frozen
                                       teacher; the run folder, its exports, loading a run back;
-                                      the teacher cache's format and reader
+                                      reading export folders, the Hub upload; the teacher
+                                      cache's format and reader
     losses, targets, checkpoint,      parts: the objective, the targets contract, checkpoints, the
     pipeline, replay, transforms,     data path (replayable augmentation), figures, one writer
     sources, splits, images,          per folder, collective time-outs

@@ -20,7 +20,8 @@ from distill.errors import InputError
 from distill.targets import Targets
 from students.base import DistilledStudent
 
-HEADS = ("cls", "dist", "joint", "joint_softmax")
+#: The heads `evaluate` reports a top-1/top-5 of (a student's; a plain classifier has one, unnamed).
+EVALUATED_HEADS = ("cls", "dist", "joint", "joint_softmax")
 
 
 def model_heads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor] | None:

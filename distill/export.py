@@ -49,11 +49,11 @@ from torch import nn
 import students
 from distill import atomic, lock, onnx_export
 from distill.config import IMAGENET_MEAN, IMAGENET_STD
-from distill.rundir import (EXPORT_BUSY_FIX, HEADS, MARKER, ExportError, eval_transform, locate_export,
-                            read_export_config, resolve_out, student_output, upload)
+from distill.exportdir import (EXPORT_BUSY_FIX, EXPORT_HEADS, MARKER, ExportError, eval_transform, locate_export,
+                               read_export_config, resolve_out, student_output, upload)
 from students.base import DistilledStudent, ExportWeights, StudentError
 
-__all__ = ["export_student", "ExportError", "FORMATS", "HEADS", "HF_PROCESSORS", "MARKER"]
+__all__ = ["export_student", "ExportError", "FORMATS", "EXPORT_HEADS", "HF_PROCESSORS", "MARKER"]
 
 FORMATS = ("timm", "hf", "onnx")
 #: The image processor a ``hf`` folder carries (``preprocessor_config.json``):
@@ -96,7 +96,7 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
         raise ExportError(f"unknown export format {format!r}; use --format timm, --format hf or --format onnx")
     if format == "onnx":  # a graph for runtimes rather than a library's folder: distill/onnx_export.py
         return onnx_export.export_onnx(path, out=out, head=head, verify=verify, push_to_hub=push_to_hub)
-    if head is not None and head not in HEADS:
+    if head is not None and head not in EXPORT_HEADS:
         raise ExportError(f"unknown head {head!r}; use --head joint, --head cls or --head dist")
     if hf_processor not in HF_PROCESSORS:
         raise ExportError(f"unknown image processor {hf_processor!r}; use --hf-processor timm or --hf-processor transformers")

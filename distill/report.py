@@ -44,7 +44,7 @@ from distill import atomic
 from distill.config import ConfigError
 from distill.plugins import PluginError, UnknownNameError, not_registered
 from distill.recipes import from_dict
-from distill.rundir import export_preprocessing
+from distill.exportdir import export_preprocessing
 from distill.spread import LEGEND, mark, spread
 from teachers.files import TEACHER_CONFIG, TEACHER_WEIGHTS
 from distill.errors import DistillError, NotFoundError, message_line

@@ -90,7 +90,7 @@ LAYERS = [
     ("the loop", {"distill.loop"}),
     ("what else runs", {"distill.cache_teacher", "distill.evaluation", "distill.analyze", "distill.export",
                         "distill.onnx_export", "distill.prediction", "distill.report", "distill.compare"}),
-    ("run set-up", {"distill.build", "distill.rundir", "distill.cache"}),
+    ("run set-up", {"distill.build", "distill.rundir", "distill.exportdir", "distill.cache"}),
     ("parts", {"distill.losses", "distill.targets", "distill.checkpoint", "distill.pipeline", "distill.replay",
                "distill.transforms", "distill.sources", "distill.splits", "distill.images", "distill.builtin_data",
                "distill.plots", "distill.lock", "distill.collective"}),

@@ -14,7 +14,7 @@ import students
 from distill.cli import main as cli
 from distill.export import MARKER, ExportError, export_student
 from distill.prediction import predict
-from distill.rundir import eval_transform, student_output
+from distill.exportdir import eval_transform, student_output
 from distill.loop import train
 
 from conftest import make_config

@@ -48,9 +48,9 @@ from torch import nn
 
 import students
 from distill import atomic, lock, onnx_export
-from distill.config import IMAGENET_MEAN, IMAGENET_STD
 from distill.exportdir import (EXPORT_BUSY_FIX, EXPORT_HEADS, MARKER, ExportError, eval_transform, locate_export,
-                               read_export_config, resolve_out, student_output, upload)
+                               read_export_config, resolve_out, student_output, upload,
+                               with_default_preprocessing)
 from students.base import DistilledStudent, ExportWeights, StudentError
 
 __all__ = ["export_student", "ExportError", "FORMATS", "EXPORT_HEADS", "HF_PROCESSORS", "MARKER"]
@@ -111,9 +111,7 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
             f"student {info['student']['name']!r} predicts with the average of its two heads' softmax outputs "
             "(student.joint=softmax), which timm's and transformers' distilled DeiT cannot carry (they average "
             "the logits); export one head with --head cls or --head dist (`distill eval` reports each head's top-1)")
-    # `distill train` records the eval transform; a student saved by hand may not (DataConfig defaults).
-    info = {"img_size": _input_shape(format, plan)[1], "transform": "deit", "crop_pct": 0.875,
-            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, **info}
+    info = with_default_preprocessing(info, _input_shape(format, plan)[1])
     out = resolve_out(export_dir, format, out)
 
     meta: dict[str, Any] = {}

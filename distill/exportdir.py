@@ -111,15 +111,23 @@ def upload(folder: Path, repo: str, commit_message: str) -> str:
     return repo_id
 
 
+def with_default_preprocessing(info: dict, img_size: int) -> dict:
+    """``info`` with the eval transform settings it lacks filled in: `distill train` records them
+    (``img_size``, ``transform``, ``crop_pct``, ``mean``, ``std``), a student saved by hand may not,
+    and then gets ``DataConfig``'s defaults at ``img_size``."""
+    d = DataConfig()
+    return {"img_size": img_size, "transform": d.transform, "crop_pct": d.crop_pct, "mean": d.mean, "std": d.std,
+            **info}
+
+
 def export_preprocessing(info: dict, model: nn.Module) -> dict:
     """The eval transform an export records (``img_size``, ``transform``, ``crop_pct``, ``mean``,
-    ``std``); a student saved by hand gets ``DataConfig``'s defaults."""
-    d = DataConfig()
+    ``std``; ``with_default_preprocessing``), at the model's input size where it records none."""
     size = getattr(getattr(model, "patch_embed", None), "img_size", None) or getattr(model, "img_size", None)
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return {"img_size": int(info.get("img_size") or size), "transform": info.get("transform", d.transform),
-            "crop_pct": info.get("crop_pct", d.crop_pct), "mean": list(info.get("mean", d.mean)),
-            "std": list(info.get("std", d.std))}
+    prep = with_default_preprocessing(info, size)
+    return {"img_size": int(info.get("img_size") or size), "transform": prep["transform"],
+            "crop_pct": prep["crop_pct"], "mean": list(prep["mean"]), "std": list(prep["std"])}
 
 
 def eval_transform(prep: dict):

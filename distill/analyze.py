@@ -120,7 +120,7 @@ def analyze(model: nn.Module, loader, accelerator, teacher: nn.Module | None = N
     if teacher is not None:
         top1["teacher"] = pct(p["teacher"] == y)
     return {
-        "student": getattr(inner, "student_args", {}).get("name", type(inner).__name__),
+        "student": inner.student_name,
         "joint": joint,
         # What the exported model predicts with in eval mode: "joint", or "cls" for a student trained
         # without a teacher (its distillation head got no loss).

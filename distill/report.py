@@ -44,6 +44,7 @@ from distill import atomic
 from distill.config import ConfigError
 from distill.plugins import PluginError, UnknownNameError, not_registered
 from distill.recipes import from_dict
+from distill.evaluation import cell
 from distill.exportdir import export_preprocessing
 from distill.spread import LEGEND, mark, spread
 from teachers.files import TEACHER_CONFIG, TEACHER_WEIGHTS
@@ -53,6 +54,8 @@ __all__ = ["report_runs", "count_flops", "time_model", "time_runs", "format_mark
 
 REPORT_MD, REPORT_JSON, REPORT_PNG = "report.md", "report.json", "report.png"
 HEAD_COLUMNS = ("cls_top1", "dist_top1", "joint_top1")
+#: What a cell of report.md shows where a row has no such figure.
+NO_FIGURE = "–"
 
 
 class ReportError(DistillError, ValueError):
@@ -349,10 +352,6 @@ def _relative_paths(report: dict, out: Path) -> dict:
     return {**report, "rows": rows, "files": {k: rel(v) for k, v in report["files"].items()}}
 
 
-def _cell(value, fmt: str = "{:.2f}") -> str:
-    return "–" if value is None else fmt.format(value)
-
-
 def format_markdown(report: dict) -> str:
     """The settings in a few lines, then one table: a row per model."""
     s = report["settings"]
@@ -377,12 +376,13 @@ def format_markdown(report: dict) -> str:
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in report["rows"]:
         cells = [r["name"], r["role"] + (f", {r['distill']}" if r.get("distill") else ""), f"{r['img_size']}²",
-                 f"{r['params'] / 1e6:.3f}", f"{r['gflops']:.3g}", _cell(r["top1"]), r["head"] or "–",
-                 *(_cell(r[c]) for c in HEAD_COLUMNS), _cell(r["delta_top1"], "{:+.2f}"), _cell(r["agreement_top1"])]
+                 f"{r['params'] / 1e6:.3f}", f"{r['gflops']:.3g}", cell(r["top1"], missing=NO_FIGURE),
+                 r["head"] or NO_FIGURE, *(cell(r[c], missing=NO_FIGURE) for c in HEAD_COLUMNS),
+                 cell(r["delta_top1"], "{:+.2f}", NO_FIGURE), cell(r["agreement_top1"], missing=NO_FIGURE)]
         for c in s["configs"]:
             t, spreads = r.get("timing", {}).get(c["key"], {}), r.get("timing_spread", {}).get(c["key"], {})
-            cells += [_cell(t.get("latency_ms"), "{:.3g}") + mark(spreads.get("latency_ms")),
-                      _cell(t.get("throughput"), "{:.4g}") + mark(spreads.get("throughput"))]
+            cells += [cell(t.get("latency_ms"), "{:.3g}", NO_FIGURE) + mark(spreads.get("latency_ms")),
+                      cell(t.get("throughput"), "{:.4g}", NO_FIGURE) + mark(spreads.get("throughput"))]
         lines.append("| " + " | ".join(cells) + " |")
     if any(mark(f) for r in report["rows"] for figures in r.get("timing_spread", {}).values() for f in figures.values()):
         lines += ["", LEGEND]

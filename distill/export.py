@@ -101,17 +101,7 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
     if hf_processor not in HF_PROCESSORS:
         raise ExportError(f"unknown image processor {hf_processor!r}; use --hf-processor timm or --hf-processor transformers")
     export_dir = locate_export(path)
-    info = read_export_config(export_dir)
-    model = students.load_student(export_dir).eval()
-    # A student without a distillation token has one head: every head is its class head.
-    head = "cls" if not model.has_dist_token else (head or model.eval_head)
-    plan = _plan(model, format, head)
-    if head == "joint" and model.joint != "logits":
-        raise ExportError(
-            f"student {info['student']['name']!r} predicts with the average of its two heads' softmax outputs "
-            "(student.joint=softmax), which timm's and transformers' distilled DeiT cannot carry (they average "
-            "the logits); export one head with --head cls or --head dist (`distill eval` reports each head's top-1)")
-    info = with_default_preprocessing(info, _input_shape(format, plan)[1])
+    info, model, head, plan = _load(export_dir, format, head)
     out = resolve_out(export_dir, format, out)
 
     meta: dict[str, Any] = {}
@@ -139,9 +129,20 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Input and output folders
-# --------------------------------------------------------------------------------------------------
+def _load(export_dir: Path, format: str, head: str | None) -> tuple[dict[str, Any], DistilledStudent, str, tuple]:
+    """``(config.json with its preprocessing, student, head, the family's conversion)`` of the export
+    folder; one line for a joint head the target library cannot carry."""
+    info = read_export_config(export_dir)
+    model = students.load_student(export_dir).eval()
+    # A student without a distillation token has one head: every head is its class head.
+    head = "cls" if not model.has_dist_token else (head or model.eval_head)
+    plan = _plan(model, format, head)
+    if head == "joint" and model.joint != "logits":
+        raise ExportError(
+            f"student {info['student']['name']!r} predicts with the average of its two heads' softmax outputs "
+            "(student.joint=softmax), which timm's and transformers' distilled DeiT cannot carry (they average "
+            "the logits); export one head with --head cls or --head dist (`distill eval` reports each head's top-1)")
+    return with_default_preprocessing(info, _input_shape(format, plan)[1]), model, head, plan
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 import distill
 import students
 from distill import atomic
-from distill.evaluate import format_table
+from distill.evaluation import format_table
 from distill.recipes import apply_override, load_recipe
 from teachers.files import TEACHER_WEIGHTS
 

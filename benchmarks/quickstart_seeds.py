@@ -25,7 +25,7 @@ import torch
 
 from distill.compare import compare_runs
 from distill.recipes import load_recipe
-from distill.evaluate import format_table
+from distill.evaluation import format_table
 from distill.quickstart import run_quickstart
 
 ROOT = Path(__file__).resolve().parents[1]

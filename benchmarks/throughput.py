@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader
 import students
 import teachers
 from distill.recipes import load_recipe
-from distill.evaluate import format_table
+from distill.evaluation import format_table
 from distill.spread import LEGEND, mark, spread
 from distill.losses import DistillationLoss
 from distill.pipeline import image_dataset

@@ -19,12 +19,13 @@ checks it against the table of docs/development.md):
     cli, __main__, quickstart         the commands
     loop                              the loop: train, train_teacher, fit, train_one_epoch,
                                       distill_step
-    cache_teacher, evaluate, analyze, what else runs: building the teacher cache, evaluation, the
-    export, onnx_export, predict,     DeiT Sec. 4 analysis, timm / transformers / ONNX exports,
-    report, compare                   prediction, the compression report, comparing runs
-    build, rundir, cache              run set-up: config -> data, Accelerator, student, frozen
+    cache_teacher, evaluation,        what else runs: building the teacher cache, evaluation, the
+    analyze, export, onnx_export,     DeiT Sec. 4 analysis, timm / transformers / ONNX exports,
+    prediction, report, compare       prediction, the compression report, comparing runs
+    build, rundir, exportdir, cache   run set-up: config -> data, Accelerator, student, frozen
                                       teacher; the run folder, its exports, loading a run back;
-                                      the teacher cache's format and reader
+                                      reading export folders, the Hub upload; the teacher
+                                      cache's format and reader
     losses, targets, checkpoint,      parts: the objective, the targets contract, checkpoints, the
     pipeline, replay, transforms,     data path (replayable augmentation), figures, one writer
     sources, splits, images,          per folder, collective time-outs
@@ -41,17 +42,15 @@ checks it against the table of docs/development.md):
 __version__ = "0.1.0"
 
 import importlib
-import sys
-import types
 
 # The public API, imported on first use: `students` and `teachers` import `distill.weights`, which
 # runs this file first, and must not pull in the training code that imports them in turn.
 _API = {
     "Config": "distill.config", "ConfigError": "distill.config", "load_recipe": "distill.recipes",
     "list_recipes": "distill.recipes", "DistillationLoss": "distill.losses", "train": "distill.loop",
-    "train_teacher": "distill.loop", "evaluate": "distill.evaluate", "evaluate_run": "distill.evaluate",
+    "train_teacher": "distill.loop", "evaluate": "distill.evaluation", "evaluate_run": "distill.evaluation",
     "export_student": "distill.export", "ExportError": "distill.export", "analyze_run": "distill.analyze",
-    "predict": "distill.predict", "report_runs": "distill.report", "compare_runs": "distill.compare",
+    "predict": "distill.prediction", "report_runs": "distill.report", "compare_runs": "distill.compare",
     "CompareError": "distill.compare", "DistillError": "distill.errors",
 }
 __all__ = list(_API)
@@ -68,16 +67,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_API))
 
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``distill.predict`` or ``distill.evaluate`` binds it as the package
-    attribute of that name; the API function of that name must win (``distill.predict(...)``). The
-    loop's module is ``distill.loop``, so ``distill.train`` needs no such help."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

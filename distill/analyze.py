@@ -31,7 +31,7 @@ from torch import nn
 
 from distill import atomic, plots
 from distill.errors import InputError
-from distill.evaluate import model_joint
+from distill.evaluation import model_joint
 from distill.rundir import load_run, prepare_eval
 from students.base import DistilledStudent
 
@@ -64,13 +64,48 @@ def analyze(model: nn.Module, loader, accelerator, teacher: nn.Module | None = N
     if not isinstance(inner, DistilledStudent):
         raise InputError(f"{type(inner).__name__} has no class and distillation heads; `distill analyze` needs a student")
     joint = model_joint(inner)
-    joint_key = "joint_softmax" if joint == "softmax" else "joint"
     probes, reason = inner.token_probes()
     hooked = [(name, module) for name, module in probes or [] if module is not None]  # None: the learned tokens
+    names = ["cls", "dist", "joint"] + (["teacher"] if teacher is not None else [])
+    labels, preds, layer_cos = _predict_all(model, inner, loader, accelerator, teacher, joint, hooked, names)
+    y = torch.cat(labels)
+    if len(y) == 0:
+        raise InputError("the evaluation split is empty; check data.val_split or --split")
+    p = {k: torch.cat(v) for k, v in preds.items()}
+
+    def pct(mask: torch.Tensor) -> float:
+        return round(100.0 * mask.float().mean().item(), 2)
+
+    num_classes = int(getattr(inner, "num_classes", 0)) or int(max(y.max(), p["joint"].max())) + 1
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    counts.index_put_((y, p["joint"]), torch.ones_like(y), accumulate=True)
+    top1 = {"cls": pct(p["cls"] == y), "dist": pct(p["dist"] == y), "joint_logits": pct(p["joint_logits"] == y),
+            "joint_softmax": pct(p["joint_softmax"] == y)}
+    if teacher is not None:
+        top1["teacher"] = pct(p["teacher"] == y)
+    return {
+        "student": inner.student_name,
+        "joint": joint,
+        # What the exported model predicts with in eval mode: "joint", or "cls" for a student trained
+        # without a teacher (its distillation head got no loss).
+        "eval_head": getattr(inner, "eval_head", "joint"),
+        "num_images": len(y),
+        "token_cosine": _token_cosine(inner, probes, reason, hooked, layer_cos),
+        "top1": top1,
+        "agreement": {"names": names, "top1": [[pct(p[a] == p[b]) for b in names] for a in names]},
+        "confusion": {"head": f"joint ({joint})", "class_names": list(class_names or range(num_classes)),
+                      "counts": counts.tolist()},
+    }
+
+
+def _predict_all(model: nn.Module, inner: DistilledStudent, loader, accelerator, teacher: nn.Module | None,
+                 joint: str, hooked: list[tuple[str, nn.Module]], names: list[str]):
+    """``(labels, predictions per head, token cosines per layer)`` of every batch, gathered over the
+    processes; the hooks on the ``hooked`` modules record the two tokens' cosines."""
+    joint_key = "joint_softmax" if joint == "softmax" else "joint"
     cosines: dict[str, torch.Tensor] = {}
     handles = [module.register_forward_hook(_gather_tokens(cosines)(name)) for name, module in hooked]
     model.eval()
-    names = ["cls", "dist", "joint"] + (["teacher"] if teacher is not None else [])
     preds: dict[str, list[torch.Tensor]] = {k: [] for k in names + ["joint_softmax", "joint_logits"]}
     labels, layer_cos = [], []
     try:
@@ -91,14 +126,13 @@ def analyze(model: nn.Module, loader, accelerator, teacher: nn.Module | None = N
     finally:
         for handle in handles:
             handle.remove()
-    y = torch.cat(labels)
-    if len(y) == 0:
-        raise InputError("the evaluation split is empty; check data.val_split or --split")
-    p = {k: torch.cat(v) for k, v in preds.items()}
+    return labels, preds, layer_cos
 
-    def pct(mask: torch.Tensor) -> float:
-        return round(100.0 * mask.float().mean().item(), 2)
 
+def _token_cosine(inner: DistilledStudent, probes, reason: str, hooked: list[tuple[str, nn.Module]],
+                  layer_cos: list[torch.Tensor]) -> dict:
+    """The learned tokens' cosine and, layer by layer, their outputs' (or why not applicable), beside
+    what DeiT Sec. 4 reports."""
     if probes:
         per_layer = dict(zip((name for name, _ in hooked), torch.cat(layer_cos).mean(dim=0).tolist()))
         learned = learned_token_cosine(inner)
@@ -111,27 +145,7 @@ def analyze(model: nn.Module, loader, accelerator, teacher: nn.Module | None = N
     token_cosine["paper"] = {"learned_tokens": PAPER_LEARNED_TOKEN_COSINE,
                              "last_layer": PAPER_LAST_LAYER_COSINE,
                              "source": "DeiT (Touvron et al. 2021), Sec. 4"}
-
-    num_classes = int(getattr(inner, "num_classes", 0)) or int(max(y.max(), p["joint"].max())) + 1
-    counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    counts.index_put_((y, p["joint"]), torch.ones_like(y), accumulate=True)
-    top1 = {"cls": pct(p["cls"] == y), "dist": pct(p["dist"] == y), "joint_logits": pct(p["joint_logits"] == y),
-            "joint_softmax": pct(p["joint_softmax"] == y)}
-    if teacher is not None:
-        top1["teacher"] = pct(p["teacher"] == y)
-    return {
-        "student": getattr(inner, "student_args", {}).get("name", type(inner).__name__),
-        "joint": joint,
-        # What the exported model predicts with in eval mode: "joint", or "cls" for a student trained
-        # without a teacher (its distillation head got no loss).
-        "eval_head": getattr(inner, "eval_head", "joint"),
-        "num_images": len(y),
-        "token_cosine": token_cosine,
-        "top1": top1,
-        "agreement": {"names": names, "top1": [[pct(p[a] == p[b]) for b in names] for a in names]},
-        "confusion": {"head": f"joint ({joint})", "class_names": list(class_names or range(num_classes)),
-                      "counts": counts.tolist()},
-    }
+    return token_cosine
 
 
 def analyze_run(path: str | Path, data: str | None = None, split: str | None = None, batch_size: int = 256,

@@ -104,13 +104,23 @@ def build_loss(cfg: Config) -> DistillationLoss:
                             label_smoothing=cfg.optim.smoothing, hard_label_smoothing=d.hard_smoothing)
 
 
+def teacher_stage(cfg: Config) -> Path:
+    """The run folder of the recipe's teacher stage (`distill train-teacher`): ``<run>-teacher``."""
+    return cfg.run_dir("-teacher")
+
+
+def teacher_stage_weights(cfg: Config) -> Path:
+    """The weights file the teacher stage exports: ``<run>-teacher/export/model.safetensors``."""
+    return teacher_stage(cfg) / "export" / TEACHER_WEIGHTS
+
+
 def teacher_checkpoint(cfg: Config) -> str | None:
     """The weights file the recipe's teacher loads: ``teacher.checkpoint``, else the export of the
     recipe's teacher stage (``teacher_train.epochs > 0``) once it exists, else None."""
     if cfg.teacher.checkpoint is not None:
         return cfg.teacher.checkpoint
     if cfg.teacher_train.epochs > 0:
-        exported = cfg.run_dir("-teacher") / "export" / TEACHER_WEIGHTS
+        exported = teacher_stage_weights(cfg)
         return str(exported) if exported.is_file() else None
     return None
 
@@ -122,7 +132,7 @@ def with_teacher_weights(cfg: Config) -> Config:
     checkpoint = teacher_checkpoint(cfg)
     if checkpoint is None and not t.pretrained:
         if cfg.teacher_train.epochs > 0:
-            raise ConfigError(f"teacher {t.name!r} has not been fine-tuned yet (no {cfg.run_dir('-teacher') / 'export'}); "
+            raise ConfigError(f"teacher {t.name!r} has not been fine-tuned yet (no {teacher_stage_weights(cfg).parent}); "
                               "run `distill train-teacher <recipe>` first, or set teacher.checkpoint=<file>")
         # A random network would teach noise, and the run would still look like it worked.
         raise ConfigError(f"teacher {t.name!r} has no weights; set teacher.checkpoint=<file>, teacher.pretrained=true "

@@ -339,7 +339,7 @@ def _cache_teacher(args: argparse.Namespace) -> int | None:
 
 
 def _eval(args: argparse.Namespace) -> int | None:
-    from distill.evaluate import format_table
+    from distill.evaluation import format_table
     metrics = distill.evaluate_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size,
                                    teacher_checkpoint=args.teacher_checkpoint, num_workers=args.num_workers,
                                    cpu=args.cpu)
@@ -373,7 +373,7 @@ def _analyze(args: argparse.Namespace) -> int | None:
 
 
 def _predict(args: argparse.Namespace) -> int | None:
-    from distill.predict import check_output_path, format_predictions, write_csv, write_json
+    from distill.prediction import check_output_path, format_predictions, write_csv, write_json
     outputs = [(check_output_path(f, option), write) for f, option, write in
                ((args.json, "--json", write_json), (args.csv, "--csv", write_csv)) if f]
     result = distill.predict(args.path, args.inputs, top_k=args.top_k, head=args.head, split=args.split,

@@ -17,7 +17,7 @@ import yaml
 
 from distill import atomic, plots
 from distill.build import same_source
-from distill.evaluate import format_table
+from distill.evaluation import format_table
 from distill.errors import DistillError
 
 #: Table columns, in order: the student's heads, a plain classifier's (a teacher run's) top-1, the

@@ -48,12 +48,12 @@ from torch import nn
 
 import students
 from distill import atomic, lock, onnx_export
-from distill.config import IMAGENET_MEAN, IMAGENET_STD
-from distill.rundir import (EXPORT_BUSY_FIX, HEADS, MARKER, ExportError, eval_transform, locate_export,
-                            read_export_config, resolve_out, student_output, upload)
+from distill.exportdir import (EXPORT_BUSY_FIX, EXPORT_HEADS, MARKER, ExportError, eval_transform, locate_export,
+                               read_export_config, resolve_out, student_output, upload,
+                               with_default_preprocessing)
 from students.base import DistilledStudent, ExportWeights, StudentError
 
-__all__ = ["export_student", "ExportError", "FORMATS", "HEADS", "HF_PROCESSORS", "MARKER"]
+__all__ = ["export_student", "ExportError", "FORMATS", "EXPORT_HEADS", "HF_PROCESSORS", "MARKER"]
 
 FORMATS = ("timm", "hf", "onnx")
 #: The image processor a ``hf`` folder carries (``preprocessor_config.json``):
@@ -96,24 +96,12 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
         raise ExportError(f"unknown export format {format!r}; use --format timm, --format hf or --format onnx")
     if format == "onnx":  # a graph for runtimes rather than a library's folder: distill/onnx_export.py
         return onnx_export.export_onnx(path, out=out, head=head, verify=verify, push_to_hub=push_to_hub)
-    if head is not None and head not in HEADS:
+    if head is not None and head not in EXPORT_HEADS:
         raise ExportError(f"unknown head {head!r}; use --head joint, --head cls or --head dist")
     if hf_processor not in HF_PROCESSORS:
         raise ExportError(f"unknown image processor {hf_processor!r}; use --hf-processor timm or --hf-processor transformers")
     export_dir = locate_export(path)
-    info = read_export_config(export_dir)
-    model = students.load_student(export_dir).eval()
-    # A student without a distillation token has one head: every head is its class head.
-    head = "cls" if not model.has_dist_token else (head or model.eval_head)
-    plan = _plan(model, format, head)
-    if head == "joint" and model.joint != "logits":
-        raise ExportError(
-            f"student {info['student']['name']!r} predicts with the average of its two heads' softmax outputs "
-            "(student.joint=softmax), which timm's and transformers' distilled DeiT cannot carry (they average "
-            "the logits); export one head with --head cls or --head dist (`distill eval` reports each head's top-1)")
-    # `distill train` records the eval transform; a student saved by hand may not (DataConfig defaults).
-    info = {"img_size": _input_shape(format, plan)[1], "transform": "deit", "crop_pct": 0.875,
-            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, **info}
+    info, model, head, plan = _load(export_dir, format, head)
     out = resolve_out(export_dir, format, out)
 
     meta: dict[str, Any] = {}
@@ -141,9 +129,20 @@ def export_student(path: str | Path, format: str, out: str | Path | None = None,
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Input and output folders
-# --------------------------------------------------------------------------------------------------
+def _load(export_dir: Path, format: str, head: str | None) -> tuple[dict[str, Any], DistilledStudent, str, tuple]:
+    """``(config.json with its preprocessing, student, head, the family's conversion)`` of the export
+    folder; one line for a joint head the target library cannot carry."""
+    info = read_export_config(export_dir)
+    model = students.load_student(export_dir).eval()
+    # A student without a distillation token has one head: every head is its class head.
+    head = "cls" if not model.has_dist_token else (head or model.eval_head)
+    plan = _plan(model, format, head)
+    if head == "joint" and model.joint != "logits":
+        raise ExportError(
+            f"student {info['student']['name']!r} predicts with the average of its two heads' softmax outputs "
+            "(student.joint=softmax), which timm's and transformers' distilled DeiT cannot carry (they average "
+            "the logits); export one head with --head cls or --head dist (`distill eval` reports each head's top-1)")
+    return with_default_preprocessing(info, _input_shape(format, plan)[1]), model, head, plan
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,12 +36,12 @@ from distill import checkpoint as ckpt
 from distill.cache import open_cache
 from distill.config import Config, ConfigError, DistillConfig, OptimConfig
 from distill.recipes import dump, validate
-from distill.evaluate import evaluate
+from distill.evaluation import evaluate
 from distill.losses import DistillationLoss
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
 from distill.replay import STREAM_MODEL, derive_seed
 from distill.targets import Targets
-from teachers.files import TEACHER_WEIGHTS, save_teacher
+from teachers.files import save_teacher
 from distill.errors import DistillError
 
 
@@ -96,7 +96,7 @@ def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=Non
         raise ConfigError("train-teacher needs teacher.name (see `distill teachers`)")
     if tt.epochs <= 0:
         raise ConfigError("train-teacher needs teacher_train.epochs > 0")
-    run_dir = cfg.run_dir("-teacher")
+    run_dir = build.teacher_stage(cfg)
     with rundir.writing(run_dir, resume, tt.epochs, "teacher_train.epochs") as resume_from:
         data = data or build.load_data(cfg.data)
         set_seed(cfg.train.seed)
@@ -133,9 +133,8 @@ def ensure_teacher_stage(cfg: Config, data=None) -> Config:
     """``cfg`` with the teacher's weights named, after fine-tuning the teacher first when the recipe
     asks for it (``teacher_train.epochs > 0``, no ``teacher.checkpoint``) and it has not run yet."""
     validate(cfg)
-    teacher_dir = cfg.run_dir("-teacher")
-    if cfg.teacher.checkpoint is None and cfg.teacher_train.epochs > 0 \
-            and not (teacher_dir / "export" / TEACHER_WEIGHTS).is_file():
+    teacher_dir = build.teacher_stage(cfg)
+    if cfg.teacher.checkpoint is None and cfg.teacher_train.epochs > 0 and not build.teacher_stage_weights(cfg).is_file():
         train_teacher(cfg, resume=ckpt.find_checkpoint(teacher_dir) is not None, data=data)
     return build.with_teacher_weights(cfg)
 

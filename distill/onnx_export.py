@@ -37,8 +37,8 @@ from distill.config import DataConfig
 from distill.errors import message_line
 from distill.recipes import from_dict
 from distill.images import ImageClassificationDataset
-from distill.rundir import (EXPORT_BUSY_FIX, HEADS, MARKER, ExportError, eval_transform, export_preprocessing, locate_export,
-                            read_export_config, resolve_out, student_output, upload)
+from distill.exportdir import (EXPORT_BUSY_FIX, EXPORT_HEADS, MARKER, ExportError, eval_transform, export_preprocessing,
+                               locate_export, read_export_config, resolve_out, student_output, upload)
 
 __all__ = ["export_onnx", "ONNX_NAME", "META_NAME", "ATOL"]
 
@@ -71,7 +71,7 @@ def export_onnx(path: str | Path, out: str | Path | None = None, head: str | Non
     ``verify`` runs the file with onnxruntime against the student (module docstring). Returns the
     folder; nothing is written if any step fails.
     """
-    if head is not None and head not in HEADS:
+    if head is not None and head not in EXPORT_HEADS:
         raise ExportError(f"unknown head {head!r}; use --head joint, --head cls or --head dist")
     export_dir = locate_export(path)
     info = read_export_config(export_dir)

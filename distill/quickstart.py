@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 from distill import atomic
+from distill.build import teacher_stage, teacher_stage_weights
 from distill.compare import compare_runs, predicting_head
-from distill.evaluate import format_table
+from distill.evaluation import format_table
 from distill.recipes import apply_override, load_recipe
 from distill.report import report_runs
 from distill.loop import train, train_teacher
-from teachers.files import TEACHER_WEIGHTS
 
 COLUMNS = ["cls_top1", "dist_top1", "joint_top1", "top1", "agreement_top1"]
 
@@ -39,13 +39,13 @@ def run_quickstart(output_dir: str = "runs", overrides: list[str] | None = None,
     start = time.perf_counter()
 
     teacher_metrics = train_teacher(base)
-    runs = [base.run_dir("-teacher")]
+    runs = [teacher_stage(base)]
     rows = {f"teacher ({base.teacher.name})": {"top1": teacher_metrics["top1"]}}
     final = {}
     for kind in ("none", base.distill.kind if base.distill.kind != "none" else "hard"):
         cfg = copy.deepcopy(base)
         apply_override(cfg, f"distill.kind={kind}")
-        cfg.teacher.checkpoint = str(runs[0] / "export" / TEACHER_WEIGHTS)
+        cfg.teacher.checkpoint = str(teacher_stage_weights(base))
         cfg.train.run_name = f"{base.train.run_name}-{kind}"
         final[kind] = train(cfg)
         runs.append(cfg.run_dir())

@@ -44,7 +44,8 @@ from distill import atomic
 from distill.config import ConfigError
 from distill.plugins import PluginError, UnknownNameError, not_registered
 from distill.recipes import from_dict
-from distill.rundir import export_preprocessing
+from distill.evaluation import cell
+from distill.exportdir import export_preprocessing
 from distill.spread import LEGEND, mark, spread
 from teachers.files import TEACHER_CONFIG, TEACHER_WEIGHTS
 from distill.errors import DistillError, NotFoundError, message_line
@@ -53,6 +54,8 @@ __all__ = ["report_runs", "count_flops", "time_model", "time_runs", "format_mark
 
 REPORT_MD, REPORT_JSON, REPORT_PNG = "report.md", "report.json", "report.png"
 HEAD_COLUMNS = ("cls_top1", "dist_top1", "joint_top1")
+#: What a cell of report.md shows where a row has no such figure.
+NO_FIGURE = "–"
 
 
 class ReportError(DistillError, ValueError):
@@ -270,7 +273,37 @@ def report_runs(paths: Sequence[str | Path], out: str | Path | None = None, *, t
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ReportError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     runs = [(Path(p), *_read_run(p)) for p in paths]  # every folder is checked before any work
+    rows, models = _rows(runs)
+    settings = _settings(timing, threads, batch_size, warmup, latency_runs, throughput_runs)
+    if timing:
+        _time_rows(rows, models, settings)
+    out = Path(out) if out is not None else runs[0][0].parent / "report"
+    return _write_report(rows, settings, out, plot)
 
+
+def _rows(runs: list[tuple]) -> tuple[list[dict], list[nn.Module]]:
+    """A row (and its model) per teacher, then per student, of ``runs`` (``(path, cfg, export,
+    metrics)``); each student's row points at its teacher's (top-1, Δ)."""
+    students_, teacher_specs, in_student_runs = _student_rows(runs)
+    rows, models = _teacher_rows(teacher_specs, in_student_runs)
+    by_key = {r["key"]: r for r in rows}
+    for row, model in students_:
+        teacher = by_key.get(row.pop("teacher", None))
+        if row["teacher_top1"] is None and teacher is not None:
+            row["teacher_top1"] = teacher["top1"]
+        rows.append(row)
+        models.append(model)
+    for row in rows:
+        row.pop("key", None)
+        row["gflops"] = round(row["flops"] / 1e9, 4)
+        ok = row["top1"] is not None and row["teacher_top1"] is not None
+        row["delta_top1"] = round(row["top1"] - row["teacher_top1"], 2) if ok else None
+    return rows, models
+
+
+def _student_rows(runs: list[tuple]) -> tuple[list[tuple[dict, nn.Module]], dict, dict]:
+    """``(students' (row, model), teachers' {key: (spec, run folder or None)}, {key: top-1 the
+    students' runs measured})``: the teachers the runs are or name, each once."""
     # A teacher's top-1: as its students' runs measured it (their split, their Δ), else its own run's.
     students_, teacher_specs, in_student_runs = [], {}, {}
     for path, cfg, export, metrics in runs:
@@ -288,7 +321,11 @@ def report_runs(paths: Sequence[str | Path], out: str | Path | None = None, *, t
             if metrics.get("teacher_top1") is not None:
                 in_student_runs.setdefault(key, metrics["teacher_top1"])
         students_.append((row, model))
+    return students_, teacher_specs, in_student_runs
 
+
+def _teacher_rows(teacher_specs: dict, in_student_runs: dict) -> tuple[list[dict], list[nn.Module]]:
+    """A row (and its network) per teacher; one warning line for one that cannot be built here."""
     rows, models = [], []
     for key, (spec, run) in teacher_specs.items():
         top1 = in_student_runs.get(key)
@@ -300,35 +337,27 @@ def report_runs(paths: Sequence[str | Path], out: str | Path | None = None, *, t
         except (UnknownNameError, PluginError) as e:
             # Its students' rows keep the teacher top-1 and agreement their runs measured.
             why = str(e) if isinstance(e, PluginError) else not_registered("teacher", spec["name"])
-            warnings.warn(f"teacher row skipped (params, GFLOPs, speed): {why}", stacklevel=2)
+            warnings.warn(f"teacher row skipped (params, GFLOPs, speed): {why}", stacklevel=4)  # report_runs' caller
             continue
         row["key"] = key
         rows.append(row)
         models.append(network)
-    by_key = {r["key"]: r for r in rows}
-    for row, model in students_:
-        teacher = by_key.get(row.pop("teacher", None))
-        if row["teacher_top1"] is None and teacher is not None:
-            row["teacher_top1"] = teacher["top1"]
-        rows.append(row)
-        models.append(model)
-    for row in rows:
-        row.pop("key", None)
-        row["gflops"] = round(row["flops"] / 1e9, 4)
-        ok = row["top1"] is not None and row["teacher_top1"] is not None
-        row["delta_top1"] = round(row["top1"] - row["teacher_top1"], 2) if ok else None
+    return rows, models
 
-    settings = _settings(timing, threads, batch_size, warmup, latency_runs, throughput_runs)
-    if timing:
-        saved_threads = torch.get_num_threads()
-        torch.set_num_threads(settings["threads"])
-        try:
-            for row, model in zip(rows, models):
-                row["timing"], row["timing_spread"] = _time_row(model, row["img_size"], settings)
-        finally:
-            torch.set_num_threads(saved_threads)
 
-    out = Path(out) if out is not None else runs[0][0].parent / "report"
+def _time_rows(rows: list[dict], models: list[nn.Module], settings: dict) -> None:
+    """Each row's ``timing`` and ``timing_spread``, measured with ``settings["threads"]`` threads."""
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(settings["threads"])
+    try:
+        for row, model in zip(rows, models):
+            row["timing"], row["timing_spread"] = _time_row(model, row["img_size"], settings)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _write_report(rows: list[dict], settings: dict, out: Path, plot: bool) -> dict:
+    """``report.md``, ``report.json`` (and ``report.png``) into ``out``; returns the report."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": str(out / REPORT_MD), "json": str(out / REPORT_JSON), "png": None}
     report = {"rows": rows, "settings": settings, "files": files}
@@ -347,10 +376,6 @@ def _relative_paths(report: dict, out: Path) -> dict:
         return None if path is None else atomic.relative_path(path, out)
     rows = [{**row, **{k: rel(row[k]) for k in ("run", "checkpoint") if k in row}} for row in report["rows"]]
     return {**report, "rows": rows, "files": {k: rel(v) for k, v in report["files"].items()}}
-
-
-def _cell(value, fmt: str = "{:.2f}") -> str:
-    return "–" if value is None else fmt.format(value)
 
 
 def format_markdown(report: dict) -> str:
@@ -377,12 +402,13 @@ def format_markdown(report: dict) -> str:
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in report["rows"]:
         cells = [r["name"], r["role"] + (f", {r['distill']}" if r.get("distill") else ""), f"{r['img_size']}²",
-                 f"{r['params'] / 1e6:.3f}", f"{r['gflops']:.3g}", _cell(r["top1"]), r["head"] or "–",
-                 *(_cell(r[c]) for c in HEAD_COLUMNS), _cell(r["delta_top1"], "{:+.2f}"), _cell(r["agreement_top1"])]
+                 f"{r['params'] / 1e6:.3f}", f"{r['gflops']:.3g}", cell(r["top1"], missing=NO_FIGURE),
+                 r["head"] or NO_FIGURE, *(cell(r[c], missing=NO_FIGURE) for c in HEAD_COLUMNS),
+                 cell(r["delta_top1"], "{:+.2f}", NO_FIGURE), cell(r["agreement_top1"], missing=NO_FIGURE)]
         for c in s["configs"]:
             t, spreads = r.get("timing", {}).get(c["key"], {}), r.get("timing_spread", {}).get(c["key"], {})
-            cells += [_cell(t.get("latency_ms"), "{:.3g}") + mark(spreads.get("latency_ms")),
-                      _cell(t.get("throughput"), "{:.4g}") + mark(spreads.get("throughput"))]
+            cells += [cell(t.get("latency_ms"), "{:.3g}", NO_FIGURE) + mark(spreads.get("latency_ms")),
+                      cell(t.get("throughput"), "{:.4g}", NO_FIGURE) + mark(spreads.get("throughput"))]
         lines.append("| " + " | ".join(cells) + " |")
     if any(mark(f) for r in report["rows"] for figures in r.get("timing_spread", {}).values() for f in figures.values()):
         lines += ["", LEGEND]

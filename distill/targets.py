@@ -2,7 +2,7 @@
 
 Two classes give them: the frozen teacher run on every batch (``distill.build.OnlineTeacher``) and
 its replay cache read from disk (``distill.cache.TeacherCache``). The loop (``distill.loop``) and
-evaluation (``distill.evaluate``) never ask which one they hold.
+evaluation (``distill.evaluation``) never ask which one they hold.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from distill.build import OnlineTeacher, new_accelerator
-from distill.evaluate import evaluate, format_table
+from distill.evaluation import evaluate, format_table
 from students.base import DistilledStudent
 
 

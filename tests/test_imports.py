@@ -88,9 +88,9 @@ def test_students_and_teachers_use_only_the_shared_low_level_module():
 LAYERS = [
     ("commands", {"distill.cli", "distill.__main__", "distill.quickstart"}),
     ("the loop", {"distill.loop"}),
-    ("what else runs", {"distill.cache_teacher", "distill.evaluate", "distill.analyze", "distill.export",
-                        "distill.onnx_export", "distill.predict", "distill.report", "distill.compare"}),
-    ("run set-up", {"distill.build", "distill.rundir", "distill.cache"}),
+    ("what else runs", {"distill.cache_teacher", "distill.evaluation", "distill.analyze", "distill.export",
+                        "distill.onnx_export", "distill.prediction", "distill.report", "distill.compare"}),
+    ("run set-up", {"distill.build", "distill.rundir", "distill.exportdir", "distill.cache"}),
     ("parts", {"distill.losses", "distill.targets", "distill.checkpoint", "distill.pipeline", "distill.replay",
                "distill.transforms", "distill.sources", "distill.splits", "distill.images", "distill.builtin_data",
                "distill.plots", "distill.lock", "distill.collective"}),
@@ -153,3 +153,11 @@ def test_the_model_packages_do_not_load_the_training_code():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "['distill', 'distill.errors', 'distill.weights']"
+
+
+def test_no_module_shares_a_public_api_name():
+    """``distill.predict(...)`` and ``distill.evaluate(...)`` are functions: a module of the same name
+    would be bound as the package's attribute when imported and shadow them."""
+    import distill
+
+    assert [name for name in distill.__all__ if (REPO / "distill" / f"{name}.py").exists()] == []

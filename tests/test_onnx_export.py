@@ -13,8 +13,8 @@ from PIL import Image
 import students
 from distill.cli import main as cli
 from distill.export import MARKER, ExportError, export_student
-from distill.predict import predict
-from distill.rundir import eval_transform, student_output
+from distill.prediction import predict
+from distill.exportdir import eval_transform, student_output
 from distill.loop import train
 
 from conftest import make_config

@@ -15,9 +15,9 @@ import distill
 import students
 from distill.cli import main as cli
 from distill.sources import DataError
-from distill.evaluate import evaluate_run
+from distill.evaluation import evaluate_run
 from distill.rundir import load_run, prepare_eval
-from distill.predict import PredictError, predict
+from distill.prediction import PredictError, predict
 from distill.loop import train
 
 from conftest import make_config

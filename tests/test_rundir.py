@@ -17,7 +17,7 @@ from torch import nn
 import teachers
 from distill.analyze import analyze_run
 from distill.cli import main as cli
-from distill.evaluate import evaluate_run
+from distill.evaluation import evaluate_run
 from distill.loop import train
 from teachers import registry as teacher_registry
 

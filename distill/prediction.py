@@ -34,8 +34,8 @@ import students
 from distill.builtin_data import BUILTIN_DATASETS
 from distill.images import ImageClassificationDataset, to_rgb
 from distill.onnx_export import ONNX_NAME
-from distill.rundir import (HEADS, eval_transform, export_preprocessing, locate_export, read_export_config,
-                            student_output)
+from distill.exportdir import (EXPORT_HEADS, eval_transform, export_preprocessing, locate_export, read_export_config,
+                               student_output)
 from distill.atomic import write_text
 from distill.sources import HUB_ID, IMAGE_EXTENSIONS, DataError
 from distill.splits import load_eval_split
@@ -65,7 +65,7 @@ class Classifier:
 
 def load_classifier(path: str | Path, head: str | None = None, device: str | torch.device = "cpu") -> Classifier:
     """A run folder, an export folder or an ONNX export, ready to classify preprocessed batches."""
-    if head is not None and head not in HEADS:
+    if head is not None and head not in EXPORT_HEADS:
         raise PredictError(f"unknown head {head!r}; use --head joint, --head cls or --head dist")
     path = Path(path)
     if not path.exists():

@@ -20,7 +20,8 @@ from distill.errors import InputError
 from distill.targets import Targets
 from students.base import DistilledStudent
 
-HEADS = ("cls", "dist", "joint", "joint_softmax")
+#: The heads `evaluate` reports a top-1/top-5 of (a student's; a plain classifier has one, unnamed).
+EVALUATED_HEADS = ("cls", "dist", "joint", "joint_softmax")
 
 
 def model_heads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -84,16 +85,18 @@ def format_table(rows: dict[str, dict[str, float]], columns: list[str] | None = 
     width = max([len(n) for n in rows] + [5])
     lines = [f"{'':<{width}}  " + "  ".join(f"{c:>14}" for c in columns)]
     for name, metrics in rows.items():
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{_cell(metrics.get(c)):>14}" for c in columns))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{cell(metrics.get(c)):>14}" for c in columns))
     return "\n".join(lines)
 
 
-def _cell(value) -> str:
+def cell(value, fmt: str = "{:.2f}", missing: str = "-") -> str:
+    """One cell of a text table: a float with ``fmt``, an integer or a word as it is, ``missing``
+    where there is none (``None``, or anything else)."""
     if isinstance(value, float):
-        return f"{value:.2f}"
+        return fmt.format(value)
     if isinstance(value, (int, str)) and not isinstance(value, bool):
         return str(value)
-    return "-"
+    return missing
 
 
 def evaluate_run(path: str, data: str | None = None, split: str | None = None, batch_size: int = 256,

@@ -85,59 +85,16 @@ def load_image_dataset(
     """
     name = describe_source(source)
     splits = read_splits(source, name)
-
-    # --- pick the splits ---------------------------------------------------------------------
-    if train_split not in splits:
-        raise DataError(f"{name}: no split named '{train_split}' (splits: {names(splits)}); set {OPTION}", "train_split")
-    if val_split is not None:
-        if val_split not in splits:
-            raise DataError(f"{name}: no split named '{val_split}' (splits: {names(splits)}); set {OPTION}", "val_split")
-        if val_split == train_split:
-            raise DataError(f"{name}: val_split and train_split are both '{train_split}'; set a different {OPTION}", "val_split")
-    else:
-        val_split = next((s for s in VAL_SPLIT_NAMES if s in splits and s != train_split), None)
-    train = splits[train_split]
-    val = splits[val_split] if val_split is not None else None
-    for split_name, ds in ((train_split, train), (val_split, val)):
-        if ds is not None and len(ds) == 0:
-            raise DataError(f"{name}: split '{split_name}' is empty; check the source or pick another split")
-
-    # --- columns -----------------------------------------------------------------------------
-    image_column = pick_image_column(train, image_column, name, train_split)
-    label_column = pick_label_column(train, label_column, name, train_split)
-    if val is not None:
-        for col in (image_column, label_column):
-            if col not in val.column_names:
-                raise DataError(
-                    f"{name}: split '{val_split}' has no column '{col}' (columns: {names(val.column_names)}); "
-                    f"set {OPTION} (a split with the same columns)", "val_split"
-                )
+    train, val, val_split = _pick_splits(splits, name, train_split, val_split)
+    image_column, label_column = _check_columns(train, val, image_column, label_column, name, (train_split, val_split))
     train = _as_image_column(train, image_column, name, train_split)
     val = _as_image_column(val, image_column, name, val_split) if val is not None else None
     train, val, class_names = _class_labels(train, val, label_column, name, (train_split, val_split))
-    # One class gives a meaningless run (100% accuracy, nothing to distil): stop before any work.
-    present = pc.unique(label_values(train, label_column)).to_pylist()
-    if len(class_names) < 2 or len(present) < 2:
-        only = class_names[present[0]] if present else class_names[0]
-        raise DataError(
-            f"{name}: split '{train_split}' holds a single class ({only!r} in '{label_column}'); a classifier needs at "
-            f"least 2: check {OPTION} or the folder layout (one sub-folder per class)", "label_column"
-        )
+    _check_two_classes(train, class_names, label_column, name, train_split)
 
-    # --- validation rows carved out of train when there is no validation split ----------------
     train_desc, val_desc = train_split, val_split
     if val is None:
-        if not 0.0 < val_fraction < 1.0:
-            raise DataError(f"{name}: has no validation split and val_fraction={val_fraction}; set {OPTION} (between 0 and 1)",
-                            "val_fraction")
-        n = len(train)
-        n_val = max(1, int(round(n * val_fraction)))
-        if n_val >= n:
-            raise DataError(f"{name}: split '{train_split}' has {n} rows, too few to hold out a validation split; add data or "
-                            f"set {OPTION}", "val_split")
-        perm = np.random.default_rng([seed, 0]).permutation(n)
-        val = _select(train, perm[:n_val])
-        train = _select(train, perm[n_val:])
+        train, val = _hold_out(train, val_fraction, seed, name, train_split)
         val_desc = f"{train_split} (held-out {val_fraction:g}, seed {seed})"
 
     # --- fixed random subsets ----------------------------------------------------------------
@@ -156,6 +113,68 @@ def load_image_dataset(
         train_split=train_desc,
         val_split=val_desc,
     )
+
+
+def _pick_splits(splits, name: str, train_split: str, val_split: Optional[str]):
+    """(train, val or None, the validation split's name or None): the named splits, else the first
+    of ``VAL_SPLIT_NAMES`` that exists; each one chosen must exist and hold rows."""
+    if train_split not in splits:
+        raise DataError(f"{name}: no split named '{train_split}' (splits: {names(splits)}); set {OPTION}", "train_split")
+    if val_split is not None:
+        if val_split not in splits:
+            raise DataError(f"{name}: no split named '{val_split}' (splits: {names(splits)}); set {OPTION}", "val_split")
+        if val_split == train_split:
+            raise DataError(f"{name}: val_split and train_split are both '{train_split}'; set a different {OPTION}", "val_split")
+    else:
+        val_split = next((s for s in VAL_SPLIT_NAMES if s in splits and s != train_split), None)
+    train = splits[train_split]
+    val = splits[val_split] if val_split is not None else None
+    for split_name, ds in ((train_split, train), (val_split, val)):
+        if ds is not None and len(ds) == 0:
+            raise DataError(f"{name}: split '{split_name}' is empty; check the source or pick another split")
+    return train, val, val_split
+
+
+def _check_columns(train, val, image_column: Optional[str], label_column: Optional[str], name: str,
+                   split_names: tuple) -> tuple[str, str]:
+    """The image and label columns (given, else detected on train); the validation split must have both."""
+    train_split, val_split = split_names
+    image_column = pick_image_column(train, image_column, name, train_split)
+    label_column = pick_label_column(train, label_column, name, train_split)
+    if val is not None:
+        for col in (image_column, label_column):
+            if col not in val.column_names:
+                raise DataError(
+                    f"{name}: split '{val_split}' has no column '{col}' (columns: {names(val.column_names)}); "
+                    f"set {OPTION} (a split with the same columns)", "val_split"
+                )
+    return image_column, label_column
+
+
+def _check_two_classes(train, class_names: list, label_column: str, name: str, train_split: str) -> None:
+    """One class gives a meaningless run (100% accuracy, nothing to distil): stop before any work."""
+    present = pc.unique(label_values(train, label_column)).to_pylist()
+    if len(class_names) < 2 or len(present) < 2:
+        only = class_names[present[0]] if present else class_names[0]
+        raise DataError(
+            f"{name}: split '{train_split}' holds a single class ({only!r} in '{label_column}'); a classifier needs at "
+            f"least 2: check {OPTION} or the folder layout (one sub-folder per class)", "label_column"
+        )
+
+
+def _hold_out(train, val_fraction: float, seed: int, name: str, train_split: str):
+    """(train, val): ``val_fraction`` of train's rows carved out with ``seed``, when there is no
+    validation split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"{name}: has no validation split and val_fraction={val_fraction}; set {OPTION} (between 0 and 1)",
+                        "val_fraction")
+    n = len(train)
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise DataError(f"{name}: split '{train_split}' has {n} rows, too few to hold out a validation split; add data or "
+                        f"set {OPTION}", "val_split")
+    perm = np.random.default_rng([seed, 0]).permutation(n)
+    return _select(train, perm[n_val:]), _select(train, perm[:n_val])
 
 
 def load_eval_split(

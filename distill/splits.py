@@ -102,17 +102,9 @@ def load_image_dataset(
     train = _subset(train, train_subset, "train_subset", np.random.default_rng([seed, 1]), name, train_desc)
     val = _subset(val, val_subset, "val_subset", np.random.default_rng([seed, 2]), name, val_desc)
 
-    return ImageDatasetSplits(
-        train=train,
-        val=val,
-        image_column=image_column,
-        label_column=label_column,
-        class_names=class_names,
-        num_classes=len(class_names),
-        source=name,
-        train_split=train_desc,
-        val_split=val_desc,
-    )
+    return ImageDatasetSplits(train=train, val=val, image_column=image_column, label_column=label_column,
+                              class_names=class_names, num_classes=len(class_names), source=name,
+                              train_split=train_desc, val_split=val_desc)
 
 
 def _pick_splits(splits, name: str, train_split: str, val_split: Optional[str]):

@@ -431,13 +431,7 @@ def adapt_vit_state_dict(
         report["resized"].append("pos_embed")
 
     # 3. Another class count: heads whose shape differs are re-initialised rather than loaded.
-    for key in [k for k in state if _is_head_key(k, head_names)]:
-        if key not in target:
-            del state[key]  # e.g. the model was built with num_classes=0
-            report["dropped"].append(key)
-        elif state[key].shape != target[key].shape:
-            del state[key]
-    report["reset"] = [k for k in target if _is_head_key(k, head_names) and k not in state]
+    _reset_heads(state, target, head_names, report)
 
     # 4. Everything else must match exactly.
     _match_exactly(state, target, strict, report)
@@ -472,6 +466,18 @@ def _drop_dist_token(state: dict, pos_embed_prefix_tokens: int, head_names: Sequ
     for key in [k for k in state if _is_head_key(k, head_names[1:])]:
         del state[key]
         report["dropped"].append(key)
+
+
+def _reset_heads(state: dict, target: Mapping[str, torch.Tensor], head_names: Sequence[str], report: dict) -> None:
+    """Head tensors the model has no place for are dropped; those of another shape are left out, so
+    the model's freshly initialised heads stay (listed under ``reset``)."""
+    for key in [k for k in state if _is_head_key(k, head_names)]:
+        if key not in target:
+            del state[key]  # e.g. the model was built with num_classes=0
+            report["dropped"].append(key)
+        elif state[key].shape != target[key].shape:
+            del state[key]
+    report["reset"] = [k for k in target if _is_head_key(k, head_names) and k not in state]
 
 
 def _match_exactly(state: dict, target: Mapping[str, torch.Tensor], strict: bool, report: dict) -> None:

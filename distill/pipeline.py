@@ -16,7 +16,7 @@ from distill.config import DataConfig
 from distill.images import ImageClassificationDataset, ignore_interrupt
 from distill.splits import ImageDatasetSplits
 from distill.replay import STREAM_LOADER, ReplayBatchSampler, ReplayMixup, derive_seed
-from distill.transforms import build_mixup, build_transform
+from distill.transforms import Augment, build_mixup, build_transform
 
 
 def image_dataset(dc: DataConfig, data: ImageDatasetSplits, train: bool, num_workers: int | None = None) -> ImageClassificationDataset:
@@ -27,8 +27,8 @@ def image_dataset(dc: DataConfig, data: ImageDatasetSplits, train: bool, num_wor
     """
     style = dict(style=dc.transform, mean=dc.mean, std=dc.std)
     if train:
-        transform = build_transform(dc.img_size, True, auto_augment=dc.auto_augment, reprob=dc.reprob,
-                                    hflip=dc.hflip, crop_padding=dc.crop_padding, **style)
+        augment = Augment(auto_augment=dc.auto_augment, reprob=dc.reprob, hflip=dc.hflip, crop_padding=dc.crop_padding)
+        transform = build_transform(dc.img_size, True, augment=augment, **style)
     else:
         transform = build_transform(dc.img_size, False, crop_pct=dc.crop_pct, **style)
     dataset = ImageClassificationDataset(data.train if train else data.val, transform, image_column=data.image_column,

@@ -85,8 +85,31 @@ def load_image_dataset(
     """
     name = describe_source(source)
     splits = read_splits(source, name)
+    train, val, val_split = _pick_splits(splits, name, train_split, val_split)
+    image_column, label_column = _check_columns(train, val, image_column, label_column, name, (train_split, val_split))
+    train = _as_image_column(train, image_column, name, train_split)
+    val = _as_image_column(val, image_column, name, val_split) if val is not None else None
+    train, val, class_names = _class_labels(train, val, label_column, name, (train_split, val_split))
+    _check_two_classes(train, class_names, label_column, name, train_split)
 
-    # --- pick the splits ---------------------------------------------------------------------
+    train_desc, val_desc = train_split, val_split
+    if val is None:
+        train, val = _hold_out(train, val_fraction, seed, name, train_split)
+        val_desc = f"{train_split} (held-out {val_fraction:g}, seed {seed})"
+
+    # --- fixed random subsets ----------------------------------------------------------------
+    train = _per_class(train, train_per_class, label_column, class_names, np.random.default_rng([seed, 3]), name, train_desc)
+    train = _subset(train, train_subset, "train_subset", np.random.default_rng([seed, 1]), name, train_desc)
+    val = _subset(val, val_subset, "val_subset", np.random.default_rng([seed, 2]), name, val_desc)
+
+    return ImageDatasetSplits(train=train, val=val, image_column=image_column, label_column=label_column,
+                              class_names=class_names, num_classes=len(class_names), source=name,
+                              train_split=train_desc, val_split=val_desc)
+
+
+def _pick_splits(splits, name: str, train_split: str, val_split: Optional[str]):
+    """(train, val or None, the validation split's name or None): the named splits, else the first
+    of ``VAL_SPLIT_NAMES`` that exists; each one chosen must exist and hold rows."""
     if train_split not in splits:
         raise DataError(f"{name}: no split named '{train_split}' (splits: {names(splits)}); set {OPTION}", "train_split")
     if val_split is not None:
@@ -101,8 +124,13 @@ def load_image_dataset(
     for split_name, ds in ((train_split, train), (val_split, val)):
         if ds is not None and len(ds) == 0:
             raise DataError(f"{name}: split '{split_name}' is empty; check the source or pick another split")
+    return train, val, val_split
 
-    # --- columns -----------------------------------------------------------------------------
+
+def _check_columns(train, val, image_column: Optional[str], label_column: Optional[str], name: str,
+                   split_names: tuple) -> tuple[str, str]:
+    """The image and label columns (given, else detected on train); the validation split must have both."""
+    train_split, val_split = split_names
     image_column = pick_image_column(train, image_column, name, train_split)
     label_column = pick_label_column(train, label_column, name, train_split)
     if val is not None:
@@ -112,10 +140,11 @@ def load_image_dataset(
                     f"{name}: split '{val_split}' has no column '{col}' (columns: {names(val.column_names)}); "
                     f"set {OPTION} (a split with the same columns)", "val_split"
                 )
-    train = _as_image_column(train, image_column, name, train_split)
-    val = _as_image_column(val, image_column, name, val_split) if val is not None else None
-    train, val, class_names = _class_labels(train, val, label_column, name, (train_split, val_split))
-    # One class gives a meaningless run (100% accuracy, nothing to distil): stop before any work.
+    return image_column, label_column
+
+
+def _check_two_classes(train, class_names: list, label_column: str, name: str, train_split: str) -> None:
+    """One class gives a meaningless run (100% accuracy, nothing to distil): stop before any work."""
     present = pc.unique(label_values(train, label_column)).to_pylist()
     if len(class_names) < 2 or len(present) < 2:
         only = class_names[present[0]] if present else class_names[0]
@@ -124,38 +153,20 @@ def load_image_dataset(
             f"least 2: check {OPTION} or the folder layout (one sub-folder per class)", "label_column"
         )
 
-    # --- validation rows carved out of train when there is no validation split ----------------
-    train_desc, val_desc = train_split, val_split
-    if val is None:
-        if not 0.0 < val_fraction < 1.0:
-            raise DataError(f"{name}: has no validation split and val_fraction={val_fraction}; set {OPTION} (between 0 and 1)",
-                            "val_fraction")
-        n = len(train)
-        n_val = max(1, int(round(n * val_fraction)))
-        if n_val >= n:
-            raise DataError(f"{name}: split '{train_split}' has {n} rows, too few to hold out a validation split; add data or "
-                            f"set {OPTION}", "val_split")
-        perm = np.random.default_rng([seed, 0]).permutation(n)
-        val = _select(train, perm[:n_val])
-        train = _select(train, perm[n_val:])
-        val_desc = f"{train_split} (held-out {val_fraction:g}, seed {seed})"
 
-    # --- fixed random subsets ----------------------------------------------------------------
-    train = _per_class(train, train_per_class, label_column, class_names, np.random.default_rng([seed, 3]), name, train_desc)
-    train = _subset(train, train_subset, "train_subset", np.random.default_rng([seed, 1]), name, train_desc)
-    val = _subset(val, val_subset, "val_subset", np.random.default_rng([seed, 2]), name, val_desc)
-
-    return ImageDatasetSplits(
-        train=train,
-        val=val,
-        image_column=image_column,
-        label_column=label_column,
-        class_names=class_names,
-        num_classes=len(class_names),
-        source=name,
-        train_split=train_desc,
-        val_split=val_desc,
-    )
+def _hold_out(train, val_fraction: float, seed: int, name: str, train_split: str):
+    """(train, val): ``val_fraction`` of train's rows carved out with ``seed``, when there is no
+    validation split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"{name}: has no validation split and val_fraction={val_fraction}; set {OPTION} (between 0 and 1)",
+                        "val_fraction")
+    n = len(train)
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise DataError(f"{name}: split '{train_split}' has {n} rows, too few to hold out a validation split; add data or "
+                        f"set {OPTION}", "val_split")
+    perm = np.random.default_rng([seed, 0]).permutation(n)
+    return _select(train, perm[n_val:]), _select(train, perm[:n_val])
 
 
 def load_eval_split(

@@ -6,6 +6,7 @@ CIFAR-style variant; ``build_mixup`` wraps timm's Mixup/CutMix with label smooth
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torchvision import transforms as T
 
 from distill.config import ConfigError
 
-__all__ = ["build_transform", "build_mixup", "ResizeIfNeeded"]
+__all__ = ["Augment", "build_transform", "build_mixup", "ResizeIfNeeded"]
 
 
 def _posterize_keeping_zero_bits(img: PILImage.Image, bits_to_keep: int, **kwargs) -> PILImage.Image:
@@ -54,6 +55,17 @@ class ResizeIfNeeded:
         return f"{type(self).__name__}(size={self.size})"
 
 
+@dataclass(frozen=True)
+class Augment:
+    """The train-time augmentation settings (``data.auto_augment``, ``reprob``, ``hflip``,
+    ``crop_padding``); the defaults are DeiT's (Table 9). Eval transforms ignore them."""
+
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    hflip: float = 0.5
+    crop_padding: int = 4
+
+
 def build_transform(
     img_size: int,
     is_training: bool,
@@ -61,12 +73,9 @@ def build_transform(
     style: str = "deit",
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
-    reprob: float = 0.25,
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
-    hflip: float = 0.5,
-    crop_padding: int = 4,
+    augment: Augment = Augment(),
 ) -> Callable[[PILImage.Image], torch.Tensor]:
     """Build the train or eval transform: PIL RGB image -> normalised (3, img_size, img_size) float tensor.
 
@@ -76,47 +85,59 @@ def build_transform(
     center crop (crop ratio 0.875, i.e. 256 -> 224).
 
     ``style="small"`` is for 32x32 data: (resize if the image is another size), random crop with
-    ``crop_padding`` (4) pixels of padding, flip (``hflip`` 0 disables it, e.g. for digits), optional RandAugment, normalise, optional random erasing; eval only
-    resizes if needed and normalises. ``auto_augment=None``/``""`` and ``reprob=0`` disable those.
+    ``augment.crop_padding`` (4) pixels of padding, flip (``hflip`` 0 disables it, e.g. for digits),
+    optional RandAugment, normalise, optional random erasing; eval only resizes if needed and
+    normalises. ``Augment(auto_augment=None or "", reprob=0)`` disables those.
     """
     if style not in ("deit", "small"):
         raise ConfigError(f"unknown transform style '{style}'; use 'deit' or 'small'")
     if not isinstance(img_size, int) or img_size <= 0:
         raise ConfigError(f"img_size={img_size!r} must be a positive int")
     mean, std = tuple(mean), tuple(std)
-    auto_augment = auto_augment or None
-
     if style == "deit":
-        if is_training:
-            return create_transform(
-                input_size=img_size,
-                is_training=True,
-                # DeiT passes color_jitter=0.3; timm ignores it when RandAugment is on.
-                color_jitter=0.3,
-                auto_augment=auto_augment,
-                interpolation=interpolation,
-                re_prob=reprob,
-                re_mode="pixel",
-                re_count=1,
-                hflip=hflip,
-                mean=mean,
-                std=std,
-            )
+        return _deit_transform(img_size, is_training, mean, std, interpolation, crop_pct, augment)
+    return _small_transform(img_size, is_training, mean, std, interpolation, augment)
+
+
+def _deit_transform(img_size: int, is_training: bool, mean: tuple, std: tuple, interpolation: str, crop_pct: float,
+                    augment: Augment) -> Callable[[PILImage.Image], torch.Tensor]:
+    """DeiT's ImageNet train or eval transform, built by timm."""
+    if is_training:
         return create_transform(
             input_size=img_size,
-            is_training=False,
+            is_training=True,
+            # DeiT passes color_jitter=0.3; timm ignores it when RandAugment is on.
+            color_jitter=0.3,
+            auto_augment=augment.auto_augment or None,
             interpolation=interpolation,
-            crop_pct=crop_pct,
+            re_prob=augment.reprob,
+            re_mode="pixel",
+            re_count=1,
+            hflip=augment.hflip,
             mean=mean,
             std=std,
         )
+    return create_transform(
+        input_size=img_size,
+        is_training=False,
+        interpolation=interpolation,
+        crop_pct=crop_pct,
+        mean=mean,
+        std=std,
+    )
 
+
+def _small_transform(img_size: int, is_training: bool, mean: tuple, std: tuple, interpolation: str,
+                     augment: Augment) -> T.Compose:
+    """The 32x32 (CIFAR-style) train or eval transform."""
+    auto_augment = augment.auto_augment or None
     ops: list[Callable] = [ResizeIfNeeded(img_size, interpolation)]
     if is_training:
         # Pad-4 random crop + flip: the standard CIFAR augmentation (He et al. 2016, Sec. 4.2).
-        ops.append(T.RandomCrop(img_size, padding=crop_padding) if crop_padding > 0 else T.CenterCrop(img_size))
-        if hflip > 0:
-            ops.append(T.RandomHorizontalFlip(hflip))
+        padding = augment.crop_padding
+        ops.append(T.RandomCrop(img_size, padding=padding) if padding > 0 else T.CenterCrop(img_size))
+        if augment.hflip > 0:
+            ops.append(T.RandomHorizontalFlip(augment.hflip))
         if auto_augment:
             if not auto_augment.startswith("rand"):
                 raise ConfigError(f"style 'small' supports RandAugment strings like 'rand-m9-mstd0.5-inc1', not '{auto_augment}'")
@@ -129,9 +150,9 @@ def build_transform(
             )
             ops.append(rand_augment_transform(auto_augment, hparams))
     ops += [T.ToTensor(), T.Normalize(mean, std)]
-    if is_training and reprob > 0:
+    if is_training and augment.reprob > 0:
         # Per-sample erasing on CPU tensors (timm's default device is cuda).
-        ops.append(RandomErasing(reprob, mode="pixel", max_count=1, device="cpu"))
+        ops.append(RandomErasing(augment.reprob, mode="pixel", max_count=1, device="cpu"))
     return T.Compose(ops)
 
 

@@ -420,30 +420,9 @@ def adapt_vit_state_dict(
 
     # 1. Distillation token present in only one of checkpoint and model.
     if has_dist_token and not src_has_dist and "cls_token" in state and "dist_token" in target:
-        # A plain ViT/DeiT checkpoint into a DeiT: start the distillation token (and its position
-        # row and head) as a copy of the class token's, so both heads begin as the same classifier.
-        state["dist_token"] = state["cls_token"].clone()
-        report["copied"]["dist_token"] = "cls_token"
-        pe = state.get("pos_embed")
-        if pe is not None and pos_embed_prefix_tokens == 2 and pe.ndim == 3:
-            state["pos_embed"] = torch.cat([pe[:, :1], pe[:, :1], pe[:, 1:]], dim=1)
-            report["copied"]["pos_embed[:, 1]"] = "pos_embed[:, 0]"
-        for suffix in ("weight", "bias"):
-            src, dst = f"{head_names[0]}.{suffix}", f"{head_names[1]}.{suffix}"
-            if src in state and dst not in state and dst in target:
-                state[dst] = state[src].clone()
-                report["copied"][dst] = src
+        _add_dist_token(state, target, pos_embed_prefix_tokens, head_names, report)
     elif not has_dist_token and src_has_dist:
-        # A DeiT checkpoint into a ViT: drop the distillation token, its position row and head.
-        del state["dist_token"]
-        report["dropped"].append("dist_token")
-        pe = state.get("pos_embed")
-        if pe is not None and pos_embed_prefix_tokens == 1 and pe.ndim == 3:
-            state["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
-            report["dropped"].append("pos_embed[:, 1]")
-        for key in [k for k in state if _is_head_key(k, head_names[1:])]:
-            del state[key]
-            report["dropped"].append(key)
+        _drop_dist_token(state, pos_embed_prefix_tokens, head_names, report)
 
     # 2. Another resolution: same width, another number of patch positions.
     pe, tpe = state.get("pos_embed"), target.get("pos_embed")
@@ -452,6 +431,46 @@ def adapt_vit_state_dict(
         report["resized"].append("pos_embed")
 
     # 3. Another class count: heads whose shape differs are re-initialised rather than loaded.
+    _reset_heads(state, target, head_names, report)
+
+    # 4. Everything else must match exactly.
+    _match_exactly(state, target, strict, report)
+    return state, report
+
+
+def _add_dist_token(state: dict, target: Mapping[str, torch.Tensor], pos_embed_prefix_tokens: int,
+                    head_names: Sequence[str], report: dict) -> None:
+    """A plain ViT/DeiT checkpoint into a DeiT: start the distillation token (and its position row
+    and head) as a copy of the class token's, so both heads begin as the same classifier."""
+    state["dist_token"] = state["cls_token"].clone()
+    report["copied"]["dist_token"] = "cls_token"
+    pe = state.get("pos_embed")
+    if pe is not None and pos_embed_prefix_tokens == 2 and pe.ndim == 3:
+        state["pos_embed"] = torch.cat([pe[:, :1], pe[:, :1], pe[:, 1:]], dim=1)
+        report["copied"]["pos_embed[:, 1]"] = "pos_embed[:, 0]"
+    for suffix in ("weight", "bias"):
+        src, dst = f"{head_names[0]}.{suffix}", f"{head_names[1]}.{suffix}"
+        if src in state and dst not in state and dst in target:
+            state[dst] = state[src].clone()
+            report["copied"][dst] = src
+
+
+def _drop_dist_token(state: dict, pos_embed_prefix_tokens: int, head_names: Sequence[str], report: dict) -> None:
+    """A DeiT checkpoint into a ViT: drop the distillation token, its position row and head."""
+    del state["dist_token"]
+    report["dropped"].append("dist_token")
+    pe = state.get("pos_embed")
+    if pe is not None and pos_embed_prefix_tokens == 1 and pe.ndim == 3:
+        state["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
+        report["dropped"].append("pos_embed[:, 1]")
+    for key in [k for k in state if _is_head_key(k, head_names[1:])]:
+        del state[key]
+        report["dropped"].append(key)
+
+
+def _reset_heads(state: dict, target: Mapping[str, torch.Tensor], head_names: Sequence[str], report: dict) -> None:
+    """Head tensors the model has no place for are dropped; those of another shape are left out, so
+    the model's freshly initialised heads stay (listed under ``reset``)."""
     for key in [k for k in state if _is_head_key(k, head_names)]:
         if key not in target:
             del state[key]  # e.g. the model was built with num_classes=0
@@ -460,7 +479,10 @@ def adapt_vit_state_dict(
             del state[key]
     report["reset"] = [k for k in target if _is_head_key(k, head_names) and k not in state]
 
-    # 4. Everything else must match exactly.
+
+def _match_exactly(state: dict, target: Mapping[str, torch.Tensor], strict: bool, report: dict) -> None:
+    """Every remaining tensor must have its counterpart of the same shape, and no model tensor but
+    the reset heads may be missing: else one error (``strict``) or skipped and reported."""
     for key in list(state):
         if key not in target:
             if strict:
@@ -488,7 +510,6 @@ def adapt_vit_state_dict(
             "or pass strict=False to keep those tensors freshly initialised"
         )
     report["missing"] = missing
-    return state, report
 
 
 # --------------------------------------------------------------------------------------------------

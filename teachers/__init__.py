@@ -7,12 +7,13 @@ from teachers.registry import (
     load_teacher_checkpoint,
     register_teacher,
 )
-from teachers.teacher import Teacher, TeacherError
+from teachers.teacher import Teacher, TeacherError, TeacherOptions
 from teachers.files import TEACHER_CONFIG, TEACHER_WEIGHTS, read_teacher_meta, save_teacher
 
 __all__ = [
     "Teacher",
     "TeacherError",
+    "TeacherOptions",
     "TeacherMeta",
     "build_teacher_network",
     "create_teacher",

@@ -12,7 +12,7 @@ import inspect
 import re
 import socket
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from distill.errors import quiet_libraries
 from distill.weights import WeightsError, load_state_dict_file, load_strict
-from teachers.teacher import Teacher, TeacherError
+from teachers.teacher import Teacher, TeacherError, TeacherOptions
 
 TRAIN_TEACHER_HINT = "fine-tune the teacher on this dataset first: `distill train-teacher <recipe>`"
 
@@ -269,16 +269,17 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
 def create_teacher(name: str, num_classes: int = 1000, checkpoint: str | Path | None = None,
                    pretrained: bool = False, *, mean: Sequence[float] | None = None,
                    std: Sequence[float] | None = None, input_size: Sequence[int] | None = None,
-                   precision: str | None = None, fold_bn: bool = True, channels_last: bool = True,
-                   compile: bool = False, **kwargs) -> Teacher:
+                   optimize: TeacherOptions | None = None, **kwargs) -> Teacher:
     """A frozen :class:`Teacher` for ``name`` predicting ``num_classes`` classes.
 
     Weights come from ``checkpoint`` (a local safetensors / torch file, loaded safely) or, with
     ``pretrained=True``, from timm (network needed). With neither, the teacher is random, which
-    only makes sense in tests. ``precision``, ``fold_bn``, ``channels_last`` and ``compile`` go to
+    only makes sense in tests. ``optimize`` (a :class:`TeacherOptions`), or its fields
+    ``precision``, ``fold_bn``, ``channels_last`` and ``compile`` passed as keywords, go to
     :meth:`Teacher.optimize`, which runs after the weights are loaded (folding needs the trained
     BatchNorm statistics); the rest of ``kwargs`` goes to the builder.
     """
+    options = _teacher_options(optimize, kwargs)
     if checkpoint is not None and pretrained:
         raise TeacherError("pass either checkpoint=... or pretrained=True, not both")
     model, meta = build_teacher_network(name, num_classes, pretrained, mean=mean, std=std,
@@ -295,7 +296,18 @@ def create_teacher(name: str, num_classes: int = 1000, checkpoint: str | Path | 
         load_teacher_checkpoint(model, checkpoint, num_classes)
     teacher = Teacher(model, num_classes=num_classes, mean=meta.mean, std=meta.std,
                       input_size=meta.input_size, name=name)
-    return teacher.optimize(precision=precision, fold_bn=fold_bn, channels_last=channels_last, compile=compile)
+    return teacher.optimize(**asdict(options))
+
+
+def _teacher_options(optimize: TeacherOptions | None, kwargs: dict) -> TeacherOptions:
+    """``optimize``, or the :class:`TeacherOptions` fields given as keywords (taken out of
+    ``kwargs``, so that the rest goes to the builder); not both."""
+    given = {f.name: kwargs.pop(f.name) for f in fields(TeacherOptions) if f.name in kwargs}
+    if optimize is None:
+        return TeacherOptions(**given)
+    if given:
+        raise TeacherError(f"pass either optimize=TeacherOptions(...) or {', '.join(given)}=..., not both")
+    return optimize
 
 
 def load_teacher_checkpoint(model: nn.Module, checkpoint: str | Path, num_classes: int) -> None:

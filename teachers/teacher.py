@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -32,6 +33,17 @@ from teachers.optimize import fold_batchnorm, has_conv2d, max_logit_difference
 FOLD_RTOL = 1e-4
 
 PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TeacherOptions:
+    """How :func:`teachers.create_teacher` speeds a teacher up: the arguments of
+    :meth:`Teacher.optimize` (see there); the defaults fold BatchNorm and use channels_last."""
+
+    precision: str | torch.dtype | None = None
+    fold_bn: bool = True
+    channels_last: bool = True
+    compile: bool = False
 
 
 class TeacherError(DistillError, ValueError):

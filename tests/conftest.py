@@ -41,6 +41,49 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return root
 
 
+# Tiny image datasets of the data tests (test_sources, test_splits, test_images); helpers in tiny_images.py.
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """<root>/<class>/<i>.png: 3 classes x 10 images (30), no split subfolders."""
+    from tiny_images import CLASSES, class_image
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    for cls in CLASSES:
+        (root / cls).mkdir()
+        for i in range(10):
+            class_image(cls, i).save(root / cls / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def split_image_folder(tmp_path_factory) -> Path:
+    """<root>/train|val/<class>/<i>.png: 4 train and 2 val images per class."""
+    from PIL import Image
+
+    from tiny_images import CLASSES, COLORS
+
+    root = tmp_path_factory.mktemp("splitfolder")
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in CLASSES:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), COLORS[cls]).save(root / split / cls / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def parquet_file(tmp_path_factory) -> Path:
+    import pyarrow.parquet as pq
+
+    from tiny_images import struct_table
+
+    path = tmp_path_factory.mktemp("parquet") / "data.parquet"
+    pq.write_table(struct_table(20), path)
+    return path
+
+
 def tiny_config(dataset: Path, output_dir: Path) -> dict:
     """A recipe small enough to train in seconds that still exercises every moving part
     (RandAugment, erasing, mixup/cutmix, drop path, a teacher, hard distillation)."""

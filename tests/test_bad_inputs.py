@@ -5,6 +5,8 @@ hints that name only options the command really has, and no file of an existing 
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import hashlib
 import json
 import os
@@ -26,7 +28,7 @@ from PIL import Image
 
 import teachers
 from distill import checkpoint as ckpt
-from distill.cli import build_parser, main as cli
+from distill.cli import COMMANDS, build_parser, main as cli
 from distill.config import Config
 from distill.recipes import all_keys
 from distill.loop import train
@@ -205,6 +207,10 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
     # --- recipes and overrides ---------------------------------------------------------------
     ("typo_key", lambda w: T + [str(w.recipe), "optim.lrr=1e-3"], r"unknown key 'optim.lrr'; did you mean 'optim.lr'\?"),
     ("key_wrong_section", lambda w: T + [str(w.recipe), "train.lr=1e-3"], r"did you mean 'optim.lr'\?"),
+    ("teacher_typo_key", lambda w: ["train-teacher", str(w.recipe), "optim.lrr=1e-3"],
+     r"unknown key 'optim.lrr'; did you mean 'optim.lr'\?"),
+    ("quickstart_typo_key", lambda w: ["quickstart", "--output-dir", str(w.runs / "quickstart"), "optim.lrr=1e-3"],
+     r"unknown key 'optim.lrr'; did you mean 'optim.lr'\?"),
     ("wrong_type", lambda w: T + [str(w.recipe), "train.epochs=many"], r"'train.epochs' must be an integer"),
     ("zero_epochs", lambda w: T + [str(w.recipe), "train.epochs=0"], r"'train.epochs' must be >= 1, got 0"),
     ("negative_epochs", lambda w: T + [str(w.recipe), "train.epochs=-3"], r"'train.epochs' must be >= 1"),
@@ -458,9 +464,38 @@ def assert_hints_exist(message: str, command: str) -> None:
     assert not bare, f"hint names a Python keyword ({bare}): {message}"
 
 
-def test_the_catalogue_is_large_enough():
-    assert len(CASES) >= 30
-    assert len({case[0] for case in CASES}) == len(CASES)
+def case_commands() -> list[str]:
+    """The command each case runs, read off the catalogue's source (running a case's argv builds its
+    files): ``T + [...]``, a list whose first word is the command, or a helper returning one."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    helpers = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    catalogue = next(node for node in tree.body if isinstance(node, ast.AnnAssign) and node.target.id == "CASES")
+    commands = []
+    for case in catalogue.value.elts:
+        argv = case.elts[1]
+        if isinstance(argv, ast.Name):
+            argv = next(node for node in ast.walk(helpers[argv.id]) if isinstance(node, ast.Return)).value
+        else:
+            argv = argv.body
+        if isinstance(argv, ast.BinOp):
+            argv = argv.left
+        commands.append(globals()[argv.id][0] if isinstance(argv, ast.Name) else argv.elts[0].value)
+    return commands
+
+
+def test_the_catalogue_covers_every_command_that_reads_input():
+    names = [case[0] for case in CASES]
+    assert len(set(names)) == len(names), "two cases share an id"
+    commands = case_commands()
+    assert len(commands) == len(CASES) and set(commands) <= set(COMMANDS)
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    reads_input = {name for name, sub in subparsers.items()
+                   if any(not isinstance(a, argparse._HelpAction) for a in sub._actions)}
+    assert reads_input >= {"train", "eval", "predict"}  # the parser was read right
+    assert not reads_input - set(commands), f"no bad-input case for `distill {sorted(reads_input - set(commands))}`"
+    for name, _, pattern in CASES:  # each case checks its own message, not just "an error"
+        assert pattern.strip() and not re.search(pattern, "error: "), name
 
 
 @pytest.mark.parametrize("name, argv, pattern", CASES, ids=[c[0] for c in CASES])

@@ -10,7 +10,7 @@ import torch
 from distill.images import ImageClassificationDataset
 from distill.splits import load_image_dataset
 from distill.replay import ReplayBatchSampler, ReplayMixup, position_seeds, seeded
-from distill.transforms import build_mixup, build_transform
+from distill.transforms import Augment, build_mixup, build_transform
 
 
 def all_batches(sampler: ReplayBatchSampler, epoch: int) -> list[list[tuple[int, int]]]:
@@ -83,7 +83,7 @@ def test_an_item_is_a_function_of_its_key(tiny_dataset):
     """Same (index, seed): the same tensor, lazily decoded or from memory, in any order; another seed:
     another augmentation."""
     splits = load_image_dataset(tiny_dataset)
-    transform = build_transform(16, True, style="small", auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, crop_padding=2)
+    transform = build_transform(16, True, style="small", augment=Augment(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, crop_padding=2))
     lazy = ImageClassificationDataset(splits.train, transform)
     memory = ImageClassificationDataset(splits.train, transform)
     assert memory.decode_all(num_workers=0)

@@ -18,7 +18,7 @@ import teachers.teacher as teacher_module
 from distill.config import Config
 from distill.losses import DistillationLoss
 from distill.build import build_teacher
-from teachers import Teacher, build_teacher_network, create_teacher
+from teachers import Teacher, TeacherError, TeacherOptions, build_teacher_network, create_teacher
 from teachers.optimize import fold_batchnorm
 
 PLAIN = dict(fold_bn=False, channels_last=False, compile=False, precision=None)
@@ -136,6 +136,20 @@ def test_a_fold_outside_tolerance_is_discarded_with_a_warning(monkeypatch):
     x = _batch()
     with torch.no_grad():
         assert torch.equal(teacher(x), net(x))
+
+
+def test_create_teacher_takes_the_options_as_keywords_or_as_one_teacher_options():
+    keywords = create_teacher("resnet20_cifar", num_classes=10, precision="fp32", fold_bn=False, channels_last=False)
+    grouped = create_teacher("resnet20_cifar", num_classes=10, optimize=TeacherOptions(precision="fp32", fold_bn=False,
+                                                                                     channels_last=False))
+    defaults = create_teacher("resnet20_cifar", num_classes=10)
+    assert keywords.optimizations == grouped.optimizations != defaults.optimizations
+    assert grouped.optimizations["precision"] == "fp32" and grouped.autocast_dtype == torch.float32
+    applied = lambda t: {k: v for k, v in t.optimizations.items() if k != "fold_max_abs_diff"}  # noqa: E731 (random weights)
+    assert applied(defaults) == applied(create_teacher("resnet20_cifar", num_classes=10, optimize=TeacherOptions()))
+    assert applied(defaults)["fold_bn"] == 21 and applied(grouped)["fold_bn"] == 0
+    with pytest.raises(TeacherError, match=r"either optimize=TeacherOptions\(\.\.\.\) or fold_bn=\.\.\., not both"):
+        create_teacher("resnet20_cifar", num_classes=10, optimize=TeacherOptions(), fold_bn=False)
 
 
 def test_create_teacher_folds_after_loading_and_keeps_the_loaded_state_dict(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.transforms import build_mixup, build_transform
+from distill.transforms import Augment, build_mixup, build_transform
 
 MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / STD, written out so a change shows
 STD = (0.229, 0.224, 0.225)
@@ -66,7 +66,7 @@ def names(tf) -> list[str]:
 def test_small_style_options_toggle_augmentations():
     full = names(build_transform(32, True, style="small"))
     assert full == ["ResizeIfNeeded", "RandomCrop", "RandomHorizontalFlip", "RandAugment", "ToTensor", "Normalize", "RandomErasing"]
-    bare = names(build_transform(32, True, style="small", auto_augment=None, reprob=0, hflip=0))
+    bare = names(build_transform(32, True, style="small", augment=Augment(auto_augment=None, reprob=0, hflip=0)))
     assert bare == ["ResizeIfNeeded", "RandomCrop", "ToTensor", "Normalize"]
     assert names(build_transform(32, False, style="small")) == ["ResizeIfNeeded", "ToTensor", "Normalize"]
     crop = build_transform(32, True, style="small").transforms[1]

@@ -92,8 +92,9 @@ def _acquire(path: Path, folder: Path, what: str, fix: str) -> int:
 
 def _command() -> str:
     """This process's command line as typed (``distill train r.yaml``), on one line."""
-    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
-    program = "distill" if program in ("distill", "__main__.py") else program
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    # `python -m distill ...` runs distill/__main__.py: name the package, as typed
+    program = f"python -m {script.parent.name}" if script.name == "__main__.py" else script.name
     return " ".join([program, *sys.argv[1:]]).replace("\n", " ")
 
 

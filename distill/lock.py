@@ -93,8 +93,11 @@ def _acquire(path: Path, folder: Path, what: str, fix: str) -> int:
 def _command() -> str:
     """This process's command line as typed (``distill train r.yaml``), on one line."""
     script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
-    # `python -m distill ...` runs distill/__main__.py: name the package, as typed
-    program = f"python -m {script.parent.name}" if script.name == "__main__.py" else script.name
+    # `python -m distill ...` runs distill/__main__.py: the same command as `distill ...`; another
+    # package's __main__ (`python -m pytest`) is named as typed
+    program = script.name
+    if program == "__main__.py":
+        program = "distill" if script.parent.name == "distill" else f"python -m {script.parent.name}"
     return " ".join([program, *sys.argv[1:]]).replace("\n", " ")
 
 

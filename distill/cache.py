@@ -12,7 +12,7 @@ and keeps, per sample::
     epoch_0000/             one folder per epoch, renamed into place when complete
       index.npy   (NB, B)     dataset index of every slot of every global batch
       seed.npy    (NB, B)     its augmentation seed
-      values.npy  (NB, B, K)  the teacher's top-K logits
+      values.npy  (NB, B, K)  the teacher's top-K logits (float32, or float16: teacher.cache_dtype)
       classes.npy (NB, B, K)  their classes (int16)
       lse.npy     (NB, B)     log-sum-exp of all C logits: the mass outside the top K
       digest.npy  (NB, 16)    BLAKE2b of each batch's images as the teacher saw them
@@ -47,6 +47,7 @@ from distill.config import Config, ConfigError
 from distill.weights import load_state_dict_file
 
 FORMAT = 2  # 1 had no checksums: refused, built again
+VALUE_DTYPES = ("float32", "float16")  # teacher.cache_dtype; cache.json's "value_dtype" (absent: float32)
 CACHE_FILE = "cache.json"
 CHECKSUMS = "checksums.json"
 VAL_DIR, VAL_FILE = "val", "top5.npy"
@@ -66,6 +67,17 @@ def default_dir(cfg: Config) -> Path:
 
 def epoch_dir(root: Path, epoch: int) -> Path:
     return root / f"epoch_{epoch:04d}"
+
+
+def epoch_arrays(num_batches: int, batch_size: int, k: int, num_classes: int,
+                 value_dtype: str = "float32") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array of one epoch: what ``distill cache-teacher`` writes, and what
+    ``distill plan`` projects a cache's size from."""
+    nb, B = num_batches, batch_size
+    class_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+    return {"index": ((nb, B), np.dtype(np.int64)), "seed": ((nb, B), np.dtype(np.uint64)),
+            "values": ((nb, B, k), np.dtype(value_dtype)), "classes": ((nb, B, k), np.dtype(class_dtype)),
+            "lse": ((nb, B), np.dtype(np.float32)), "digest": ((nb, 16), np.dtype(np.uint8))}
 
 
 def top_k_entries(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -208,6 +220,7 @@ class TeacherCache:
         self.root = Path(root)
         self.info = read_info(self.root)
         self.num_classes, self.topk = self.info["num_classes"], self.info["topk"]
+        self.value_dtype = self.info.get("value_dtype", "float32")
         self._epoch: tuple[int, dict[str, np.ndarray]] | None = None
         self._val: torch.Tensor | None = None
         self._verified: set[int] = set()
@@ -240,9 +253,11 @@ class TeacherCache:
     def logits(self, epoch: int, batch: int, images: torch.Tensor) -> torch.Tensor:
         device = images.device  # the images only name the device
         a = self.arrays(epoch)
-        values = torch.from_numpy(np.array(a["values"][batch])).to(device)
+        values = torch.from_numpy(np.array(a["values"][batch], dtype=np.float32)).to(device)
         classes = torch.from_numpy(a["classes"][batch].astype(np.int64)).to(device)
         lse = torch.from_numpy(np.array(a["lse"][batch])).to(device)
+        if self.value_dtype == "float16":
+            return rounded_sparse_logits(values, classes, lse, self.num_classes)
         return sparse_logits(values, classes, lse, self.num_classes)
 
     def to(self, device) -> "TeacherCache":
@@ -282,6 +297,23 @@ def sparse_logits(values: torch.Tensor, classes: torch.Tensor, lse: torch.Tensor
     return filler[:, None].expand(B, num_classes).clone().scatter_(1, classes, values)
 
 
+def rounded_sparse_logits(values: torch.Tensor, classes: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``sparse_logits`` of values that were stored in float16. Rounding can make the teacher's top two
+    logits equal, or (a nearly flat teacher with K < C) lift the spread-out rest to the top value; the
+    argmax would then fall on another class than the teacher's. The top-1 is kept strictly largest (by
+    one float32 step, far below float16's rounding), so hard distillation stays exact."""
+    if values.shape[1] > 1:
+        values = values.clone()
+        values[:, 0] = torch.maximum(values[:, 0], torch.nextafter(values[:, 1], torch.tensor(float("inf"))))
+    logits = sparse_logits(values, classes, lse, num_classes)
+    if values.shape[1] < num_classes:
+        top = values[:, :1]
+        below = torch.nextafter(top, torch.tensor(float("-inf")))
+        others = torch.ones_like(logits, dtype=torch.bool).scatter_(1, classes[:, :1], False)
+        logits = torch.where(others & (logits >= top), below.expand_as(logits), logits)
+    return logits
+
+
 def open_cache(cfg: Config, data) -> TeacherCache:
     """The cache named by ``teacher.cache``, after checking that it was made from this recipe."""
     cache = TeacherCache(cfg.teacher.cache)
@@ -301,6 +333,9 @@ def open_cache(cfg: Config, data) -> TeacherCache:
     if cfg.distill.kind == "soft" and cache.topk < data.num_classes:
         print(f"note: soft distillation from the top-{cache.topk} of {data.num_classes} classes, the rest spread evenly "
               f"(TinyViT's sparse labels); teacher.cache_topk={data.num_classes} makes it exact")
+    if cfg.distill.kind == "soft" and cache.value_dtype == "float16":
+        print("note: soft distillation from logits stored in float16 (rounded to about 3 significant digits); "
+              "teacher.cache_dtype=float32 keeps them exact")
     return cache
 
 

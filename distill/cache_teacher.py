@@ -17,7 +17,7 @@ import torch
 
 from distill import atomic, build, collective, lock
 from distill.cache import (ARRAYS, CACHE_FILE, FORMAT, VAL_DIR, VAL_FILE, CacheError, TeacherCache, describe_value,
-                           first_mismatch, read_info, default_dir, epoch_dir, image_digest, made_from, open_cache,
+                           epoch_arrays, first_mismatch, read_info, default_dir, epoch_dir, image_digest, made_from, open_cache,
                            seal, teacher_weights_sha256, top_k_entries)
 from distill.config import Config, ConfigError
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
@@ -74,14 +74,14 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
     if nb == 0:
         raise ConfigError(f"train.batch_size={B} is larger than the {len(train_set)} training images; lower it")
     if main:
-        _start_cache_file(root, record, K, nb, B, data.num_classes, precision)
+        _start_cache_file(root, record, K, nb, B, data.num_classes, precision, cfg.teacher.cache_dtype)
     accelerator.wait_for_everyone()
 
     teacher.to(accelerator.device)
     loader, rank_sampler = train_loader(dc, train_set, batch_size=B, seed=tc.seed, num_replicas=world, rank=rank)
     rank_sampler.drop_uneven = False  # every global batch is cached, whichever rank will train on it
     mixup = replay_mixup(dc, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=tc.seed)
-    class_dtype = np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32
+    layout = epoch_arrays(nb, B, K, data.num_classes, cfg.teacher.cache_dtype)
     for epoch in range(tc.epochs):
         final = epoch_dir(root, epoch)
         tmp = atomic.staging(final)
@@ -89,9 +89,7 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
             continue
         if main:
             atomic.fresh_staging(final)
-            shapes = {"index": ((nb, B), np.int64), "seed": ((nb, B), np.uint64), "values": ((nb, B, K), np.float32),
-                      "classes": ((nb, B, K), class_dtype), "lse": ((nb, B), np.float32), "digest": ((nb, 16), np.uint8)}
-            for name, (shape, dtype) in shapes.items():
+            for name, (shape, dtype) in layout.items():
                 np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
         accelerator.wait_for_everyone()
         arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in ARRAYS}
@@ -101,7 +99,7 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
                 logits = teacher(images).float()
             values, classes, lse = top_k_entries(logits, K)
             arrays["index"][batch], arrays["seed"][batch] = index, seed
-            arrays["values"][batch], arrays["classes"][batch], arrays["lse"][batch] = values, classes.astype(class_dtype), lse
+            arrays["values"][batch], arrays["classes"][batch], arrays["lse"][batch] = values, classes, lse  # cast by numpy
             arrays["digest"][batch] = np.frombuffer(image_digest(images), dtype=np.uint8)
         for array in arrays.values():
             array.flush()
@@ -122,21 +120,25 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
     return root
 
 
-def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_classes: int, precision: str) -> None:
+def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_classes: int, precision: str,
+                      value_dtype: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     file = root / CACHE_FILE
     if file.is_file():
         info = read_info(root)
         key = first_mismatch(info["made_from"], record)
-        if key is not None or info["topk"] != K:
+        stored = info.get("value_dtype", "float32")
+        if key is not None or info["topk"] != K or stored != value_dtype:
             what = f"{key}: {describe_value(key, info['made_from'][key])} there, {describe_value(key, record.get(key))} " \
-                   "in this recipe" if key else f"top-{info['topk']} there, top-{K} asked"
+                   "in this recipe" if key else f"top-{info['topk']} there, top-{K} asked" if info["topk"] != K \
+                   else f"{stored} values there, teacher.cache_dtype={value_dtype} asked"
             raise CacheError(f"{root} holds a teacher cache of another recipe ({what}); set teacher.cache=<new folder>")
         return
     if any(root.iterdir()):
         raise CacheError(f"{root} is not empty and holds no teacher cache; set teacher.cache=<new folder>")
     atomic.write_json(file, {"format": FORMAT, "made_from": record, "epochs": 0, "topk": K, "num_batches": nb,
-                       "batch_size": B, "num_classes": num_classes, "mixed_precision": precision})
+                       "batch_size": B, "num_classes": num_classes, "mixed_precision": precision,
+                             "value_dtype": value_dtype})
 
 
 def _cache_val_predictions(cfg, data, teacher, accelerator, root: Path) -> None:
@@ -181,7 +183,7 @@ def check_cache(cfg: Config, batches: int = 4) -> dict:
         with torch.inference_mode(), accelerator.autocast():
             logits = teacher(images.to(accelerator.device)).float().cpu()
         classes = torch.from_numpy(a["classes"][batch].astype(np.int64))
-        stored = torch.from_numpy(np.array(a["values"][batch]))
+        stored = torch.from_numpy(np.array(a["values"][batch], dtype=np.float32))
         max_diff = max(max_diff, float((logits.gather(1, classes) - stored).abs().max()))
         agree += int((logits.argmax(1) == classes[:, 0]).sum())
         total += len(classes)

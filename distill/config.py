@@ -156,6 +156,9 @@ class TeacherConfig:
     """Folder of cached teacher outputs (`distill cache-teacher`); training then never runs the teacher."""
     cache_topk: PositiveInt = 10
     """`distill cache-teacher`: top-K teacher logits kept per sample (TinyViT, Wu et al. 2022, keeps 10)."""
+    cache_dtype: Literal["float32", "float16"] = "float32"
+    """`distill cache-teacher`: how the top-K logits are stored. float16 halves them (at K=1000 most of the
+    cache's bytes); hard distillation stays exact, soft targets carry float16's rounding (docs/teachers.md)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra builder arguments, e.g. {pretrained_cfg: deit_in1k} for timm weights."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from distill.cache import CacheError, TeacherCache, image_digest, sparse_logits
+from distill.cache import CacheError, TeacherCache, epoch_arrays, image_digest, rounded_sparse_logits, sparse_logits
 from distill.cache_teacher import build_cache, check_cache, replay_batch
 from distill.cli import main as cli
 from distill.pipeline import image_dataset, replay_mixup
@@ -119,6 +119,56 @@ def test_sparse_logits_keep_the_top_k_and_spread_the_rest():
     assert torch.equal(rebuilt.argmax(1), logits.argmax(1))
     full = logits.topk(10, dim=1)
     torch.testing.assert_close(sparse_logits(full.values, full.indices, torch.logsumexp(logits, 1), 10), logits)
+
+
+@pytest.fixture(scope="module")
+def half_cache_dir(tiny_dataset, trained_teacher, tmp_path_factory):
+    """The cache of ``cache_dir`` with its top-K logits stored in float16, K = 2 of the 4 classes."""
+    root = tmp_path_factory.mktemp("cache16") / "c"
+    build_cache(cached_config(tiny_dataset, root.parent / "runs", trained_teacher, root,
+                              teacher={"cache_dtype": "float16", "cache_topk": 2}))
+    return root
+
+
+def test_a_float16_cache_stores_its_values_in_half_the_bytes(half_cache_dir, cache_dir):
+    info = json.loads((half_cache_dir / "cache.json").read_text())
+    assert info["value_dtype"] == "float16" and info["topk"] == 2
+    half, full = TeacherCache(half_cache_dir).arrays(0), TeacherCache(cache_dir).arrays(0)
+    assert half["values"].dtype == np.float16 and half["values"].nbytes == full["values"].nbytes // 4  # half of K, half the bytes
+    np.testing.assert_array_equal(half["values"], full["values"][:, :, :2].astype(np.float16))  # the same logits, rounded
+    assert np.array_equal(half["index"], full["index"]) and np.array_equal(half["seed"], full["seed"])
+    for name, (shape, dtype) in epoch_arrays(6, 8, 2, 4, "float16").items():  # the layout `distill plan` projects from
+        assert half[name].shape == shape and half[name].dtype == dtype
+
+
+def test_hard_distillation_from_a_float16_top_2_cache_equals_the_online_run(half_cache_dir, tiny_dataset, trained_teacher, tmp_path):
+    online = make_config(tiny_dataset, tmp_path, teacher={"checkpoint": str(trained_teacher)}, train={"run_name": "online", "epochs": 1})
+    cached = cached_config(tiny_dataset, tmp_path, trained_teacher, half_cache_dir, train={"run_name": "cached", "epochs": 1})
+    train(online), train(cached)
+    wa, wb = (load_file(str(tmp_path / r / "export" / "model.safetensors")) for r in ("online", "cached"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_float16_rounding_never_moves_the_argmax():
+    """Two top logits that round to one float16 value, and a flat teacher whose spread-out rest would
+    reach its top value: the rebuilt logits still have the teacher's argmax, and the same probabilities
+    to float16's precision."""
+    logits = torch.tensor([[0.0, 10.0, 10.0001, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0, 1e-8]])
+    top = logits.topk(2, dim=1)
+    values = top.values.half().float()
+    assert values[0, 0] == values[0, 1] and values[1, 0] == values[1, 1] == 0  # ties after rounding
+    plain = sparse_logits(values, top.indices, torch.logsumexp(logits, 1), 5)
+    assert not torch.equal(plain.argmax(1), logits.argmax(1))  # what rounding alone would do
+    rebuilt = rounded_sparse_logits(values, top.indices, torch.logsumexp(logits, 1), 5)
+    assert torch.equal(rebuilt.argmax(1), logits.argmax(1))
+    torch.testing.assert_close(F.softmax(rebuilt, 1), F.softmax(plain, 1), atol=1e-3, rtol=0)
+
+
+def test_a_cache_is_not_extended_in_another_value_dtype(cache_dir, tiny_dataset, trained_teacher, tmp_path):
+    root = tmp_path / "c"
+    shutil.copytree(cache_dir, root)
+    with pytest.raises(CacheError, match="float32 values there, teacher.cache_dtype=float16 asked"):
+        build_cache(cached_config(tiny_dataset, tmp_path, trained_teacher, root, teacher={"cache_dtype": "float16"}))
 
 
 @pytest.mark.parametrize("override, key", [

@@ -101,3 +101,56 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash():
     assert np.array(auto_augment.NAME_TO_OP["PosterizeIncreasing"](img, 4)).max() == 192  # 200 -> top 4 bits
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     assert op(img).getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+# ------------------------------------------------------------------------------------------
+# The fused tensor conversion: timm's train transform, bit for bit
+# ------------------------------------------------------------------------------------------
+
+
+def test_to_normalized_tensor_is_to_tensor_then_normalize_bit_for_bit():
+    from torchvision.transforms import functional as F
+
+    from distill.transforms import ToNormalizedTensor
+
+    fused = ToNormalizedTensor(MEAN, STD)
+    rng = np.random.default_rng(0)
+    for w, h in [(224, 224), (37, 19), (1, 5)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = F.normalize(F.to_tensor(img), MEAN, STD)
+        got = fused(img)
+        assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got, want)
+    # Other inputs take torchvision's path: an array, a tensor already converted.
+    arr = rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    assert torch.equal(fused(arr), F.normalize(F.to_tensor(arr), MEAN, STD))
+    t = torch.rand(3, 4, 4)
+    assert torch.equal(fused(t), F.normalize(t, MEAN, STD))
+    # And the comparison can fail: another std gives another tensor.
+    assert not torch.equal(ToNormalizedTensor(MEAN, (0.3, 0.3, 0.3))(img), fused(img))
+    with pytest.raises(ValueError, match="zero"):
+        ToNormalizedTensor(MEAN, (0.2, 0.0, 0.2))
+
+
+def test_deit_train_transform_gives_timms_tensors_bit_for_bit():
+    """The DeiT train transform is timm's create_transform with ToTensor + Normalize fused: with the
+    global generators seeded alike, both give identical tensors (every draw, erasing included)."""
+    from timm.data import create_transform
+
+    from distill.replay import seeded
+
+    ours = build_transform(64, True)
+    names = [type(t).__name__ for t in ours.transforms]
+    assert "ToNormalizedTensor" in names and "MaybeToTensor" not in names and "Normalize" not in names
+    timm_tf = create_transform(input_size=64, is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1",
+                               interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, mean=MEAN, std=STD)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    for seed in range(20):
+        with seeded(seed):
+            a = ours(img)
+        with seeded(seed):
+            b = timm_tf(img)
+        assert torch.equal(a, b), seed
+    with seeded(0):
+        a = ours(img)
+    with seeded(1):
+        assert not torch.equal(a, timm_tf(img))

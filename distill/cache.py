@@ -314,6 +314,29 @@ def rounded_sparse_logits(values: torch.Tensor, classes: torch.Tensor, lse: torc
     return logits
 
 
+def top_k_fidelity(logits: torch.Tensor, k: int, value_dtype: str = "float32", tau: float = 1.0,
+                   norm: str = "deit") -> dict[str, float]:
+    """What a cache of the top ``k`` logits (stored in ``value_dtype``) costs soft distillation on these
+    teacher logits: the mean probability mass outside the top ``k``; the soft loss (DeiT's, at ``tau``
+    and ``norm``) the rebuilt targets leave to a student whose logits equal the teacher's (0 when the
+    cache is exact); and the relative error of the soft loss of an untrained student (uniform logits)."""
+    from distill.losses import soft_distillation
+
+    logits = logits.float()
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1)
+    values = top.values.to(getattr(torch, value_dtype)).float()
+    lse = torch.logsumexp(logits, dim=1)
+    rebuild = rounded_sparse_logits if value_dtype == "float16" else sparse_logits
+    rebuilt = rebuild(values, top.indices, lse, logits.shape[1])
+    uniform = torch.zeros_like(logits)
+    full_loss = float(soft_distillation(uniform, logits, tau, norm))
+    return {"mass_outside_top_k": float((1 - torch.exp(top.values - lse[:, None]).sum(1)).clamp_min(0).mean()),
+            "soft_loss_floor": float(soft_distillation(logits, rebuilt, tau, norm)),
+            "untrained_soft_loss_rel_error": abs(float(soft_distillation(uniform, rebuilt, tau, norm)) - full_loss)
+                                             / max(full_loss, 1e-12)}
+
+
 def open_cache(cfg: Config, data) -> TeacherCache:
     """The cache named by ``teacher.cache``, after checking that it was made from this recipe."""
     cache = TeacherCache(cfg.teacher.cache)

@@ -5,7 +5,8 @@ format and how training reads it), and ``--check`` it.
 (``distill.replay``), runs the teacher once per batch and writes each epoch's arrays, sealed by their
 checksums; completed epochs are kept, so an interrupted build continues and a larger
 ``train.epochs`` extends a cache. ``check_cache`` verifies every file, then replays a sample of
-batches from their seeds, compares the images bit for bit and reruns the teacher.
+batches from their seeds, compares the images bit for bit, reruns the teacher and measures what the
+top-K choice costs soft distillation on those batches.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 
 from distill import atomic, build, collective, lock
 from distill.cache import (ARRAYS, CACHE_FILE, FORMAT, VAL_DIR, VAL_FILE, CacheError, TeacherCache, describe_value,
-                           epoch_arrays, first_mismatch, read_info, default_dir, epoch_dir, image_digest, made_from, open_cache,
+                           epoch_arrays, first_mismatch, read_info, default_dir, epoch_dir, image_digest, made_from,
+                           open_cache, top_k_fidelity,
                            seal, teacher_weights_sha256, top_k_entries)
 from distill.config import Config, ConfigError
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
@@ -174,7 +176,7 @@ def check_cache(cfg: Config, batches: int = 4) -> dict:
     dataset = image_dataset(cfg.data, data, train=True)
     mixup = replay_mixup(cfg.data, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=cfg.train.seed)
     picks = np.random.default_rng(0).choice(len(epochs) * cache.info["num_batches"], size=min(batches, len(epochs) * cache.info["num_batches"]), replace=False)
-    identical, max_diff, agree, total = True, 0.0, 0, 0
+    identical, max_diff, agree, total, rerun = True, 0.0, 0, 0, []
     for pick in sorted(int(p) for p in picks):
         epoch, batch = epochs[pick // cache.info["num_batches"]], pick % cache.info["num_batches"]
         images, targets = replay_batch(dataset, cache, mixup, epoch, batch)
@@ -187,8 +189,13 @@ def check_cache(cfg: Config, batches: int = 4) -> dict:
         max_diff = max(max_diff, float((logits.gather(1, classes) - stored).abs().max()))
         agree += int((logits.argmax(1) == classes[:, 0]).sum())
         total += len(classes)
+        rerun.append(logits)
+    # What keeping the top K (in the cache's dtype) costs soft distillation, on the teacher's real outputs.
+    fidelity = top_k_fidelity(torch.cat(rerun), cache.topk, cache.value_dtype, cfg.distill.tau, cfg.distill.soft_norm) \
+        if rerun else {}
     return {"epochs_verified": len(epochs), "batches": len(picks), "images_identical": bool(identical),
-            "max_abs_logit_diff": max_diff, "top1_agreement": round(100.0 * agree / max(1, total), 2)}
+            "max_abs_logit_diff": max_diff, "top1_agreement": round(100.0 * agree / max(1, total), 2),
+            **{f"top{cache.topk}_{key}": value for key, value in fidelity.items()}}
 
 
 def replay_batch(dataset, cache: TeacherCache, mixup, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from distill.cache import CacheError, TeacherCache, epoch_arrays, image_digest, rounded_sparse_logits, sparse_logits
+from distill.cache import (CacheError, TeacherCache, epoch_arrays, image_digest, rounded_sparse_logits, sparse_logits,
+                           top_k_fidelity)
 from distill.cache_teacher import build_cache, check_cache, replay_batch
 from distill.cli import main as cli
 from distill.pipeline import image_dataset, replay_mixup
@@ -66,8 +67,12 @@ def test_replayed_images_are_bit_identical_to_the_cached_ones(cache_dir, tiny_da
             images, _ = replay_batch(dataset, cache, mixup, epoch, batch)
             assert image_digest(images) == bytes(cache.arrays(epoch)["digest"][batch])
     report = check_cache(cfg, batches=5)
+    fidelity = {k: report.pop(k) for k in list(report) if k.startswith("top4_")}
     assert report == {"epochs_verified": 2, "batches": 5, "images_identical": True, "max_abs_logit_diff": 0.0,
                       "top1_agreement": 100.0}
+    # Every class is kept in float32: the cache costs soft distillation nothing.
+    assert fidelity == {"top4_mass_outside_top_k": pytest.approx(0, abs=1e-6), "top4_soft_loss_floor": 0.0,
+                        "top4_untrained_soft_loss_rel_error": 0.0}
 
 
 def test_cached_hard_run_equals_the_online_run(cache_dir, tiny_dataset, trained_teacher, tmp_path):
@@ -162,6 +167,24 @@ def test_float16_rounding_never_moves_the_argmax():
     rebuilt = rounded_sparse_logits(values, top.indices, torch.logsumexp(logits, 1), 5)
     assert torch.equal(rebuilt.argmax(1), logits.argmax(1))
     torch.testing.assert_close(F.softmax(rebuilt, 1), F.softmax(plain, 1), atol=1e-3, rtol=0)
+
+
+def test_top_k_fidelity_is_what_the_rebuilt_targets_cost():
+    from distill.losses import soft_distillation
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 20) * 2
+    exact = top_k_fidelity(logits, 20)
+    assert exact["soft_loss_floor"] == 0.0 and exact["untrained_soft_loss_rel_error"] == 0.0
+    p = F.softmax(logits, 1)
+    top = logits.topk(5, dim=1)
+    five = top_k_fidelity(logits, 5, tau=3.0, norm="batchmean")
+    assert five["mass_outside_top_k"] == pytest.approx(float((1 - p.topk(5, 1).values.sum(1)).mean()), rel=1e-5)
+    rebuilt = sparse_logits(top.values, top.indices, torch.logsumexp(logits, 1), 20)
+    assert five["soft_loss_floor"] == pytest.approx(float(soft_distillation(logits, rebuilt, 3.0, "batchmean")))
+    assert five["soft_loss_floor"] > 0 and 0 < five["untrained_soft_loss_rel_error"] < 1
+    half = top_k_fidelity(logits, 20, "float16")  # every class, rounded: a small floor, no longer 0
+    assert 0 < half["soft_loss_floor"] < 1e-5
 
 
 def test_a_cache_is_not_extended_in_another_value_dtype(cache_dir, tiny_dataset, trained_teacher, tmp_path):

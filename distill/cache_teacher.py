@@ -9,7 +9,10 @@ batches from their seeds, compares the images bit for bit and reruns the teacher
 """
 from __future__ import annotations
 
+import copy
+import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +58,52 @@ def _build_cache(cfg: Config, root: Path) -> Path:
         return _fill_cache(cfg, data, teacher, accelerator, root, precision)
 
 
+def classes_dtype(num_classes: int) -> type:
+    """The dtype of stored class indices: int16 when every class fits (ImageNet's 1000 do)."""
+    return np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+
+
+def epoch_arrays(nb: int, B: int, K: int, num_classes: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """``(shape, dtype)`` of each array of a cache epoch of ``nb`` global batches of ``B``, top ``K``
+    (the layout of ``distill.cache``; ``cache_size`` projects from it too)."""
+    return {"index": ((nb, B), np.int64), "seed": ((nb, B), np.uint64), "values": ((nb, B, K), np.float32),
+            "classes": ((nb, B, K), classes_dtype(num_classes)), "lse": ((nb, B), np.float32), "digest": ((nb, 16), np.uint8)}
+
+
+def cache_size(cfg: Config, data) -> int:
+    """Bytes ``build_cache`` writes for ``cfg`` on ``data`` (``distill plan``): every epoch's arrays with
+    their ``.npy`` headers and checksums, the validation top-5, ``cache.json`` and ``recipe.yaml``."""
+    tc, C = cfg.train, data.num_classes
+    nb, B, K = len(data.train) // tc.batch_size, tc.batch_size, min(cfg.teacher.cache_topk, C)
+    epoch = _sealed_bytes({f"{name}.npy": _npy_bytes(*spec) for name, spec in epoch_arrays(nb, B, K, C).items()})
+    val = _sealed_bytes({VAL_FILE: _npy_bytes((len(data.val), min(5, C)), classes_dtype(C))})
+    # What _fill_cache records: the config with the teacher's weights named, their hash (64 hex digits)
+    # when they are on this machine.
+    written = copy.deepcopy(cfg)
+    checkpoint = build.teacher_checkpoint(cfg)
+    if checkpoint is not None:
+        written.teacher.checkpoint, written.teacher.pretrained = checkpoint, False
+    sha = "0" * 64 if checkpoint is not None and Path(checkpoint).is_file() else None
+    info = {"format": FORMAT, "made_from": made_from(written, data, sha), "epochs": tc.epochs, "topk": K,
+            "num_batches": nb, "batch_size": B, "num_classes": C,
+            "mixed_precision": build.run_precision(tc.mixed_precision, cpu=tc.cpu)}
+    records = len((json.dumps(info, indent=1) + "\n").encode()) + len(dump(written).encode())
+    return tc.epochs * epoch + val + records
+
+
+def _npy_bytes(shape: tuple[int, ...], dtype) -> int:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    return len(header.getvalue()) + math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def _sealed_bytes(files: dict[str, int]) -> int:
+    """The files' sizes plus the checksums.json that ``seal`` writes for them."""
+    sums = {name: {"size": size, "sha256": "0" * 64} for name, size in sorted(files.items())}
+    return sum(files.values()) + len(json.dumps(sums, indent=1) + "\n")
+
+
 def _kept(root: Path, epochs: int) -> tuple[str, Path, bool]:
     """The cache's complete epochs: the words of the one line, the folder, and False (a build continues
     by itself, with no --resume)."""
@@ -81,7 +130,7 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
     loader, rank_sampler = train_loader(dc, train_set, batch_size=B, seed=tc.seed, num_replicas=world, rank=rank)
     rank_sampler.drop_uneven = False  # every global batch is cached, whichever rank will train on it
     mixup = replay_mixup(dc, smoothing=cfg.optim.smoothing, num_classes=data.num_classes, seed=tc.seed)
-    class_dtype = np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32
+    class_dtype = classes_dtype(data.num_classes)
     for epoch in range(tc.epochs):
         final = epoch_dir(root, epoch)
         tmp = atomic.staging(final)
@@ -89,9 +138,7 @@ def _fill_cache(cfg: Config, data, teacher, accelerator, root: Path, precision: 
             continue
         if main:
             atomic.fresh_staging(final)
-            shapes = {"index": ((nb, B), np.int64), "seed": ((nb, B), np.uint64), "values": ((nb, B, K), np.float32),
-                      "classes": ((nb, B, K), class_dtype), "lse": ((nb, B), np.float32), "digest": ((nb, 16), np.uint8)}
-            for name, (shape, dtype) in shapes.items():
+            for name, (shape, dtype) in epoch_arrays(nb, B, K, data.num_classes).items():
                 np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
         accelerator.wait_for_everyone()
         arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in ARRAYS}
@@ -141,7 +188,7 @@ def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_cla
 
 def _cache_val_predictions(cfg, data, teacher, accelerator, root: Path) -> None:
     k = min(5, data.num_classes)
-    preds = np.zeros((len(data.val), k), dtype=np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32)
+    preds = np.zeros((len(data.val), k), dtype=classes_dtype(data.num_classes))
     loader = val_loader(cfg.data, image_dataset(cfg.data, data, train=False), cfg.train.batch_size)
     for images, _, index in loader:
         with torch.inference_mode(), accelerator.autocast():

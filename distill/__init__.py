@@ -12,11 +12,13 @@ The Python API the CLI is built on::
     distill.predict("runs/cifar10_deit_tiny", "photo.jpg")     # top-5 classes; also an ONNX export (--format onnx)
     distill.report_runs(["runs/cifar10_deit_tiny"])           # params, GFLOPs, speed, accuracy vs the teacher
     distill.compare_runs(["runs/a", "runs/b"], out="cmp")      # one table of every head + compare.png
+    distill.plan(distill.load_recipe("imagenet_deit_tiny_distilled"))  # img/s, memory, cache size, epoch time here
 
 How the modules layer (each imports only its own layer and those below; ``tests/test_imports.py``
 checks it against the table of docs/development.md):
 
-    cli, __main__, quickstart         the commands
+    cli, __main__, quickstart,        the commands; planning a recipe (measures the loop's step)
+    planning
     loop                              the loop: train, train_teacher, fit, train_one_epoch,
                                       distill_step
     cache_teacher, evaluation,        what else runs: building the teacher cache, evaluation, the
@@ -51,7 +53,7 @@ _API = {
     "train_teacher": "distill.loop", "evaluate": "distill.evaluation", "evaluate_run": "distill.evaluation",
     "export_student": "distill.export", "ExportError": "distill.export", "analyze_run": "distill.analyze",
     "predict": "distill.prediction", "report_runs": "distill.report", "compare_runs": "distill.compare",
-    "CompareError": "distill.compare", "DistillError": "distill.errors",
+    "CompareError": "distill.compare", "DistillError": "distill.errors", "plan": "distill.planning",
 }
 __all__ = list(_API)
 

@@ -69,12 +69,17 @@ def epoch_dir(root: Path, epoch: int) -> Path:
     return root / f"epoch_{epoch:04d}"
 
 
+def classes_dtype(num_classes: int) -> np.dtype:
+    """The dtype of stored class indices: int16 when every class fits (ImageNet's 1000 do)."""
+    return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
+
+
 def epoch_arrays(num_batches: int, batch_size: int, k: int, num_classes: int,
                  value_dtype: str = "float32") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of each array of one epoch: what ``distill cache-teacher`` writes, and what
     ``distill plan`` projects a cache's size from."""
     nb, B = num_batches, batch_size
-    class_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+    class_dtype = classes_dtype(num_classes)
     return {"index": ((nb, B), np.dtype(np.int64)), "seed": ((nb, B), np.dtype(np.uint64)),
             "values": ((nb, B, k), np.dtype(value_dtype)), "classes": ((nb, B, k), np.dtype(class_dtype)),
             "lse": ((nb, B), np.dtype(np.float32)), "digest": ((nb, 16), np.dtype(np.uint8))}

@@ -10,17 +10,19 @@ top-K choice costs soft distillation on those batches.
 """
 from __future__ import annotations
 
+import copy
+import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from distill import atomic, build, collective, lock
-from distill.cache import (ARRAYS, CACHE_FILE, FORMAT, VAL_DIR, VAL_FILE, CacheError, TeacherCache, describe_value,
-                           epoch_arrays, first_mismatch, read_info, default_dir, epoch_dir, image_digest, made_from,
-                           open_cache, top_k_fidelity,
-                           seal, teacher_weights_sha256, top_k_entries)
+from distill.cache import (ARRAYS, CACHE_FILE, FORMAT, VAL_DIR, VAL_FILE, CacheError, TeacherCache, classes_dtype,
+                           default_dir, describe_value, epoch_arrays, epoch_dir, first_mismatch, image_digest, made_from,
+                           open_cache, read_info, seal, teacher_weights_sha256, top_k_entries, top_k_fidelity)
 from distill.config import Config, ConfigError
 from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
 from distill.recipes import dump, validate
@@ -55,6 +57,41 @@ def _build_cache(cfg: Config, root: Path) -> Path:
     # Another process that dies or freezes ends this one within train.collective_timeout_s, with one line.
     with collective.guard(accelerator, tc.collective_timeout_s, lambda: _kept(root, tc.epochs)):
         return _fill_cache(cfg, data, teacher, accelerator, root, precision)
+
+
+def cache_size(cfg: Config, data) -> int:
+    """Bytes ``build_cache`` writes for ``cfg`` on ``data`` (``distill plan``): every epoch's arrays with
+    their ``.npy`` headers and checksums, the validation top-5, ``cache.json`` and ``recipe.yaml``."""
+    tc, C = cfg.train, data.num_classes
+    nb, B, K = len(data.train) // tc.batch_size, tc.batch_size, min(cfg.teacher.cache_topk, C)
+    layout = epoch_arrays(nb, B, K, C, cfg.teacher.cache_dtype)  # what _fill_cache writes
+    epoch = _sealed_bytes({f"{name}.npy": _npy_bytes(*spec) for name, spec in layout.items()})
+    val = _sealed_bytes({VAL_FILE: _npy_bytes((len(data.val), min(5, C)), classes_dtype(C))})
+    # What _fill_cache records: the config with the teacher's weights named, their hash (64 hex digits)
+    # when they are on this machine.
+    written = copy.deepcopy(cfg)
+    checkpoint = build.teacher_checkpoint(cfg)
+    if checkpoint is not None:
+        written.teacher.checkpoint, written.teacher.pretrained = checkpoint, False
+    sha = "0" * 64 if checkpoint is not None and Path(checkpoint).is_file() else None
+    info = {"format": FORMAT, "made_from": made_from(written, data, sha), "epochs": tc.epochs, "topk": K,
+            "num_batches": nb, "batch_size": B, "num_classes": C,
+            "mixed_precision": build.run_precision(tc.mixed_precision, cpu=tc.cpu), "value_dtype": cfg.teacher.cache_dtype}
+    records = len((json.dumps(info, indent=1) + "\n").encode()) + len(dump(written).encode())
+    return tc.epochs * epoch + val + records
+
+
+def _npy_bytes(shape: tuple[int, ...], dtype) -> int:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    return len(header.getvalue()) + math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def _sealed_bytes(files: dict[str, int]) -> int:
+    """The files' sizes plus the checksums.json that ``seal`` writes for them."""
+    sums = {name: {"size": size, "sha256": "0" * 64} for name, size in sorted(files.items())}
+    return sum(files.values()) + len(json.dumps(sums, indent=1) + "\n")
 
 
 def _kept(root: Path, epochs: int) -> tuple[str, Path, bool]:
@@ -145,7 +182,7 @@ def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_cla
 
 def _cache_val_predictions(cfg, data, teacher, accelerator, root: Path) -> None:
     k = min(5, data.num_classes)
-    preds = np.zeros((len(data.val), k), dtype=np.int16 if data.num_classes <= np.iinfo(np.int16).max else np.int32)
+    preds = np.zeros((len(data.val), k), dtype=classes_dtype(data.num_classes))
     loader = val_loader(cfg.data, image_dataset(cfg.data, data, train=False), cfg.train.batch_size)
     for images, _, index in loader:
         with torch.inference_mode(), accelerator.autocast():

@@ -10,6 +10,7 @@
     distill predict runs/cifar10_deit_tiny photo.jpg    # top-5 classes (a folder, a dataset, an ONNX export too)
     distill report runs/cifar10_deit_tiny               # params, GFLOPs, latency, accuracy: teacher vs students
     distill compare runs/a runs/b --out cmp             # one table of every head, one PNG of the curves
+    distill plan imagenet_deit_tiny_distilled           # img/s of each part, memory, cache size, epoch time here
     distill students | teachers | recipes
 
 Bad input (unknown key, wrong type, missing column, wrong class count, unsafe checkpoint) ends with a
@@ -169,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<name>)")
     p.add_argument("--out", default=".", help="folder for compare.md and compare.png (default: the current folder)")
     p.add_argument("--no-plots", action="store_true", help="print the table only; write nothing")
+
+    p = sub.add_parser("plan", help="measure a recipe here before running it: params, GFLOPs, images/s of each "
+                                    "part, memory, teacher cache size, epoch time, workers needed",
+                       description="Build what `distill train` builds, run a few steps of each kind and print one table: "
+                                   "parameters and GFLOPs of teacher and student; images/s of the input pipeline per "
+                                   "worker, the teacher's forward, the student's step, the online and the cached step; "
+                                   "the teacher's share of a step; peak memory against what is available; the teacher "
+                                   "cache's size; the projected epoch time here and the workers needed. Weights that are "
+                                   "not here are random (nothing is downloaded). Exits with 3 when the recipe's batch "
+                                   "would not fit in memory.",
+                       epilog=EPILOG_KEYS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="a built-in recipe name (see `distill recipes`) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.source=<folder> data.num_workers=8")
+    p.add_argument("--batch-size", type=int, help="images per measured step (default: train.batch_size; memory is "
+                                                  "projected to train.batch_size either way)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps of each kind (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
+    p.add_argument("--target-img-s", type=float, metavar="IMG_S",
+                   help="also say how many DataLoader workers feed this many images/s (e.g. a GPU's step rate)")
+    p.add_argument("--memory-limit-gb", type=float, metavar="GB",
+                   help="memory to plan against instead of what this machine has available")
+    p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
 
     p = sub.add_parser("quickstart", help="offline demo: teacher, student without teacher, distilled student",
                        description="DeiT's data-efficiency regime on scikit-learn's handwritten digits (30 training "
@@ -408,6 +431,18 @@ def _compare(args: argparse.Namespace) -> int | None:
         print(f"wrote {', '.join(written)}")
 
 
+def _plan(args: argparse.Namespace) -> int | None:
+    from distill.planning import NO_FIT_EXIT, format_table
+    cfg = load_recipe(args.recipe, args.overrides)
+    result = distill.plan(cfg, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
+                          target_img_s=args.target_img_s, memory_limit_gb=args.memory_limit_gb)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0 if result["memory"]["fits"] else NO_FIT_EXIT
+
+
 def _quickstart(args: argparse.Namespace) -> int | None:
     from distill.quickstart import run_quickstart
     run_quickstart(output_dir=args.output_dir, overrides=args.overrides)
@@ -431,7 +466,7 @@ def _recipes(args: argparse.Namespace) -> int | None:
 # Each subcommand with its handler (a handler returns the exit status, or None for 0).
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "train": _train, "train-teacher": _train, "cache-teacher": _cache_teacher, "eval": _eval, "export": _export,
-    "analyze": _analyze, "predict": _predict, "report": _report, "compare": _compare, "quickstart": _quickstart,
+    "analyze": _analyze, "predict": _predict, "report": _report, "compare": _compare, "plan": _plan, "quickstart": _quickstart,
     "students": _students, "teachers": _teachers, "recipes": _recipes,
 }
 

@@ -38,7 +38,7 @@ from distill.recipes import apply_override, list_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHELL_INFOS = {"bash", "sh", "shell", "console"}
-RECIPE_COMMANDS = {"train", "train-teacher", "cache-teacher"}
+RECIPE_COMMANDS = {"train", "train-teacher", "cache-teacher", "plan"}
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 ENV_SETTING = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([^\s`]*)")

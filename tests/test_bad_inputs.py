@@ -211,6 +211,8 @@ CASES: list[tuple[str, Callable[[World], list[str]], str]] = [
      r"unknown key 'optim.lrr'; did you mean 'optim.lr'\?"),
     ("quickstart_typo_key", lambda w: ["quickstart", "--output-dir", str(w.runs / "quickstart"), "optim.lrr=1e-3"],
      r"unknown key 'optim.lrr'; did you mean 'optim.lr'\?"),
+    ("plan_typo_key", lambda w: ["plan", str(w.recipe), "optim.lrr=1e-3"], r"unknown key 'optim.lrr'; did you mean 'optim.lr'\?"),
+    ("plan_no_steps", lambda w: ["plan", str(w.recipe), "--steps", "0"], r"plan measures steps >= 1 .*pass --steps"),
     ("wrong_type", lambda w: T + [str(w.recipe), "train.epochs=many"], r"'train.epochs' must be an integer"),
     ("zero_epochs", lambda w: T + [str(w.recipe), "train.epochs=0"], r"'train.epochs' must be >= 1, got 0"),
     ("negative_epochs", lambda w: T + [str(w.recipe), "train.epochs=-3"], r"'train.epochs' must be >= 1"),

@@ -79,6 +79,8 @@ STUDENTS = {
     "deit_tiny_p4": {"patch_size": 4},
     "deit_96x6": {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3},
 }
+# Our DeiT sizes and timm's distilled DeiT of the same shape (the same parameter names).
+TIMM_DEIT = {"deit_tiny": "deit_tiny_distilled_patch16_224", "deit_small": "deit_small_distilled_patch16_224"}
 TEACHERS = ("resnet18_cifar", "resnet20_cifar")
 NUM_CLASSES = 10
 VARIANTS = ("plain", "online", "cached", "timm")
@@ -105,9 +107,9 @@ def prepare_batches(cfg, args: argparse.Namespace, device: torch.device) -> list
     return batches
 
 
-def build_teachers(name: str, checkpoint: str | None, args, dc, batches, device):
+def build_teachers(name: str, checkpoint: str | None, args, dc, batches, device, num_classes: int = NUM_CLASSES):
     """(plain fp32 teacher, optimised teacher) over one and the same network with the same weights."""
-    plain = teachers.create_teacher(name, num_classes=10, checkpoint=checkpoint, precision="fp32",
+    plain = teachers.create_teacher(name, num_classes=num_classes, checkpoint=checkpoint, precision="fp32",
                                     fold_bn=False, channels_last=False, compile=False)
     plain.to(device)
     if checkpoint is None:
@@ -118,7 +120,7 @@ def build_teachers(name: str, checkpoint: str | None, args, dc, batches, device)
             for x, _ in batches[:4]:
                 plain.model(x)
         plain.model.eval()
-    fast = teachers.Teacher(plain.model, num_classes=10, mean=plain.mean, std=plain.std,
+    fast = teachers.Teacher(plain.model, num_classes=num_classes, mean=plain.mean, std=plain.std,
                             input_size=plain.input_size, name=name)
     fast.optimize(precision=args.teacher_precision, fold_bn=not args.no_fold_bn, channels_last=not args.no_channels_last,
                   compile=args.compile)
@@ -128,13 +130,19 @@ def build_teachers(name: str, checkpoint: str | None, args, dc, batches, device)
     return plain, fast
 
 
-def build_students(name: str, device: torch.device):
-    """Our student and timm's DeiT with the same shape and the very same initial weights."""
+def build_students(name: str, device: torch.device, *, img_size: int = 32, num_classes: int = NUM_CLASSES,
+                   drop_path: float = DROP_PATH, **overrides):
+    """Our student and timm's DeiT with the same shape and the very same initial weights.
+
+    ``name``: a key of ``STUDENTS`` (DeiT-Ti with that entry's overrides) or a DeiT size of ``TIMM_DEIT``
+    (``deit_tiny``, ``deit_small``: patch 16, DeiT's shape); ``overrides`` change the shape further."""
+    arch = "deit_tiny" if name in STUDENTS else name
+    overrides = {**STUDENTS.get(name, {}), **overrides}
     torch.manual_seed(0)
-    ours = students.create_student("deit_tiny", num_classes=10, img_size=32, drop_path_rate=DROP_PATH,
-                                   **STUDENTS[name])
-    theirs = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10, img_size=32,
-                               drop_path_rate=DROP_PATH, **STUDENTS[name])
+    ours = students.create_student(arch, num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path,
+                                   **overrides)
+    theirs = timm.create_model(TIMM_DEIT[arch], pretrained=False, num_classes=num_classes, img_size=img_size,
+                               drop_path_rate=drop_path, **overrides)
     theirs.load_state_dict(ours.state_dict(), strict=True)  # DeiT parameter names are timm's
     return ours.to(device).train(), theirs.to(device).train()
 
@@ -165,7 +173,7 @@ def our_step(student, teacher_logits_of: Callable | None, args) -> Callable:
     return step
 
 
-def make_cached_step(student, teacher, batches, args, root: Path) -> Callable:
+def make_cached_step(student, teacher, batches, args, root: Path, num_classes: int = NUM_CLASSES) -> Callable:
     """(c) our distillation step with the teacher's logits read from a replay cache on disk.
 
     The cache of ``teacher``'s top-10 logits for ``batches`` is written first (untimed) in the layout
@@ -177,7 +185,7 @@ def make_cached_step(student, teacher, batches, args, root: Path) -> Callable:
 
     from distill.cache import CACHE_FILE, FORMAT, TeacherCache, top_k_entries, write_epoch
 
-    k = min(10, NUM_CLASSES)
+    k = min(10, num_classes)
     arrays = {"values": np.zeros((len(batches), args.batch_size, k), np.float32),
               "classes": np.zeros((len(batches), args.batch_size, k), np.int16),
               "lse": np.zeros((len(batches), args.batch_size), np.float32)}
@@ -187,7 +195,7 @@ def make_cached_step(student, teacher, batches, args, root: Path) -> Callable:
     for name in ("index", "seed", "digest"):  # not read by a training step
         arrays[name] = np.zeros((len(batches), 1), np.int64)
     write_epoch(root, 0, arrays)
-    (root / CACHE_FILE).write_text(json.dumps({"format": FORMAT, "num_classes": NUM_CLASSES, "topk": k, "epochs": 1}))
+    (root / CACHE_FILE).write_text(json.dumps({"format": FORMAT, "num_classes": num_classes, "topk": k, "epochs": 1}))
     cache = TeacherCache(root)
     position = {id(x): i for i, (x, _) in enumerate(batches)}
     return our_step(student, lambda x: cache.logits(0, position[id(x)], x), args)

@@ -17,7 +17,9 @@ neither the cache's size nor its exactness depends on them):
 4. ``topk``: what the top-K choice costs soft distillation (``distill.cache.top_k_fidelity``, which
    ``distill cache-teacher --check`` also reports for a user's own teacher), measured on a teacher that
    has learnt something, since a random network's softmax has none of a trained one's shape: a
-   ``--topk-teacher`` trained on 100 ImageNet-shaped classes (30 images each) at ``--topk-img-size``,
+   ``--topk-teacher`` trained on 100 ImageNet-shaped classes (30 images each, their class mark made
+   bright enough to learn) at ``--topk-img-size`` with the small-image transform (the whole image
+   resized, so the mark stays in view),
    run on the training batches as the cache sees them (augmented and mixed). For each K, value dtype
    and temperature: the probability mass outside the top K, the soft loss the rebuilt targets leave to
    a student equal to the teacher (0 when exact), and the relative error of an untrained student's
@@ -131,10 +133,10 @@ def stage_topk(args, results: dict) -> None:
 
     if not args.topk_data.exists():
         import imagenet_like
-        imagenet_like.write_dataset(args.topk_data, classes=100, train_per_class=30, val_per_class=5)
+        imagenet_like.write_dataset(args.topk_data, classes=100, train_per_class=30, val_per_class=5, mark=3.0)
     over = recipe_overrides(args, f"data.source={args.topk_data.resolve()}", f"teacher.name={args.topk_teacher}",
                             f"data.img_size={args.topk_img_size}", f"teacher_train.epochs={args.topk_teacher_epochs}",
-                            "teacher_train.batch_size=64", "teacher_train.light_augment=true", "data.in_memory=true",
+                            "teacher_train.batch_size=64", "teacher_train.light_augment=true", "data.in_memory=true", "data.transform=small",
                             "train.run_name=topk")
     cfg = load_recipe(RECIPE, over)
     if not build.teacher_stage_weights(cfg).is_file():  # a finished teacher is reused

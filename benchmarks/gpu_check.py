@@ -1,4 +1,4 @@
-"""The GPU check (issue 25): one script, one table, everything a first run on one GPU should show.
+"""The GPU check: one script, one table, everything a first run on one GPU should show.
 
 Five sections, in this order (``--sections`` runs a subset), each adding its rows to one Markdown
 table as soon as they are measured:

@@ -45,9 +45,10 @@ def image_size(rng: np.random.Generator) -> tuple[int, int]:
     return max(1, round(long_side * ratio)), long_side
 
 
-def image_bytes(seed: int, split: str, index: int, label: int, quality: int = 90) -> bytes:
+def image_bytes(seed: int, split: str, index: int, label: int, quality: int = 90, mark: float = 1.0) -> bytes:
     """One JPEG: a smooth colour field (upsampled noise, the low frequencies of a photograph), a
-    class-specific blob, and fine texture; deterministic in (seed, split, index)."""
+    class-specific disc (``mark`` scales its brightness: 3 makes the classes easy to learn), and fine
+    texture; deterministic in (seed, split, index)."""
     from PIL import Image
 
     rng = np.random.default_rng([seed, SPLIT_WORDS[split], index])
@@ -61,7 +62,7 @@ def image_bytes(seed: int, split: str, index: int, label: int, quality: int = 90
     cls = np.random.default_rng([seed, 7, label])
     cy, cx, r = cls.uniform(0.2, 0.8) * h, cls.uniform(0.2, 0.8) * w, cls.uniform(0.1, 0.3) * min(w, h)
     yy, xx = np.ogrid[:h, :w]
-    disc = (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r)[..., None] * cls.uniform(40, 90, 3).astype(np.float32)
+    disc = (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r)[..., None] * (mark * cls.uniform(40, 90, 3)).astype(np.float32)
     fine = rng.normal(0, 36, (h, w, 3)).astype(np.float32)
     pixels = np.clip(field + mid + disc + fine, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
@@ -74,7 +75,7 @@ def class_names(classes: int) -> list[str]:
 
 
 def write_dataset(out: str | Path, *, classes: int = 1000, train_per_class: int = 3, val_per_class: int = 1,
-                  seed: int = 0, quality: int = 90) -> dict:
+                  seed: int = 0, quality: int = 90, mark: float = 1.0) -> dict:
     """Write the dataset into ``out`` (created; must be empty or absent) and return its statistics."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -83,7 +84,7 @@ def write_dataset(out: str | Path, *, classes: int = 1000, train_per_class: int 
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} is not empty; pick a new --out")
     (out / "data").mkdir(parents=True, exist_ok=True)
-    stats = {"classes": classes, "seed": seed, "jpeg_quality": quality, "splits": {}}
+    stats = {"classes": classes, "seed": seed, "jpeg_quality": quality, "mark": mark, "splits": {}}
     for split, per_class in (("train", train_per_class), ("validation", val_per_class)):
         n = classes * per_class
         if n == 0:
@@ -95,7 +96,7 @@ def write_dataset(out: str | Path, *, classes: int = 1000, train_per_class: int 
             rows = range(s * n // shards, (s + 1) * n // shards)
             images = []
             for i in rows:
-                data = image_bytes(seed, split, i, int(labels[i]), quality)
+                data = image_bytes(seed, split, i, int(labels[i]), quality, mark)
                 images.append({"bytes": data, "path": f"{split}_{i:07d}.jpg"})
                 nbytes += len(data)
                 sizes.append(_jpeg_size(data))
@@ -137,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-per-class", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (ImageNet's files are about 90)")
+    p.add_argument("--mark", type=float, default=1.0, help="brightness of the class-specific disc (3: easy to learn)")
     args = p.parse_args(argv)
     stats = write_dataset(args.out, classes=args.classes, train_per_class=args.train_per_class,
-                          val_per_class=args.val_per_class, seed=args.seed, quality=args.quality)
+                          val_per_class=args.val_per_class, seed=args.seed, quality=args.quality, mark=args.mark)
     print(f"{'split':<12} {'images':>7} {'mean size':>12} {'mean KB':>8} {'bytes/px':>9}")
     for split, s in stats["splits"].items():
         print(f"{split:<12} {s['images']:>7} {s['mean_width']:>5.0f} x {s['mean_height']:<5.0f} {s['mean_kb']:>8} "

@@ -110,7 +110,7 @@ def plan(cfg: Config, *, steps: int = 3, warmup: int = 1, batch_size: int | None
     kinds = ("online", "cached") if teacher is not None else ("student",)
     rate = {k: epoch_rate(pipeline, rates[f"{k}_step"], dc.num_workers, cpu=accelerator.device.type == "cpu",
                           threads=threads, cores=cores) for k in kinds}
-    r["epoch"] = {"images": images, "workers": dc.num_workers, **{f"{k}_s": round(images / v, 1) for k, v in rate.items()}}
+    r["epoch"] = {"images": images, "workers": dc.num_workers, **{f"{k}_s": float(f"{images / v:.4g}") for k, v in rate.items()}}
     if teacher is not None:
         r["teacher_share"] = round(seconds["teacher"] / (seconds["teacher"] + seconds["student"]), 3)
         r["cache_speedup"] = round(rate["cached"] / rate["online"], 2)

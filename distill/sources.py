@@ -97,7 +97,7 @@ def read_splits(source: Source, name: str) -> dict[str, datasets.Dataset]:
                 elif kind == "imagefolder":
                     loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
                 else:
-                    loaded = datasets.load_dataset(str(path))
+                    loaded = _load_folder(path)
         except Exception as e:  # datasets raises many types; all mean "this folder is not readable"
             raise DataError(f"{name}: could not be loaded as a {kind} dataset folder ({first_line(e)}); check its files") from e
     elif path.is_file() or any(ch in text for ch in "*?["):
@@ -131,6 +131,20 @@ def read_splits(source: Source, name: str) -> dict[str, datasets.Dataset]:
     if not isinstance(loaded, datasets.DatasetDict):
         raise DataError(f"{name}: loaded as {type(loaded).__name__}, expected a DatasetDict; pass a non-streaming dataset")
     return dict(loaded)
+
+
+def _load_folder(path: Path) -> datasets.DatasetDict:
+    """``datasets.load_dataset(<folder>)``, never stale. For a dataset folder (a Hub repo's layout) datasets
+    keys its cache by the folder's name and configuration only, so files rewritten in place load as the
+    old rows (huggingface/datasets#2956). When any file of the folder is newer than the cache that was
+    read, the folder is read again."""
+    loaded = datasets.load_dataset(str(path))
+    cached = [Path(f["filename"]) for split in loaded.values() for f in split.cache_files]
+    files = [f for f in path.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)]
+    if cached and files and max(f.stat().st_mtime_ns for f in files) > min(f.stat().st_mtime_ns for f in cached):
+        # The old cache's record of the split sizes is what is being replaced: not a check to hold the new rows to.
+        loaded = datasets.load_dataset(str(path), download_mode="force_redownload", verification_mode="no_checks")
+    return loaded
 
 
 def _fixed_prefix(path: Path) -> Path:

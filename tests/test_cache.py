@@ -152,6 +152,10 @@ def test_hard_distillation_from_a_float16_top_2_cache_equals_the_online_run(half
     train(online), train(cached)
     wa, wb = (load_file(str(tmp_path / r / "export" / "model.safetensors")) for r in ("online", "cached"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # --check reads the float16 values back: the images replay bit for bit, the logits within float16's rounding.
+    report = check_cache(cached, batches=2)
+    assert report["images_identical"] and report["top1_agreement"] == 100.0
+    assert 0 < report["max_abs_logit_diff"] < 1e-2 and report["top2_soft_loss_floor"] > 0
 
 
 def test_float16_rounding_never_moves_the_argmax():

@@ -42,10 +42,10 @@ def planned(tiny_dataset, random_teacher, tmp_path_factory):
     return cfg, plan(cfg, target_img_s=500.0)
 
 
-@pytest.mark.parametrize("topk, epochs", [(10, 2), (2, 3)])
-def test_the_cache_size_projection_is_the_size_of_a_real_cache(tiny_dataset, random_teacher, tmp_path, topk, epochs):
+@pytest.mark.parametrize("topk, epochs, dtype", [(10, 2, "float32"), (2, 3, "float32"), (2, 2, "float16")])
+def test_the_cache_size_projection_is_the_size_of_a_real_cache(tiny_dataset, random_teacher, tmp_path, topk, epochs, dtype):
     cfg = teacher_config(tiny_dataset, tmp_path / "runs", random_teacher, train={"epochs": epochs},
-                         teacher={"cache": str(tmp_path / "cache"), "cache_topk": topk})
+                         teacher={"cache": str(tmp_path / "cache"), "cache_topk": topk, "cache_dtype": dtype})
     projected = cache_size(cfg, load_data(cfg.data))
     root = build_cache(cfg)
     real = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())

@@ -62,6 +62,26 @@ def test_parquet_glob_loads_all_files(tmp_path):
 
 
 
+def test_a_dataset_folder_rewritten_in_place_loads_its_new_rows(tmp_path):
+    """datasets keys a dataset folder's cache by its name only (huggingface/datasets#2956): the folder's
+    files written again must not load as the old rows."""
+    import os
+
+    folder = tmp_path / "repo"
+    (folder / "data").mkdir(parents=True)
+    # A dataset card naming its configs, as Hub repos (and a downloaded snapshot of one) have.
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                      "    path: data/train-*\n---\n")
+    shard = folder / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(struct_table(6), shard)
+    assert len(load_image_dataset(str(folder), val_fraction=0.5).train) == 3
+    pq.write_table(struct_table(10), shard)
+    later = shard.stat().st_mtime + 5  # as if written a few seconds later, without waiting for it
+    os.utime(shard, (later, later))
+    assert len(load_image_dataset(str(folder), val_fraction=0.5).train) == 5
+    assert len(load_image_dataset(str(folder), val_fraction=0.5).train) == 5  # and read from the cache again
+
+
 @pytest.mark.parametrize("train_file, test_file", [
     ("data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"),  # the Hub's shard names
     ("data/cifar_train.parquet", "data/cifar_test.parquet"),  # a split word in the file name

@@ -26,7 +26,7 @@ neither the cache's size nor its exactness depends on them):
    soft loss.
 
     python benchmarks/cache_scale.py                  # all stages, about 25 min on 2 idle cores
-    python benchmarks/cache_scale.py --stages topk     # one stage; finished caches and runs are reused
+    python benchmarks/cache_scale.py --stages topk     # one stage (its trained teacher is reused)
 
 Prints a table per stage and writes ``benchmarks/results/cache_scale/cache_scale.{json,md}``.
 """
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -56,9 +57,26 @@ IMAGENET_TRAIN, IMAGENET_EPOCHS = 1_281_167, 300  # ImageNet-1k's training image
 RECIPE = "imagenet_deit_tiny_distilled"
 
 
+def random_teacher(args) -> Path:
+    """The teacher's weights as a file, randomly initialised (a cache refuses a teacher without weights)."""
+    import teachers
+    from distill import build
+    from safetensors.torch import save_file
+
+    file = args.runs / f"{args.teacher}-random.safetensors"
+    if not file.is_file():
+        classes = build.load_data(load_recipe(RECIPE, [f"data.source={args.data}"]).data).num_classes
+        torch.manual_seed(0)
+        network, _ = teachers.build_teacher_network(args.teacher, num_classes=classes, pretrained=False)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(file))
+    return file
+
+
 def recipe_overrides(args, *extra: str) -> list[str]:
     return [f"data.source={args.data}", f"data.val_subset={args.val_images}", f"teacher.name={args.teacher}",
-            "teacher.pretrained=false", "teacher.kwargs={}", f"train.batch_size={args.batch_size}",
+            "teacher.pretrained=false", f"teacher.checkpoint={args.teacher_checkpoint}", "teacher.kwargs={}",
+            f"train.batch_size={args.batch_size}",
             f"train.epochs={args.epochs}", f"train.output_dir={args.runs}", "train.progress=false", f"data.img_size={args.img_size}",
             "data.num_workers=1", *extra]
 
@@ -69,6 +87,7 @@ def folder_bytes(folder: Path) -> int:
 
 def stage_build(args, results: dict) -> None:
     cache = args.runs / "cache-k10"
+    shutil.rmtree(cache, ignore_errors=True)  # what is timed is a whole build
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill", "cache-teacher", RECIPE,
@@ -101,6 +120,7 @@ def stage_exact(args, results: dict) -> None:
     for name, extra in (("cached", [f"teacher.cache={cache}"]), ("online", [])):
         run = load_recipe(RECIPE, recipe_overrides(args, f"train.run_name=exact-{name}", "train.max_steps_per_epoch=2",
                                                   "train.ema=false", *extra))
+        shutil.rmtree(run.run_dir(), ignore_errors=True)  # both runs start from nothing, every time
         metrics = train(run)
         from safetensors.torch import load_file
         weights[name] = (load_file(str(run.run_dir() / "export" / "model.safetensors")), metrics)
@@ -135,6 +155,7 @@ def stage_topk(args, results: dict) -> None:
         import imagenet_like
         imagenet_like.write_dataset(args.topk_data, classes=100, train_per_class=30, val_per_class=5, mark=3.0)
     over = recipe_overrides(args, f"data.source={args.topk_data.resolve()}", f"teacher.name={args.topk_teacher}",
+                            "teacher.checkpoint=null",  # trained by the teacher stage below
                             f"data.img_size={args.topk_img_size}", f"teacher_train.epochs={args.topk_teacher_epochs}",
                             "teacher_train.batch_size=64", "teacher_train.light_augment=true", "data.in_memory=true", "data.transform=small",
                             "train.run_name=topk")
@@ -169,7 +190,7 @@ STAGES = {"build": stage_build, "exact": stage_exact, "read": stage_read, "topk"
 
 
 def markdown(results: dict) -> str:
-    lines = ["# The teacher cache at ImageNet's shapes", "", f"command: `{results['command']}`", ""]
+    lines = ["# The teacher cache at ImageNet's shapes", "", "Each stage's command is in cache_scale.json.", ""]
     if "build" in results:
         b = results["build"]
         lines += [f"Built by {b['processes']} processes: {b['epochs']} epochs x {b['images_per_epoch']} images in "
@@ -219,11 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         import imagenet_like
         imagenet_like.write_dataset(args.data)
     args.data, args.runs = args.data.resolve(), args.runs.resolve()
+    args.teacher_checkpoint = random_teacher(args)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results["command"] = "python benchmarks/cache_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/cache_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results.pop("command", None)  # one command per stage (below)
     results["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
     for stage in args.stages:
         STAGES[stage](args, results)
+        results[stage]["command"] = command  # stages run by separate commands keep their own
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")  # after each stage: a stopped run keeps what it measured
         args.out.with_suffix(".md").write_text(markdown(results))

@@ -157,7 +157,7 @@ def stage_topk(args, results: dict) -> None:
     over = recipe_overrides(args, f"data.source={args.topk_data.resolve()}", f"teacher.name={args.topk_teacher}",
                             "teacher.checkpoint=null",  # trained by the teacher stage below
                             f"data.img_size={args.topk_img_size}", f"teacher_train.epochs={args.topk_teacher_epochs}",
-                            "teacher_train.batch_size=64", "teacher_train.light_augment=true", "data.in_memory=true", "data.transform=small",
+                            f"teacher_train.batch_size={args.batch_size}", "teacher_train.light_augment=true", "data.in_memory=true", "data.transform=small",
                             "train.run_name=topk")
     cfg = load_recipe(RECIPE, over)
     if not build.teacher_stage_weights(cfg).is_file():  # a finished teacher is reused

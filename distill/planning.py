@@ -37,8 +37,7 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import default_collate
 
 from distill import build
-from distill.cache import CACHE_FILE, FORMAT, TeacherCache, write_epoch
-from distill.cache import classes_dtype
+from distill.cache import CACHE_FILE, FORMAT, TeacherCache, classes_dtype, write_epoch
 from distill.cache_teacher import cache_size
 from distill.config import Config, ConfigError
 from distill.loop import compile_model, distill_step

@@ -115,13 +115,25 @@ def test_parts_add_up_to_the_step_and_the_ceiling_follows_from_them():
 
 
 def test_page_faults_are_counted_per_variant_and_step():
-    """The fault count tells a step that takes fresh memory from the kernel every time (a buffer above
-    malloc's mmap threshold, mapped and zeroed anew) from one that reuses memory."""
+    """The fault count tells a step that takes fresh memory from the kernel every time (a new anonymous
+    mapping, each page faulted in when first written) from one that reuses memory. The mapping is made
+    directly rather than through malloc, whose threshold for mapping anew an earlier test in the same
+    process may have moved."""
+    import mmap
+
     import numpy as np
+
+    def fresh(x, y):
+        with mmap.mmap(-1, 64 << 20) as m:
+            pages = np.frombuffer(m, np.uint8)
+            pages[::4096] = 1  # one write per 4 KiB page
+            total = int(pages.sum())
+            del pages  # the mapping closes only once no array views it
+        return total
 
     args, batches = _args("hard"), _batches()
     args.steps, args.block, args.warmup, args.block_warmup = 4, 2, 1, 0
-    steps = {"fresh": lambda x, y: np.ones(64 << 20, np.uint8).sum(), "reuse": lambda x, y: x.sum()}
+    steps = {"fresh": fresh, "reuse": lambda x, y: x.sum()}
     rates, faults = throughput.time_interleaved(steps, batches, args, torch.device("cpu"))
     assert set(rates) == set(faults) == {"fresh", "reuse"} and all(len(r) == 2 for r in rates.values())
     assert faults["fresh"] >= 32  # 64 MiB: 16,384 pages of 4 KiB, or 32 huge pages of 2 MiB

@@ -59,14 +59,18 @@ def run_precision(requested: str, cpu: bool = False, warn: bool = False) -> str:
 _TORCH_THREADS = torch.get_num_threads()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, which a container or ``taskset`` narrows
+    while ``os.cpu_count`` does not."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def compute_threads(threads: int | None) -> int:
-    """``threads``, or torch's default narrowed to the cores this process may run on (its CPU
-    affinity, which a container or ``taskset`` narrows while ``os.cpu_count`` does not) and shared
-    among the processes of this machine."""
+    """``threads``, or torch's default narrowed to the ``usable_cores`` and shared among the processes
+    of this machine."""
     if threads is not None:
         return threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else _TORCH_THREADS
-    return max(1, min(_TORCH_THREADS, cores) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(_TORCH_THREADS, usable_cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def new_accelerator(kwargs_handlers=None, **kwargs) -> Accelerator:

@@ -47,7 +47,6 @@ from distill.config import Config, ConfigError
 from distill.weights import load_state_dict_file
 
 FORMAT = 2  # 1 had no checksums: refused, built again
-VALUE_DTYPES = ("float32", "float16")  # teacher.cache_dtype; cache.json's "value_dtype" (absent: float32)
 CACHE_FILE = "cache.json"
 CHECKSUMS = "checksums.json"
 VAL_DIR, VAL_FILE = "val", "top5.npy"
@@ -210,6 +209,7 @@ def read_info(root: Path) -> dict:
     if version != FORMAT:
         raise CacheError(f"{root / CACHE_FILE} is not a readable teacher cache (format {version}, this version reads "
                          f"{FORMAT}); build one with `distill cache-teacher <recipe>`")
+    info.setdefault("value_dtype", "float32")  # caches from before teacher.cache_dtype stored float32
     return info
 
 
@@ -225,7 +225,7 @@ class TeacherCache:
         self.root = Path(root)
         self.info = read_info(self.root)
         self.num_classes, self.topk = self.info["num_classes"], self.info["topk"]
-        self.value_dtype = self.info.get("value_dtype", "float32")
+        self.value_dtype = self.info["value_dtype"]
         self._epoch: tuple[int, dict[str, np.ndarray]] | None = None
         self._val: torch.Tensor | None = None
         self._verified: set[int] = set()
@@ -261,9 +261,7 @@ class TeacherCache:
         values = torch.from_numpy(np.array(a["values"][batch], dtype=np.float32)).to(device)
         classes = torch.from_numpy(a["classes"][batch].astype(np.int64)).to(device)
         lse = torch.from_numpy(np.array(a["lse"][batch])).to(device)
-        if self.value_dtype == "float16":
-            return rounded_sparse_logits(values, classes, lse, self.num_classes)
-        return sparse_logits(values, classes, lse, self.num_classes)
+        return rebuild_logits(values, classes, lse, self.num_classes, self.value_dtype)
 
     def to(self, device) -> "TeacherCache":
         return self  # read from disk, moved per batch
@@ -319,6 +317,14 @@ def rounded_sparse_logits(values: torch.Tensor, classes: torch.Tensor, lse: torc
     return logits
 
 
+def rebuild_logits(values: torch.Tensor, classes: torch.Tensor, lse: torch.Tensor, num_classes: int,
+                   value_dtype: str) -> torch.Tensor:
+    """The logits a cache of ``value_dtype`` values stands for: ``rounded_sparse_logits`` for float16,
+    ``sparse_logits`` otherwise."""
+    rebuild = rounded_sparse_logits if value_dtype == "float16" else sparse_logits
+    return rebuild(values, classes, lse, num_classes)
+
+
 def top_k_fidelity(logits: torch.Tensor, k: int, value_dtype: str = "float32", tau: float = 1.0,
                    norm: str = "deit") -> dict[str, float]:
     """What a cache of the top ``k`` logits (stored in ``value_dtype``) costs soft distillation on these
@@ -332,8 +338,7 @@ def top_k_fidelity(logits: torch.Tensor, k: int, value_dtype: str = "float32", t
     top = logits.topk(k, dim=1)
     values = top.values.to(getattr(torch, value_dtype)).float()
     lse = torch.logsumexp(logits, dim=1)
-    rebuild = rounded_sparse_logits if value_dtype == "float16" else sparse_logits
-    rebuilt = rebuild(values, top.indices, lse, logits.shape[1])
+    rebuilt = rebuild_logits(values, top.indices, lse, logits.shape[1], value_dtype)
     uniform = torch.zeros_like(logits)
     full_loss = float(soft_distillation(uniform, logits, tau, norm))
     return {"mass_outside_top_k": float((1 - torch.exp(top.values - lse[:, None]).sum(1)).clamp_min(0).mean()),

@@ -74,9 +74,8 @@ def cache_size(cfg: Config, data) -> int:
     if checkpoint is not None:
         written.teacher.checkpoint, written.teacher.pretrained = checkpoint, False
     sha = "0" * 64 if checkpoint is not None and Path(checkpoint).is_file() else None
-    info = {"format": FORMAT, "made_from": made_from(written, data, sha), "epochs": tc.epochs, "topk": K,
-            "num_batches": nb, "batch_size": B, "num_classes": C,
-            "mixed_precision": build.run_precision(tc.mixed_precision, cpu=tc.cpu), "value_dtype": cfg.teacher.cache_dtype}
+    info = _cache_json(made_from(written, data, sha), K, nb, B, C, build.run_precision(tc.mixed_precision, cpu=tc.cpu),
+                       cfg.teacher.cache_dtype, epochs=tc.epochs)
     records = len((json.dumps(info, indent=1) + "\n").encode()) + len(dump(written).encode())
     return tc.epochs * epoch + val + records
 
@@ -166,7 +165,7 @@ def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_cla
     if file.is_file():
         info = read_info(root)
         key = first_mismatch(info["made_from"], record)
-        stored = info.get("value_dtype", "float32")
+        stored = info["value_dtype"]
         if key is not None or info["topk"] != K or stored != value_dtype:
             what = f"{key}: {describe_value(key, info['made_from'][key])} there, {describe_value(key, record.get(key))} " \
                    "in this recipe" if key else f"top-{info['topk']} there, top-{K} asked" if info["topk"] != K \
@@ -175,9 +174,14 @@ def _start_cache_file(root: Path, record: dict, K: int, nb: int, B: int, num_cla
         return
     if any(root.iterdir()):
         raise CacheError(f"{root} is not empty and holds no teacher cache; set teacher.cache=<new folder>")
-    atomic.write_json(file, {"format": FORMAT, "made_from": record, "epochs": 0, "topk": K, "num_batches": nb,
-                       "batch_size": B, "num_classes": num_classes, "mixed_precision": precision,
-                             "value_dtype": value_dtype})
+    atomic.write_json(file, _cache_json(record, K, nb, B, num_classes, precision, value_dtype, epochs=0))
+
+
+def _cache_json(record: dict, K: int, nb: int, B: int, num_classes: int, precision: str, value_dtype: str, *,
+                epochs: int) -> dict:
+    """The contents of ``cache.json`` (``distill.cache.read_info`` reads it; ``cache_size`` measures it)."""
+    return {"format": FORMAT, "made_from": record, "epochs": epochs, "topk": K, "num_batches": nb, "batch_size": B,
+            "num_classes": num_classes, "mixed_precision": precision, "value_dtype": value_dtype}
 
 
 def _cache_val_predictions(cfg, data, teacher, accelerator, root: Path) -> None:

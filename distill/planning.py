@@ -37,7 +37,7 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import default_collate
 
 from distill import build
-from distill.cache import CACHE_FILE, FORMAT, TeacherCache, classes_dtype, write_epoch
+from distill.cache import CACHE_FILE, FORMAT, TeacherCache, epoch_arrays, write_epoch
 from distill.cache_teacher import cache_size
 from distill.config import Config, ConfigError
 from distill.loop import compile_model, distill_step
@@ -83,7 +83,7 @@ def plan(cfg: Config, *, steps: int = 3, warmup: int = 1, batch_size: int | None
     accelerator = build.new_accelerator(cpu=tc.cpu, mixed_precision=precision)
     threads = build.compute_threads(tc.threads)
     torch.set_num_threads(threads)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = build.usable_cores()
     r.update(device=accelerator.device.type, precision=precision, threads=threads, cores=cores)
     student, teacher = _models(cfg, data, r["notes"])
     r["models"] = [_model_row("student", cfg.student.name, student, dc.img_size)]
@@ -101,23 +101,30 @@ def plan(cfg: Config, *, steps: int = 3, warmup: int = 1, batch_size: int | None
     r["img_s"] = {k: round(v, 2) for k, v in rates.items()}
     r["memory"] = _memory(host_base, reset, device_base, accelerator.device, B, tc.batch_size, available)
 
-    # The epoch: the batches training takes (a partial last batch is dropped), at the pace of epoch_rate.
-    per_epoch = ReplayBatchSampler(len(data.train), tc.batch_size, tc.seed).num_batches
-    if tc.max_steps_per_epoch:
-        per_epoch = min(per_epoch, tc.max_steps_per_epoch * tc.grad_accum_steps)
-    images, pipeline = per_epoch * tc.batch_size, rates["pipeline_per_worker"]
-    kinds = ("online", "cached") if teacher is not None else ("student",)
-    rate = {k: epoch_rate(pipeline, rates[f"{k}_step"], dc.num_workers, cpu=accelerator.device.type == "cpu",
-                          threads=threads, cores=cores) for k in kinds}
-    r["epoch"] = {"images": images, "workers": dc.num_workers, **{f"{k}_s": float(f"{images / v:.4g}") for k, v in rate.items()}}
+    rate = _project_epoch(r, cfg, len(data.train), rates, cpu=accelerator.device.type == "cpu")
     if teacher is not None:
         r["teacher_share"] = round(seconds["teacher"] / (seconds["teacher"] + seconds["student"]), 3)
         r["cache_speedup"] = round(rate["cached"] / rate["online"], 2)
         r["cache_pays"] = r["cache_speedup"] >= CACHE_PAYS
-    step = rates.get("online_step", rates["student_step"])
+    pipeline, step = rates["pipeline_per_worker"], rates.get("online_step", rates["student_step"])
     r["workers"] = {"to_feed_step": math.ceil(step / pipeline), "target_img_s": target_img_s,
                     "for_target": None if target_img_s is None else math.ceil(target_img_s / pipeline)}
     return r
+
+
+def _project_epoch(r: dict, cfg: Config, train_images: int, rates: dict, *, cpu: bool) -> dict[str, float]:
+    """``r["epoch"]``: the batches training takes in an epoch (a partial last batch is dropped) and their
+    time at the pace of ``epoch_rate``, online and cached (or without a teacher); returns the paces."""
+    tc, workers = cfg.train, cfg.data.num_workers
+    per_epoch = ReplayBatchSampler(train_images, tc.batch_size, tc.seed).num_batches
+    if tc.max_steps_per_epoch:
+        per_epoch = min(per_epoch, tc.max_steps_per_epoch * tc.grad_accum_steps)
+    images = per_epoch * tc.batch_size
+    kinds = ("online", "cached") if "online_step" in rates else ("student",)
+    rate = {k: epoch_rate(rates["pipeline_per_worker"], rates[f"{k}_step"], workers, cpu=cpu, threads=r["threads"],
+                          cores=r["cores"]) for k in kinds}
+    r["epoch"] = {"images": images, "workers": workers, **{f"{k}_s": float(f"{images / v:.4g}") for k, v in rate.items()}}
+    return rate
 
 
 def epoch_rate(pipeline: float, step: float, workers: int, *, cpu: bool, threads: int = 1, cores: int = 1) -> float:
@@ -252,10 +259,10 @@ def _cache_like(root: Path, nb: int, B: int, K: int, C: int, value_dtype: str) -
     what a cached step reads."""
     rng = np.random.default_rng(0)
     top = torch.from_numpy(rng.standard_normal((nb * B, C), dtype=np.float32)).topk(K, dim=1)
-    arrays = {"index": np.zeros((nb, B), np.int64), "seed": np.zeros((nb, B), np.uint64),
-              "values": top.values.numpy().astype(value_dtype).reshape(nb, B, K),
-              "classes": top.indices.numpy().astype(classes_dtype(C)).reshape(nb, B, K),
-              "lse": np.full((nb, B), 3.0 + math.log(C), np.float32), "digest": np.zeros((nb, 16), np.uint8)}
+    arrays = {name: np.zeros(shape, dtype) for name, (shape, dtype) in epoch_arrays(nb, B, K, C, value_dtype).items()}
+    arrays["values"][...] = top.values.numpy().reshape(nb, B, K)
+    arrays["classes"][...] = top.indices.numpy().reshape(nb, B, K)
+    arrays["lse"][...] = 3.0 + math.log(C)
     write_epoch(root, 0, arrays)
     (root / CACHE_FILE).write_text(json.dumps({"format": FORMAT, "num_classes": C, "topk": K, "epochs": 1,
                                                "value_dtype": value_dtype}))

@@ -59,17 +59,14 @@ RECIPE = "imagenet_deit_tiny_distilled"
 
 def random_teacher(args) -> Path:
     """The teacher's weights as a file, randomly initialised (a cache refuses a teacher without weights)."""
-    import teachers
     from distill import build
-    from safetensors.torch import save_file
+    from throughput import write_random_teacher
 
     file = args.runs / f"{args.teacher}-random.safetensors"
     if not file.is_file():
         classes = build.load_data(load_recipe(RECIPE, [f"data.source={args.data}"]).data).num_classes
-        torch.manual_seed(0)
-        network, _ = teachers.build_teacher_network(args.teacher, num_classes=classes, pretrained=False)
         file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(file))
+        write_random_teacher(args.teacher, classes, file)
     return file
 
 

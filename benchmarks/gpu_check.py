@@ -71,6 +71,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import imagenet_like  # noqa: E402
 import throughput  # noqa: E402
+from throughput import write_random_teacher  # noqa: E402
 
 from distill import atomic, build  # noqa: E402
 from distill.config import Config  # noqa: E402
@@ -453,26 +454,6 @@ def run_correctness(args, device: torch.device) -> dict:
     row = compare_steps(ref, got)
     row.update(compared=f"{got['device']} against {ref['device']}", batch=args.check_batch)
     return row
-
-
-def write_random_teacher(name: str, num_classes: int, path: Path, calibrate: tuple[int, int] | None = None) -> None:
-    """A random-init teacher's weights file (what ``teacher.checkpoint`` loads); with ``calibrate``
-    (image size, seed) its BatchNorm statistics are set on random images first, as a trained
-    network's are not 0/1 (folding them is then a real rewrite)."""
-    from safetensors.torch import save_file
-
-    import teachers
-
-    torch.manual_seed(0)
-    network, _ = teachers.build_teacher_network(name, num_classes)
-    if calibrate is not None:
-        size, seed = calibrate
-        g = torch.Generator().manual_seed(seed)
-        network.train()
-        with torch.no_grad():
-            for _ in range(2):
-                network(torch.randn(8, 3, size, size, generator=g))
-    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path))
 
 
 # ----------------------------------------------------------------------------------------------

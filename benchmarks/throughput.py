@@ -270,6 +270,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def write_random_teacher(name: str, num_classes: int, path: Path, calibrate: tuple[int, int] | None = None) -> None:
+    """A random-init teacher's weights file (what ``teacher.checkpoint`` loads); with ``calibrate``
+    (image size, seed) its BatchNorm statistics are set on random images first, as a trained
+    network's are not 0/1 (folding them is then a real rewrite)."""
+    from safetensors.torch import save_file
+
+    import teachers
+
+    torch.manual_seed(0)
+    network, _ = teachers.build_teacher_network(name, num_classes)
+    if calibrate is not None:
+        size, seed = calibrate
+        g = torch.Generator().manual_seed(seed)
+        network.train()
+        with torch.no_grad():
+            for _ in range(2):
+                network(torch.randn(8, 3, size, size, generator=g))
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path))
+
+
 def time_interleaved(steps: dict[str, Callable], batches, args, device) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Warm every variant up, then time ``--block`` steps of each in turn (after ``--block-warmup``
     untimed ones, so each block measures the steady state of a loop that repeats one step). Returns img/s

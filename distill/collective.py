@@ -99,8 +99,10 @@ def _reason(error: BaseException, timeout_s: float) -> str:
 def guard(accelerator, timeout_s: float, kept: Callable[[], tuple[str, Path, bool]]) -> Iterator[None]:
     """Within: a failed collective, or SIGTERM, is ``PeerLostError`` with one line.
 
-    ``timeout_s`` is the process group's timeout (for the line); ``kept()`` says what is complete on disk at that moment: ``(words, folder, resumable)``.
-    A single process runs as is: there is nobody to lose.
+    ``timeout_s`` is the process group's timeout (for the line); ``kept()`` says what is complete on
+    disk at that moment: ``(words, folder, resumable)``. Once it raises, SIGTERM stays ignored: the
+    process is ending, and the launcher's SIGTERM must not cut its line short. A single process runs
+    as is: there is nobody to lose.
     """
     if accelerator.num_processes == 1:
         yield
@@ -108,17 +110,26 @@ def guard(accelerator, timeout_s: float, kept: Callable[[], tuple[str, Path, boo
     peers = _gather_peers(accelerator)
     rank = accelerator.process_index
     previous = _catch_sigterm()
+    reason = None
     try:
-        yield
-    except _Terminated:
-        raise _lost(rank, peers, SIGTERM_REASON, kept) from None
-    except Exception as e:
-        if not is_collective_failure(e):
-            raise
-        raise _lost(rank, peers, _reason(e, timeout_s), kept) from None
+        try:
+            yield
+        except Exception as e:
+            if not is_collective_failure(e):
+                raise
+            _ignore_sigterm()
+            reason = _reason(e, timeout_s)
+    except _Terminated:  # the launcher's SIGTERM: while the run went on, or while its failure was read
+        reason = SIGTERM_REASON
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if reason is None:  # the block ended, or failed on its own: the handler before it comes back
+            _restore(previous)
+    if reason is None:
+        return
+    # From here the process is ending, and its line must get out: torchrun sends SIGTERM to every
+    # process once one has failed, and Python's default for it ends the process without a word, so
+    # SIGTERM stays ignored (torchrun kills a process that outlives its grace period anyway).
+    raise _lost(rank, peers, reason, kept)
 
 
 def _lost(rank: int, peers: list[tuple[str, int, float]], reason: str, kept) -> PeerLostError:
@@ -170,13 +181,24 @@ def _gather_peers(accelerator) -> list[tuple[str, int, float]]:
 
 
 def _catch_sigterm():
-    """SIGTERM raises ``_Terminated`` in the main thread; returns the handler it replaces (None
-    where signals cannot be handled here)."""
+    """SIGTERM raises ``_Terminated`` in the main thread, once (a second one is ignored, so that it
+    cannot cut the line short); returns the handler it replaces (None where signals cannot be
+    handled here)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def raise_terminated(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise _Terminated()
 
     return signal.signal(signal.SIGTERM, raise_terminated)
 
+
+def _ignore_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _restore(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,8 +1,9 @@
-"""Telling a failed collective from any other error, and the process group's timeout (the runs that
-lose a process are in tests/test_train.py and tests/test_cache.py)."""
+"""Telling a failed collective from any other error, the process group's timeout, and the launcher's
+SIGTERM (the runs that lose a process are in tests/test_train.py and tests/test_cache.py)."""
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -33,3 +34,89 @@ def test_the_timeout_always_reaches_the_process_group(seconds):
 
 def test_the_default_timeout():
     assert Config().train.collective_timeout_s == 300
+
+
+# The guard in one process, with a peer on another machine (so nothing local is looked up): torchrun
+# sends SIGTERM to every process once one has failed, at any moment of the survivor's own handling.
+GLOO_RESET = "[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer"
+
+
+@pytest.fixture
+def sigterm_recorder():
+    """A SIGTERM handler that records instead of ending pytest; the one before it comes back after."""
+    import signal
+
+    received: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    yield received
+    signal.signal(signal.SIGTERM, before)
+
+
+def _guarded(monkeypatch):
+    import socket
+    from types import SimpleNamespace
+
+    from distill import collective
+
+    monkeypatch.setattr(collective, "_gather_peers",
+                        lambda accelerator: [(socket.gethostname(), 0, 0.0), ("another-machine", 1, 0.0)])
+    accelerator = SimpleNamespace(num_processes=2, process_index=0)
+    return collective.guard(accelerator, 30, lambda: ("nothing is complete", Path("run"), False))
+
+
+def _sigterm_self() -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread before os.kill returns
+
+
+def test_a_sigterm_after_the_failure_is_ignored_until_the_line_is_out(monkeypatch, sigterm_recorder):
+    import signal
+
+    from distill.collective import PeerLostError
+
+    with pytest.raises(PeerLostError, match=r"^rank 1 stopped answering \(connection reset\); nothing is complete$"):
+        with _guarded(monkeypatch):
+            raise RuntimeError(GLOO_RESET)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    _sigterm_self()  # the launcher's, while the command line prints: neither the default end nor the old handler
+    assert sigterm_recorder == []
+
+
+def test_a_sigterm_while_the_failure_is_read_still_gives_the_line(monkeypatch, sigterm_recorder):
+    from distill import collective
+
+    def reason_interrupted(error, timeout_s):
+        _sigterm_self()
+        return "connection reset"
+
+    monkeypatch.setattr(collective, "_reason", reason_interrupted)
+    with pytest.raises(collective.PeerLostError, match=r"^rank 1 stopped answering \(connection reset\)"):
+        with _guarded(monkeypatch):
+            raise RuntimeError(GLOO_RESET)
+    assert sigterm_recorder == []
+
+
+def test_the_launchers_sigterm_is_the_line_once(monkeypatch, sigterm_recorder):
+    from distill.collective import PeerLostError, SIGTERM_REASON
+
+    with pytest.raises(PeerLostError, match=rf"^rank 0 was stopped \({SIGTERM_REASON}\); nothing is complete$"):
+        with _guarded(monkeypatch):
+            _sigterm_self()
+            raise AssertionError("SIGTERM did not stop the guarded block")
+    _sigterm_self()  # a second one changes nothing
+    assert sigterm_recorder == []
+
+
+def test_the_handler_comes_back_when_the_block_ends_or_fails_on_its_own(monkeypatch, sigterm_recorder):
+    import signal
+
+    with _guarded(monkeypatch):
+        assert signal.getsignal(signal.SIGTERM) is not signal.getsignal(signal.SIGINT)
+    _sigterm_self()
+    with pytest.raises(ValueError):  # a bug of this process is not a lost peer
+        with _guarded(monkeypatch):
+            raise ValueError("a bug")
+    _sigterm_self()
+    assert sigterm_recorder == [signal.SIGTERM, signal.SIGTERM]

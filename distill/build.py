@@ -34,7 +34,7 @@ def load_data(data_cfg: DataConfig):
         source, image_column=data_cfg.image_column, label_column=data_cfg.label_column,
         train_split=data_cfg.train_split, val_split=data_cfg.val_split, val_fraction=data_cfg.val_fraction,
         seed=data_cfg.split_seed, train_subset=data_cfg.train_subset, val_subset=data_cfg.val_subset,
-        train_per_class=data_cfg.train_per_class,
+        train_per_class=data_cfg.train_per_class, hold_out=data_cfg.hold_out,
     )
 
 

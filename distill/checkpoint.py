@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from distill import atomic
 from distill.weights import load_strict
-from distill.errors import DistillError
+from distill.errors import DistillError, message_line
 
 STATE_FILE = "trainer_state.json"
 # 1 was Accelerate's save_state folder (pickled EMA and RNG states): refused. 2 had no digest of its
@@ -253,7 +253,13 @@ def load_training_state(accelerator, folder: Path, state: dict, *, model: torch.
         raise CheckpointError(
             f"{folder} holds another model ({diff}: {saved.get(diff)!r} there, {model_args.get(diff)!r} in this "
             "recipe); resume with the recipe that wrote it, or start a new run with train.run_name=<new name>") from e
-    optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
+    try:
+        optimizer.load_state_dict(_load_torch(folder / "optimizer.pt"))
+    except ValueError as e:  # torch: another number or size of parameter groups
+        raise CheckpointError(
+            f"{folder} holds the optimiser state of other settings ({message_line(e)}); resume with the optimiser "
+            "settings that wrote it (optim.opt, optim.norm_lr_scale; teacher_train.* for a teacher stage), or start "
+            "a new run with train.run_name=<new name>") from None
     if ema is not None:
         if not (folder / "ema.safetensors").is_file():
             raise CheckpointError(f"{folder} has no EMA weights but train.ema is on; resume with train.ema=false")

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -37,6 +38,8 @@ NCCL_ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
 SIGTERM_REASON = "the launcher sent SIGTERM"
+# How long a survivor looks for the lost process's exit before it names no cause.
+EXIT_GRACE_S = 2.0
 
 
 class PeerLostError(DistillError, RuntimeError):
@@ -136,6 +139,12 @@ def _lost(rank: int, peers: list[tuple[str, int, float]], reason: str, kept) -> 
     """The one line: which process stopped answering (and how, when it runs on this machine), why
     this process noticed, and what is complete on disk."""
     who, state = _find_lost_peer(rank, peers)
+    # A killed process resets its connections while the kernel is still tearing it down: it shows
+    # as exited a moment later. Look again for a short while before saying nothing about it.
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while state is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        who, state = _find_lost_peer(rank, peers)
     if reason == SIGTERM_REASON and state is None:  # no process of this machine is gone: the launch was stopped
         what = f"rank {rank} was stopped ({reason})"
     elif who is None:

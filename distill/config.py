@@ -66,6 +66,9 @@ class DataConfig:
     """None: `validation`, else `val`, else `test`, else carve `val_fraction` of train."""
     val_fraction: Annotated[float, Range(0, 1, min_open=True, max_open=True)] = 0.1
     """Fraction of train held out when the dataset has no validation split."""
+    hold_out: bool = False
+    """Validate on `val_fraction` of train (held out with `split_seed`) even when the source has a
+    validation or test split: settings chosen this way never saw the test set."""
     split_seed: NonNegativeInt = 0
     """Seed for carving a validation split and for the fixed subsets below."""
     train_subset: PositiveInt | None = None
@@ -181,21 +184,32 @@ class TeacherTrainConfig:
     epochs: NonNegativeInt = 0
     """Teacher fine-tuning epochs; 0 skips the stage."""
     opt: Literal["sgd", "adamw"] = "sgd"
-    """Optimiser for the teacher (SGD is the usual CNN choice)."""
+    """Optimiser for the teacher (timm's: sgd has Nesterov momentum, the usual CNN choice)."""
     lr: PositiveFloat = 0.05
-    """Peak learning rate (cosine schedule after warm-up)."""
+    """Peak learning rate (after warm-up)."""
     weight_decay: NonNegativeFloat = 5e-4
     """Weight decay for the teacher."""
     momentum: Probability = 0.9
     """SGD momentum."""
+    sched: Literal["cosine", "linear"] = "cosine"
+    """Learning-rate decay after warm-up: cosine, or linear to 0 (Jordan 2024's short runs)."""
     warmup_epochs: NonNegativeInt = 1
     """Linear warm-up epochs."""
+    norm_lr_scale: PositiveFloat = 1.0
+    """Learning-rate multiplier for normalisation layers' parameters (not their weight decay, which is
+    0): Jordan 2024 trains BatchNorm shifts 64 times faster than the weights."""
     batch_size: PositiveInt = 128
     """Per-process batch size for the teacher stage."""
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    """The teacher stage's precision; null: train.mixed_precision. A CNN's convolutions gain most
+    from bf16 (with channels_last) on a CPU, where a ViT student's may not."""
     smoothing: Smoothing = 0.1
     """Label smoothing for the teacher."""
     mixup: bool = False
     """Use the data section's mixup/cutmix for the teacher too."""
+    crop_padding: NonNegativeInt | None = None
+    """The teacher stage's random-crop padding (transform: small); null: data.crop_padding. Jordan
+    2024's short CIFAR runs translate by at most 2 pixels."""
     light_augment: bool = False
     """Train the teacher with crop + flip only (no RandAugment, no erasing): the usual CNN recipe on
     small datasets (He et al. 2016, Sec. 4.2); the student keeps the full DeiT augmentation."""
@@ -222,7 +236,7 @@ class OptimConfig:
     """Optimiser and schedule (DeiT Table 9)."""
 
     opt: Literal["adamw", "sgd"] = "adamw"
-    """Optimiser (timm create_optimizer_v2; no weight decay on norms, biases, tokens)."""
+    """Optimiser (timm create_optimizer_v2; no weight decay on norms, biases, tokens; sgd has Nesterov momentum)."""
     lr: PositiveFloat | None = None
     """None: base_lr * global_batch / 512 (DeiT's linear scaling rule)."""
     base_lr: PositiveFloat = 5e-4
@@ -231,12 +245,15 @@ class OptimConfig:
     """Weight decay (DeiT Table 9: 0.05)."""
     momentum: Probability = 0.9
     """SGD momentum (opt: sgd only)."""
+    norm_lr_scale: PositiveFloat = 1.0
+    """Learning-rate multiplier for normalisation layers' parameters (their weight decay stays 0)."""
     smoothing: Smoothing = 0.1
     """Label smoothing on the ground-truth labels."""
     clip_grad: PositiveFloat | None = None
     """Clip the gradient norm to this value; null disables (DeiT: off)."""
-    sched: Literal["cosine", "constant"] = "cosine"
-    """Learning-rate schedule after warm-up, stepped every update."""
+    sched: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up, stepped every update: cosine or linear decay to min_lr,
+    or constant."""
     warmup_epochs: NonNegativeFloat = 5
     """Linear warm-up from warmup_lr (DeiT Table 9: 5 epochs)."""
     warmup_lr: NonNegativeFloat = 1e-6

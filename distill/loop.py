@@ -26,9 +26,11 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import teachers
 from distill import atomic, build, collective, plots, rundir, trackers
@@ -38,11 +40,19 @@ from distill.config import Config, ConfigError, DistillConfig, OptimConfig
 from distill.recipes import dump, validate
 from distill.evaluation import evaluate
 from distill.losses import DistillationLoss
-from distill.pipeline import epoch_batches, image_dataset, replay_mixup, train_loader, val_loader
+from distill.pipeline import epoch_batches, first_images, image_dataset, replay_mixup, train_loader, val_loader
 from distill.replay import STREAM_MODEL, derive_seed
 from distill.targets import Targets
 from teachers.files import save_teacher
 from distill.errors import DistillError
+
+
+# The layers whose parameters optim.norm_lr_scale speeds up.
+NORM_LAYERS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+# How many training images a teacher's ``init_from_images`` gets (Jordan 2024 whitens from 5,000).
+INIT_IMAGES = 5000
 
 
 class NonFiniteLossError(DistillError, RuntimeError):
@@ -105,9 +115,11 @@ def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=Non
         # The teacher stage is the same loop with the teacher's own optimiser settings and no distillation.
         stage = copy.deepcopy(cfg)
         stage.optim = OptimConfig(opt=tt.opt, lr=tt.lr, weight_decay=tt.weight_decay, momentum=tt.momentum,
-                                  smoothing=tt.smoothing, warmup_epochs=tt.warmup_epochs,
-                                  clip_grad=cfg.optim.clip_grad, min_lr=0.0)
+                                  smoothing=tt.smoothing, warmup_epochs=tt.warmup_epochs, sched=tt.sched,
+                                  norm_lr_scale=tt.norm_lr_scale, clip_grad=cfg.optim.clip_grad, min_lr=0.0)
         stage.train.epochs, stage.train.batch_size, stage.train.ema = tt.epochs, tt.batch_size, False
+        if tt.mixed_precision is not None:
+            stage.train.mixed_precision = tt.mixed_precision
         stage.train.stop_after = stage.train.max_steps_per_epoch = None  # student-stage budgets
         stage.distill = DistillConfig(kind="none")
         # The teacher learns in its own normalisation (timm's pretrained cfg or its registration), which
@@ -117,7 +129,11 @@ def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=Non
             stage.data.mixup = stage.data.cutmix = 0.0
         if tt.light_augment:
             stage.data.auto_augment, stage.data.reprob = None, 0.0
+        if tt.crop_padding is not None:
+            stage.data.crop_padding = tt.crop_padding
         validate(stage)
+        if hasattr(network, "init_from_images"):  # a data-dependent start (teachers/whitened_vgg.py)
+            network.init_from_images(first_images(stage.data, data, INIT_IMAGES))
 
         def export(model: nn.Module, ema) -> None:  # a plain state dict + what built it and how it sees images
             seen_as = {"mean": list(stage.data.mean), "std": list(stage.data.std), "input_size": [3, cfg.data.img_size, cfg.data.img_size]}
@@ -306,17 +322,30 @@ def _updates_per_epoch(batches: int, accum: int, cap: int | None) -> int:
 
 
 def _optimizer_and_schedule(model: nn.Module, oc, tc, world: int, updates_per_epoch: int):
-    """timm's AdamW/SGD and a cosine schedule stepped every update (a pure function of the update
-    count, so a resumed run lands on the same lr)."""
+    """timm's AdamW/SGD and a cosine or linear schedule stepped every update (a pure function of the
+    update count, so a resumed run lands on the same lr)."""
     # DeiT's linear rule: lr = 5e-4 * global batch / 512 (Sec. 6, Table 9).
     lr = oc.lr if oc.lr is not None else oc.base_lr * tc.batch_size * world * tc.grad_accum_steps / 512
-    optimizer = create_optimizer_v2(model, opt=oc.opt, lr=lr, weight_decay=oc.weight_decay,
+    params = _param_groups(model, oc.weight_decay, oc.norm_lr_scale) if oc.norm_lr_scale != 1.0 else model
+    optimizer = create_optimizer_v2(params, opt=oc.opt, lr=lr, weight_decay=oc.weight_decay,
                                     **({"momentum": oc.momentum} if oc.opt == "sgd" else {}))
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=max(1, tc.epochs * updates_per_epoch), lr_min=oc.min_lr if oc.sched == "cosine" else lr,
-        warmup_t=int(oc.warmup_epochs * updates_per_epoch), warmup_lr_init=oc.warmup_lr, t_in_epochs=False,
-    )
-    return optimizer, scheduler
+    schedule = dict(t_initial=max(1, tc.epochs * updates_per_epoch), warmup_t=int(oc.warmup_epochs * updates_per_epoch),
+                    warmup_lr_init=oc.warmup_lr, t_in_epochs=False)
+    if oc.sched == "linear":  # a polynomial decay of power 1
+        return optimizer, PolyLRScheduler(optimizer, power=1.0, lr_min=oc.min_lr, **schedule)
+    return optimizer, CosineLRScheduler(optimizer, lr_min=oc.min_lr if oc.sched == "cosine" else lr, **schedule)
+
+
+def _param_groups(model: nn.Module, weight_decay: float, norm_lr_scale: float) -> list[dict]:
+    """timm's two groups (no weight decay on norms, biases, tokens), with the normalisation layers'
+    parameters in a third group whose lr timm's scheduler multiplies by ``lr_scale``."""
+    norms = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=getattr(model, "no_weight_decay", set)())
+    for group in groups:
+        group["params"] = [p for p in group["params"] if id(p) not in norms]
+    scaled = [p for p in model.parameters() if p.requires_grad and id(p) in norms]
+    groups.append({"params": scaled, "weight_decay": 0.0, "lr_scale": norm_lr_scale})
+    return [group for group in groups if group["params"]]
 
 
 @dataclass

@@ -41,6 +41,15 @@ def image_dataset(dc: DataConfig, data: ImageDatasetSplits, train: bool, num_wor
     return dataset
 
 
+def first_images(dc: DataConfig, data: ImageDatasetSplits, count: int) -> torch.Tensor:
+    """The first ``count`` training images (N, C, H, W) under the evaluation transform: a fixed,
+    un-augmented sample for a network's data-dependent initialisation."""
+    transform = build_transform(dc.img_size, False, crop_pct=dc.crop_pct, style=dc.transform, mean=dc.mean, std=dc.std)
+    dataset = ImageClassificationDataset(data.train, transform, image_column=data.image_column, label_column=data.label_column,
+                                         source=str(data.source), split=data.train_split)
+    return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+
+
 def train_loader(dc: DataConfig, dataset: ImageClassificationDataset, *, batch_size: int, seed: int,
                  num_replicas: int = 1, rank: int = 0, pin_memory: bool = False) -> tuple[DataLoader, ReplayBatchSampler]:
     """This rank's loader over the replayable epoch layout (see ``distill.replay``).

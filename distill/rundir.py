@@ -100,19 +100,19 @@ def prepare(run_dir: Path, resume: str | Path | bool | None, epochs: int,
 
 def warn_schedule_change(run_dir: Path, epochs: int, done: int, epochs_key: str = "train.epochs") -> None:
     """One warning line when a run resumes with another number of epochs than it was started with:
-    the cosine schedule is a function of the step and the run's length (``loop._optimizer_and_schedule``),
+    a cosine or linear schedule is a function of the step and the run's length (``loop._optimizer_and_schedule``),
     so the learning rate jumps onto the new length's curve (it is not kept as started)."""
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # the config that wrote the checkpoints
         before, sched = int(saved["train"]["epochs"]), saved.get("optim", {}).get("sched", "cosine")
     except (OSError, yaml.YAMLError, TypeError, KeyError, ValueError, AttributeError):
         return
-    if before == epochs or sched != "cosine":
+    if before == epochs or sched == "constant":
         return
     change = (f"was for {before} epochs and now ends at epoch {epochs}, cut short" if epochs < before else
               f"is stretched from {before} to {epochs} epochs")
     warnings.warn(f"{run_dir} was started with {before} epochs and resumes after epoch {done} with {epochs_key}={epochs}: "
-                  f"its cosine learning-rate schedule {change} (the learning rate jumps onto the new curve); set "
+                  f"its {sched} learning-rate schedule {change} (the learning rate jumps onto the new curve); set "
                   f"{epochs_key}={before} to finish it as started", stacklevel=2)
 
 

@@ -61,6 +61,7 @@ def load_image_dataset(
     train_subset: Optional[int] = None,
     val_subset: Optional[int] = None,
     train_per_class: Optional[int] = None,
+    hold_out: bool = False,
 ) -> ImageDatasetSplits:
     """Load an image-classification dataset as a train and a validation split.
 
@@ -75,6 +76,8 @@ def load_image_dataset(
         val_split: name of the validation split; when None, the first of ``validation``, ``val``,
             ``test`` that exists, else ``val_fraction`` of train held out with ``seed``.
         val_fraction: fraction of train held out when there is no validation split.
+        hold_out: validate on ``val_fraction`` of train even when the source has a validation (or
+            test) split, which is then never loaded: settings chosen on it never saw the test set.
         seed: seed for the held-out split and the subsets (same seed, same rows).
         train_subset / val_subset: keep a fixed, seeded random subset of this many rows.
         train_per_class: keep a fixed, seeded random subset of this many training rows of each class
@@ -85,7 +88,7 @@ def load_image_dataset(
     """
     name = describe_source(source)
     splits = read_splits(source, name)
-    train, val, val_split = _pick_splits(splits, name, train_split, val_split)
+    train, val, val_split = _pick_splits(splits, name, train_split, val_split, hold_out)
     image_column, label_column = _check_columns(train, val, image_column, label_column, name, (train_split, val_split))
     train = _as_image_column(train, image_column, name, train_split)
     val = _as_image_column(val, image_column, name, val_split) if val is not None else None
@@ -107,9 +110,12 @@ def load_image_dataset(
                               train_split=train_desc, val_split=val_desc)
 
 
-def _pick_splits(splits, name: str, train_split: str, val_split: Optional[str]):
+def _pick_splits(splits, name: str, train_split: str, val_split: Optional[str], hold_out: bool = False):
     """(train, val or None, the validation split's name or None): the named splits, else the first
-    of ``VAL_SPLIT_NAMES`` that exists; each one chosen must exist and hold rows."""
+    of ``VAL_SPLIT_NAMES`` that exists (none with ``hold_out``); each one chosen must exist and hold rows."""
+    if hold_out and val_split is not None:
+        raise DataError(f"{name}: data.hold_out validates on part of '{train_split}', and data.val_split names "
+                        f"'{val_split}'; set only one of them", "val_split")
     if train_split not in splits:
         raise DataError(f"{name}: no split named '{train_split}' (splits: {names(splits)}); set {OPTION}", "train_split")
     if val_split is not None:
@@ -117,7 +123,7 @@ def _pick_splits(splits, name: str, train_split: str, val_split: Optional[str]):
             raise DataError(f"{name}: no split named '{val_split}' (splits: {names(splits)}); set {OPTION}", "val_split")
         if val_split == train_split:
             raise DataError(f"{name}: val_split and train_split are both '{train_split}'; set a different {OPTION}", "val_split")
-    else:
+    elif not hold_out:
         val_split = next((s for s in VAL_SPLIT_NAMES if s in splits and s != train_split), None)
     train = splits[train_split]
     val = splits[val_split] if val_split is not None else None

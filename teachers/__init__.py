@@ -9,6 +9,7 @@ from teachers.registry import (
 )
 from teachers.teacher import Teacher, TeacherError, TeacherOptions
 from teachers.files import TEACHER_CONFIG, TEACHER_WEIGHTS, read_teacher_meta, save_teacher
+from teachers import whitened_vgg  # noqa: F401  (registers whitened_vgg_cifar)
 
 __all__ = [
     "Teacher",

@@ -168,7 +168,7 @@ def _cifar_resnet_6n2(depth: int, num_classes: int, pretrained: bool, **kwargs) 
     fits a CPU budget. No pretrained weights exist.
     """
     if pretrained:
-        raise TeacherError(f"resnet{depth}_cifar has no pretrained weights; train it with `distill train-teacher`")
+        raise TeacherError(f"resnet{depth}_cifar has no pretrained weights; set teacher.pretrained=false and train it with `distill train-teacher`")
     n = (depth - 2) // 6
     # stem_type="deep" with stem_width 8 makes timm size the stem output (and layer1's input) 16 wide;
     # the deep stem itself is then replaced: the CIFAR stem is one 3x3 stride-1 conv, no max-pool.

@@ -700,6 +700,28 @@ def test_resuming_with_another_number_of_epochs_says_the_schedule_changed(world,
     assert (run / "export" / "model.safetensors").is_file()
 
 
+def test_resuming_with_other_optimiser_groups_is_one_line(world, capfd):
+    """optim.norm_lr_scale puts the normalisation layers in a group of their own: a checkpoint written
+    without it cannot be resumed with it, and nothing of the run is touched."""
+    run = _copy_run(world, "stopped", "other_groups")
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    capfd.readouterr()
+    assert cli(T + [str(world.recipe), f"train.run_name={run.name}", "train.epochs=2", "optim.norm_lr_scale=64", "--resume"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run / 'checkpoints'}") and \
+        "holds the optimiser state of other settings (loaded state dict has a different number of parameter groups); " \
+        "resume with the optimiser settings that wrote it" in err[0], err
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file()} == before
+
+
+def test_a_linear_schedule_also_warns_when_the_run_length_changes(tmp_path):
+    from distill import rundir
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 4}, "optim": {"sched": "linear"}}))
+    with pytest.warns(UserWarning, match=r"its linear learning-rate schedule is stretched from 4 to 6 epochs"):
+        rundir.warn_schedule_change(tmp_path, 6, 2)
+
+
 def test_resuming_with_the_same_number_of_epochs_says_nothing(world):
     from distill import rundir
     import warnings

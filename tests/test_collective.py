@@ -52,14 +52,14 @@ def sigterm_recorder():
     signal.signal(signal.SIGTERM, before)
 
 
-def _guarded(monkeypatch):
+def _guarded(monkeypatch, peer: tuple[str, int, float] = ("another-machine", 1, 0.0), grace_s: float = 0.0):
     import socket
     from types import SimpleNamespace
 
     from distill import collective
 
-    monkeypatch.setattr(collective, "_gather_peers",
-                        lambda accelerator: [(socket.gethostname(), 0, 0.0), ("another-machine", 1, 0.0)])
+    monkeypatch.setattr(collective, "_gather_peers", lambda accelerator: [(socket.gethostname(), 0, 0.0), peer])
+    monkeypatch.setattr(collective, "EXIT_GRACE_S", grace_s)
     accelerator = SimpleNamespace(num_processes=2, process_index=0)
     return collective.guard(accelerator, 30, lambda: ("nothing is complete", Path("run"), False))
 
@@ -120,3 +120,27 @@ def test_the_handler_comes_back_when_the_block_ends_or_fails_on_its_own(monkeypa
             raise ValueError("a bug")
     _sigterm_self()
     assert sigterm_recorder == [signal.SIGTERM, signal.SIGTERM]
+
+
+def test_a_peer_that_is_still_exiting_is_named_as_exited(monkeypatch):
+    """A killed process resets its connections before the kernel shows it as exited: the survivor
+    looks again for a moment, and its line says the peer exited."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    import psutil
+
+    from distill.collective import PeerLostError
+
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = psutil.Process(peer.pid).create_time()
+        threading.Timer(0.3, peer.kill).start()  # after the survivor has first looked
+        with pytest.raises(PeerLostError, match=r"^rank 1 stopped answering \(connection reset; it exited\)"):
+            with _guarded(monkeypatch, peer=(socket.gethostname(), peer.pid, started), grace_s=10.0):
+                raise RuntimeError(GLOO_RESET)
+    finally:
+        peer.kill()
+        peer.wait()

@@ -99,6 +99,19 @@ def test_carved_val_split_is_seeded_disjoint_and_sized():
 
 
 
+def test_hold_out_validates_on_train_even_when_a_test_split_exists():
+    """data.hold_out: the validation images come from train (as when the source has no other split),
+    so settings are chosen without the test set; naming a validation split as well is an error."""
+    d = datasets.DatasetDict({"train": memory_dataset(100, label_names=["a", "b"]), "test": memory_dataset(30)})
+    held = load_image_dataset(d, hold_out=True, val_fraction=0.2, seed=3)
+    plain = load_image_dataset(d["train"], val_fraction=0.2, seed=3)
+    assert (len(held.train), len(held.val)) == (80, 20)
+    assert ids(held.val) == ids(plain.val) and ids(held.train) == ids(plain.train)
+    assert held.val_split == plain.val_split == "train (held-out 0.2, seed 3)"
+    with pytest.raises(DataError, match=r"data\.hold_out .* data\.val_split names 'test'; set only one of them"):
+        load_image_dataset(d, hold_out=True, val_split="test")
+
+
 def test_subsets_are_fixed_by_seed():
     d = datasets.DatasetDict({"train": memory_dataset(50), "test": memory_dataset(30)})
     a = load_image_dataset(d, train_subset=10, val_subset=7, seed=0)

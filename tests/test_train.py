@@ -574,3 +574,43 @@ def test_finetune_at_another_resolution_with_the_teacher_at_its_own(tiny_dataset
                            train={"epochs": 1, "run_name": "teacher24", "max_steps_per_epoch": 1})
     train(explicit)
     assert set(seen) == {(24, 24)}
+
+
+def _schedule(**optim):
+    from types import SimpleNamespace
+
+    from distill.config import OptimConfig
+    from distill.loop import _optimizer_and_schedule
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.randn(1, 3, 8, 8))
+    oc = OptimConfig(opt="sgd", lr=0.4, weight_decay=1e-3, warmup_lr=0.0, min_lr=0.0, **optim)
+    tc = SimpleNamespace(epochs=10, batch_size=8, grad_accum_steps=1)
+    return net, *_optimizer_and_schedule(net, oc, tc, world=1, updates_per_epoch=10)
+
+
+@pytest.mark.parametrize("step", [20, 37, 99])
+def test_the_linear_schedule_decays_to_min_lr_after_the_warm_up(step):
+    """sched=linear: lr(t) = lr * (1 - t / T) after warm-up, T the run's updates (timm's polynomial
+    decay of power 1, counted from the start like its cosine)."""
+    _, optimizer, scheduler = _schedule(sched="linear", warmup_epochs=2)
+    scheduler.step_update(step)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.4 * (1 - step / 100))
+    scheduler.step_update(10)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.4 * 10 / 20)  # the warm-up from warmup_lr 0
+
+
+def test_norm_lr_scale_speeds_up_only_the_normalisation_layers():
+    """Each trainable parameter in exactly one group; the BatchNorm's in a group at lr * scale with no
+    weight decay, the rest as timm groups them (decay on the weights, none on biases)."""
+    net, optimizer, scheduler = _schedule(norm_lr_scale=64.0, warmup_epochs=0)
+    scheduler.step_update(30)
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in net.parameters())
+    (norms,) = [g for g in optimizer.param_groups if "lr_scale" in g]
+    assert {id(p) for p in norms["params"]} == {id(net[1].weight), id(net[1].bias)}
+    assert norms["weight_decay"] == 0.0
+    others = [g for g in optimizer.param_groups if g is not norms]
+    assert norms["lr"] == pytest.approx(64.0 * others[0]["lr"]) and others[0]["lr"] > 0
+    decayed = {id(p) for g in others if g["weight_decay"] == 1e-3 for p in g["params"]}
+    assert decayed == {id(net[0].weight), id(net[3].weight)}

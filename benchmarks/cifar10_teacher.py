@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out, results = Path(args.output_dir), Path(args.results)
     run = out / f"{args.name}-teacher"
-    cmd = [sys.executable, "-m", "distill", "train-teacher", RECIPE, f"data.source={args.data}", f"train.output_dir={out}",
-           f"train.run_name={args.name}", "train.progress=false", *(["data.hold_out=true"] if args.hold_out else []),
-           *args.overrides]
+    # The teacher stage's own settings (also what the checks of its export load), after the run's folder.
+    stage = [f"data.source={args.data}", *(["data.hold_out=true"] if args.hold_out else []), *args.overrides]
+    cmd = [sys.executable, "-m", "distill", "train-teacher", RECIPE, f"train.output_dir={out}", f"train.run_name={args.name}",
+           "train.progress=false", *stage]
     finished = (run / "export" / "model.safetensors").is_file()
     resumed = (run / "checkpoints").is_dir() and not finished
     command_minutes = None
@@ -116,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     file = results / "cifar10_teacher.json"
     rows = json.loads(file.read_text()) if file.is_file() else {}
     previous = rows.get(args.name, {})
-    stage = [f"data.source={args.data}", *(["data.hold_out=true"] if args.hold_out else []), *args.overrides]
     row = {"validation": "10% of train held out" if args.hold_out else "test (10,000)", **teacher_row(run),
            **fit_and_mirror(run, stage),
            "command_minutes": command_minutes if command_minutes is not None else previous.get("command_minutes"),

@@ -132,7 +132,8 @@ def train_teacher(cfg: Config, resume: str | Path | bool | None = None, data=Non
         if tt.crop_padding is not None:
             stage.data.crop_padding = tt.crop_padding
         validate(stage)
-        if hasattr(network, "init_from_images"):  # a data-dependent start (teachers/whitened_vgg.py)
+        # A data-dependent start (teachers/whitened_vgg.py); a resumed run loads it from its checkpoint.
+        if hasattr(network, "init_from_images") and resume_from is None:
             network.init_from_images(first_images(stage.data, data, INIT_IMAGES))
 
         def export(model: nn.Module, ema) -> None:  # a plain state dict + what built it and how it sees images

@@ -25,15 +25,12 @@ def image_dataset(dc: DataConfig, data: ImageDatasetSplits, train: bool, num_wor
     With ``data.in_memory`` (or null and a split that fits ``in_memory_max_mb``) every image is
     decoded once here; items are then built from memory by the same transform.
     """
-    style = dict(style=dc.transform, mean=dc.mean, std=dc.std)
     if train:
         augment = Augment(auto_augment=dc.auto_augment, reprob=dc.reprob, hflip=dc.hflip, crop_padding=dc.crop_padding)
-        transform = build_transform(dc.img_size, True, augment=augment, **style)
+        transform = build_transform(dc.img_size, True, augment=augment, style=dc.transform, mean=dc.mean, std=dc.std)
     else:
-        transform = build_transform(dc.img_size, False, crop_pct=dc.crop_pct, **style)
-    dataset = ImageClassificationDataset(data.train if train else data.val, transform, image_column=data.image_column,
-                                         label_column=data.label_column, source=str(data.source),
-                                         split=data.train_split if train else data.val_split)
+        transform = _eval_transform(dc)
+    dataset = _split(data, train, transform)
     if dc.in_memory is not False:
         workers = dc.num_workers if num_workers is None else num_workers
         limit = None if dc.in_memory else dc.in_memory_max_mb * 2**20
@@ -44,10 +41,19 @@ def image_dataset(dc: DataConfig, data: ImageDatasetSplits, train: bool, num_wor
 def first_images(dc: DataConfig, data: ImageDatasetSplits, count: int) -> torch.Tensor:
     """The first ``count`` training images (N, C, H, W) under the evaluation transform: a fixed,
     un-augmented sample for a network's data-dependent initialisation."""
-    transform = build_transform(dc.img_size, False, crop_pct=dc.crop_pct, style=dc.transform, mean=dc.mean, std=dc.std)
-    dataset = ImageClassificationDataset(data.train, transform, image_column=data.image_column, label_column=data.label_column,
-                                         source=str(data.source), split=data.train_split)
+    dataset = _split(data, True, _eval_transform(dc))
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+
+
+def _eval_transform(dc: DataConfig):
+    return build_transform(dc.img_size, False, crop_pct=dc.crop_pct, style=dc.transform, mean=dc.mean, std=dc.std)
+
+
+def _split(data: ImageDatasetSplits, train: bool, transform) -> ImageClassificationDataset:
+    """The train or the validation split as items of ``transform``."""
+    return ImageClassificationDataset(data.train if train else data.val, transform, image_column=data.image_column,
+                                      label_column=data.label_column, source=str(data.source),
+                                      split=data.train_split if train else data.val_split)
 
 
 def train_loader(dc: DataConfig, dataset: ImageClassificationDataset, *, batch_size: int, seed: int,

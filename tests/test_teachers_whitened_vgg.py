@@ -2,6 +2,8 @@
 the teacher stage starts it from the training images, and its export serves as a frozen teacher."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -51,8 +53,8 @@ def test_a_training_step_leaves_the_whitening_filters_and_batchnorm_scales_alone
     torch.manual_seed(0)
     net = WhitenedVGG(10)
     net.init_from_images(_correlated_images(64))
-    fixed = {k: v.clone() for k, v in net.state_dict().items() if k == "whiten.weight" or k.endswith("1.weight") and v.ndim == 1}
-    fixed |= {k: v.clone() for k, v in net.state_dict().items() if "features" in k and k.endswith("weight") and v.ndim == 1}
+    fixed = {k: v.clone() for k, v in net.state_dict().items()
+             if k == "whiten.weight" or ("features" in k and k.endswith("weight") and v.ndim == 1)}
     assert len(fixed) == 1 + 6  # the whitening filters and six BatchNorm scales
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     loss = torch.nn.functional.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.arange(8))
@@ -70,7 +72,8 @@ def test_no_pretrained_weights_is_one_line_that_says_what_to_set():
 
 def test_the_teacher_stage_whitens_from_the_training_images_and_exports_a_frozen_teacher(tiny_dataset, tmp_path, monkeypatch):
     """train-teacher calls init_from_images with the first training images, un-augmented, in the
-    teacher's normalisation; the export loads as a frozen Teacher (BatchNorms folded) with the same logits."""
+    teacher's normalisation; the export loads as a frozen Teacher (BatchNorms folded) with the same
+    logits; a resumed stage takes the whitening from its checkpoint instead of fitting it again."""
     from distill.loop import INIT_IMAGES, train_teacher
 
     seen = []
@@ -90,7 +93,7 @@ def test_the_teacher_stage_whitens_from_the_training_images_and_exports_a_frozen
     # Un-augmented and normalised with the registered (ImageNet) statistics: the same every time.
     from distill import build
     from distill.pipeline import first_images
-    stage_data = cfg.data
+    stage_data = copy.deepcopy(cfg.data)
     stage_data.mean, stage_data.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     torch.testing.assert_close(images, first_images(stage_data, build.load_data(cfg.data), 48))
     run = tmp_path / "tiny-teacher"
@@ -104,3 +107,11 @@ def test_the_teacher_stage_whitens_from_the_training_images_and_exports_a_frozen
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), net(x), atol=1e-4, rtol=1e-4)
+    # Resumed for one more epoch: the fixed whitening comes from the checkpoint, not from a second fit.
+    fitted = net.whiten.weight.clone()
+    cfg.teacher_train.epochs = 2
+    with pytest.warns(UserWarning, match="stretched from 1 to 2 epochs"):
+        train_teacher(cfg, resume=True)
+    assert len(seen) == 1 and [h["epoch"] for h in read_metrics(run)] == [1, 2]
+    teachers.load_teacher_checkpoint(net, export, num_classes=4)
+    torch.testing.assert_close(net.whiten.weight, fitted, atol=0, rtol=0)

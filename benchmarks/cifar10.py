@@ -28,13 +28,15 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The stage runner and the small helpers are cifar10_cpu.py's, next to this file.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar10_cpu import _mean, _minutes, distill_cmd, run_stage, seed_list, seeded  # noqa: E402
+
 RECIPE = "cifar10_deit_tiny"
 
 # The CPU setting. Every number is a project choice for 2 CPU cores unless a comment cites a paper.
@@ -67,21 +69,6 @@ KINDS = {
     "soft": ["distill.kind=soft", "distill.tau=3.0", "distill.alpha=0.1"],
     "hard": ["distill.kind=hard", "distill.alpha=0.5"],
 }
-
-
-def distill_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "distill", *args]
-
-
-def run_stage(state: dict, state_file: Path, name: str, cmd: list[str]) -> None:
-    """Run one `distill` command; its wall time is added to the stage's total even if it is interrupted."""
-    print(f"\n[{name}] {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
-    start = time.perf_counter()
-    try:
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    finally:
-        state["seconds"][name] = round(state["seconds"].get(name, 0.0) + time.perf_counter() - start, 1)
-        state_file.write_text(json.dumps(state, indent=1) + "\n")
 
 
 def step_speed(model, precision: str, steps: int = 6, batch: int = 128) -> float:
@@ -241,28 +228,12 @@ def main() -> None:
                         f"students {prec['student']} (measured img/s: {prec['measured']}).\n\nTargets: {verdict}.\n")
 
 
-def seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds, e.g. 0,1,2") from None
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds >= 0, e.g. 0,1,2")
-    return seeds
-
-
 def kind_list(text: str) -> list[str]:
     kinds = text.split(",")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown student kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
     return kinds
-
-
-def seeded(name: str, seed: int, first_seed: int, suffix: str = "-seed{}") -> str:
-    """``name`` (a run or cache folder, a stage, a label) for ``seed``: the first seed's keeps the plain
-    name, so a benchmark run with one seed is named as before there were seeds."""
-    return name if seed == first_seed else name + suffix.format(seed)
 
 
 def train_stages(out: Path, common: list[str], state: dict, state_file: Path, prec: dict,
@@ -332,18 +303,9 @@ def order_shown(per_seed: dict[str, dict[int, float]], order: tuple[str, ...]) -
     return len(common) >= 2 and all(per_seed[a][s] > per_seed[b][s] for s in common for a, b in zip(order, order[1:]))
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return round(sum(values) / len(values), 2)
-
-
 def last_value(overrides: list[str], key: str) -> str:
     """The value the last ``key=value`` in ``overrides`` gives (later overrides win, as in `distill`)."""
     return [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")][-1]
-
-
-def _minutes(seconds) -> float | str:
-    return round(seconds / 60, 1) if isinstance(seconds, (int, float)) else "unknown"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The stage runner and the small helpers are cifar10_cpu.py's, next to this file.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10_cpu import _mean, _minutes, distill_cmd, run_stage, seed_list, seeded  # noqa: E402
+from cifar10_cpu import _mean, _minutes, cache_covers, distill_cmd, run_stage, seed_list, seeded  # noqa: E402
 
 RECIPE = "cifar10_deit_tiny"
 
@@ -253,9 +253,7 @@ def train_stages(out: Path, common: list[str], state: dict, state_file: Path, pr
         #    cache holds this seed's augmented batches, so each seed has its own.
         cache = out / seeded("teacher-cache", seed, seeds[0])
         with_teacher = [f"teacher.checkpoint={teacher_weights}", f"teacher.cache={cache}"]
-        cache_info = cache / "cache.json"
-        if {"soft", "hard"} & set(kinds) and (not cache_info.is_file() or not (cache / "val").is_dir()
-                                              or json.loads(cache_info.read_text()).get("epochs", 0) < epochs):
+        if {"soft", "hard"} & set(kinds) and not cache_covers(cache, epochs):
             run_stage(state, state_file, seeded("cache", seed, seeds[0], " seed{}"), distill_cmd(
                 "cache-teacher", RECIPE, *with_seed, *with_teacher, f"train.mixed_precision={prec['teacher']}"))
         # 3. The students: same data, augmentation, seed and budget; only the teacher's part differs.

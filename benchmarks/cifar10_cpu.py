@@ -61,6 +61,12 @@ def distill_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "distill", *args]
 
 
+def cache_covers(cache: Path, epochs: int) -> bool:
+    """Whether a teacher cache holds its validation outputs and at least `epochs` training epochs."""
+    info = cache / "cache.json"
+    return info.is_file() and (cache / "val").is_dir() and json.loads(info.read_text()).get("epochs", 0) >= epochs
+
+
 def run_stage(state: dict, state_file: Path, name: str, cmd: list[str]) -> None:
     """Run one `distill` command; its wall time is added to the stage's total even if it is interrupted."""
     print(f"\n[{name}] {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
@@ -103,9 +109,7 @@ def train_stages(out: Path, common: list[str], state: dict, state_file: Path, se
         # 2. The teacher's outputs for every epoch the students see (also extends a shorter cache).
         cache = out / seeded("teacher-cache", seed, seeds[0])
         with_teacher = [f"teacher.checkpoint={teacher_weights}", f"teacher.cache={cache}"]
-        info = cache / "cache.json"
-        if any(k != "none" for _, k in todo) and (not info.is_file() or not (cache / "val").is_dir()
-                                                  or json.loads(info.read_text()).get("epochs", 0) < epochs):
+        if any(k != "none" for _, k in todo) and not cache_covers(cache, epochs):
             run_stage(state, state_file, seeded("cache", seed, seeds[0], " seed{}"),
                       distill_cmd("cache-teacher", RECIPE, *with_seed, *with_teacher))
         # 3. The students.
